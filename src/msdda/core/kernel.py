@@ -1,0 +1,79 @@
+"""The diagonal Gaussian kernel: the one object every reverse step produces and every step rule consumes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _event_sum(x: Tensor, batch_dims: int) -> Tensor:
+    """Sum over every dimension after the first `batch_dims` ones."""
+    if x.dim() <= batch_dims:
+        return x
+    return x.flatten(batch_dims).sum(-1)
+
+
+@dataclass(frozen=True)
+class GaussianKernel:
+    """N(mean, diag(var)).
+
+    mean: Tensor [B, ...] (the shape of the sample).
+    var:  Tensor broadcastable to `mean` (0-dim for fixed-variance schedulers, full for learned variance).
+          A zero variance is a point mass (DDIM with eta = 0); `sample` then returns the mean.
+    """
+
+    mean: Tensor
+    var: Tensor
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.clamp_min(0).sqrt()
+
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Draw mean + sqrt(var) * z; z from `generator` unless `noise` is given. Shape of `mean`."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std.to(self.mean.dtype) * noise
+
+    def log_prob(self, x: Tensor, batch_dims: int = 1) -> Tensor:
+        """Exact log-density of `x` [B, ...], summed over all but the first `batch_dims` dims -> [B]."""
+        var = torch.broadcast_to(self.var.to(x.dtype), torch.broadcast_shapes(self.var.shape, x.shape))
+        elem = -0.5 * ((x - self.mean) ** 2 / var + torch.log(var) + _LOG_2PI)
+        return _event_sum(elem, batch_dims)
+
+    def kl(self, other: GaussianKernel, batch_dims: int = 1) -> Tensor:
+        """KL(self || other) in nats, summed over all but the first `batch_dims` dims -> [B]."""
+        shape = torch.broadcast_shapes(self.mean.shape, other.mean.shape, self.var.shape, other.var.shape)
+        v1 = torch.broadcast_to(self.var, shape)
+        v2 = torch.broadcast_to(other.var, shape)
+        diff2 = torch.broadcast_to((self.mean - other.mean) ** 2, shape)
+        elem = 0.5 * (v1 / v2 + diff2 / v2 - 1.0 + torch.log(v2) - torch.log(v1))
+        return _event_sum(elem, batch_dims)
+
+    def entropy(self, batch_dims: int = 1) -> Tensor:
+        """Differential entropy in nats, summed over all but the first `batch_dims` dims -> [B]."""
+        var = torch.broadcast_to(self.var, self.mean.shape)
+        return _event_sum(0.5 * (torch.log(var) + 1.0 + _LOG_2PI), batch_dims)
+
+    def to(self, *args, **kwargs) -> GaussianKernel:
+        return GaussianKernel(self.mean.to(*args, **kwargs), self.var.to(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class ReverseKernel(GaussianKernel):
+    """A reverse-step kernel p(x_prev | x_t) plus the quantities the scheduler derived on the way.
+
+    pred_original_sample: the model's clean estimate x0_hat (after clipping/thresholding), shape of mean.
+    pred_epsilon: the noise estimate the mean was built from, shape of mean.
+    timestep, prev_timestep: the step t -> prev_t this kernel describes (prev_t = -1 at the last step).
+    """
+
+    pred_original_sample: Tensor | None = None
+    pred_epsilon: Tensor | None = None
+    timestep: int = 0
+    prev_timestep: int = -1

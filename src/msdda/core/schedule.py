@@ -1,0 +1,411 @@
+"""Reverse-kernel math for DDPM and DDIM: turn a model output into the Gaussian p(x_prev | x_t).
+
+diffusers' `step()` hides the Gaussian it samples from; this module exposes it. `KernelScheduler` is our
+own small schedule object (no diffusers import), and `reverse_kernel` also accepts diffusers'
+DDPMScheduler / DDIMScheduler by reading their config, so the math is the same on both paths.
+For every supported configuration `mean + sqrt(var) * z` equals the `prev_sample` that diffusers'
+`step()` returns with the same noise z (tested at every timestep). Coefficients are computed in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
+from msdda.core.kernel import ReverseKernel
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+KERNEL_KINDS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# diffusers clamps the posterior variance at this floor before taking logs; we match it.
+_VARIANCE_FLOOR = 1e-20
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_schedule: str,
+    beta_start: float,
+    beta_end: float,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """The training betas [T] by diffusers' formulas (pass dtype=torch.float32 to match its rounding)."""
+    t = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, t, dtype=dtype)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, t, dtype=dtype) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+
+        def alpha_bar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / t) / alpha_bar(i / t), 0.999) for i in range(t)]
+        return torch.tensor(betas, dtype=dtype)
+    raise ScheduleError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
+
+
+@dataclass
+class KernelSchedulerConfig:
+    """Everything that fixes the reverse kernel; mirrors the diffusers config keys of the same name."""
+
+    kind: str = "ddpm"  # "ddpm" | "ddim"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"  # DDPM only
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True  # DDIM only: alpha_prev at the last step is 1 (else alphas_cumprod[0])
+    eta: float = 0.0  # DDIM only: 0 = deterministic, 1 = DDPM-like variance
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KernelSchedulerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ScheduleError(f"unknown scheduler config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        checks = [
+            ("kind", self.kind, KERNEL_KINDS),
+            ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+            ("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS),
+        ]
+        if self.kind == "ddpm":
+            checks.append(("variance_type", self.variance_type, DDPM_VARIANCE_TYPES))
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ScheduleError(f"{name}={value!r} is not supported; choose one of {valid}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ScheduleError(f"eta={self.eta} is outside [0, 1]")
+
+
+@dataclass
+class KernelScheduler:
+    """A DDPM or DDIM sampling schedule that returns reverse kernels instead of samples.
+
+    alphas_cumprod: [T] training alpha-bar values (float64); built from the config when not given.
+    timesteps: the inference timesteps, descending (set by `set_timesteps`).
+    """
+
+    config: KernelSchedulerConfig = field(default_factory=KernelSchedulerConfig)
+    alphas_cumprod: Tensor | None = None
+    timesteps: Tensor | None = None
+    num_inference_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        if self.alphas_cumprod is None:
+            betas = make_betas(
+                self.config.num_train_timesteps,
+                self.config.beta_schedule,
+                self.config.beta_start,
+                self.config.beta_end,
+            )
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # Keep the given dtype: coefficients are computed in it, exactly as the source scheduler does.
+        self.alphas_cumprod = self.alphas_cumprod.detach().to("cpu")
+        if self.timesteps is None:
+            self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.long)
+
+    # ----- timesteps -------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int) -> Tensor:
+        """Choose the inference timesteps exactly as diffusers does for the configured spacing."""
+        t_train = self.config.num_train_timesteps
+        n = int(num_inference_steps)
+        if not 1 <= n <= t_train:
+            raise ScheduleError(f"num_inference_steps={num_inference_steps} must be in [1, {t_train}]")
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            ts = np.linspace(0, t_train - 1, n).round()[::-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, n) * (t_train // n)).round()[::-1].copy().astype(np.int64)
+            ts += self.config.steps_offset
+        else:  # trailing
+            ts = np.round(np.arange(t_train, 0, -t_train / n)).astype(np.int64) - 1
+        self.timesteps = torch.from_numpy(ts)
+        self.num_inference_steps = n
+        return self.timesteps
+
+    def prev_timestep(self, timestep: int) -> int:
+        """The timestep the kernel at `timestep` moves to (-1 after the last step)."""
+        t = int(timestep)
+        if self.config.kind == "ddim":
+            # diffusers' DDIM steps back by T // n whatever the spacing; we match it.
+            n = self.num_inference_steps or self.config.num_train_timesteps
+            return t - self.config.num_train_timesteps // n
+        idx = (self.timesteps == t).nonzero()
+        if idx.numel() == 0:
+            raise ScheduleError(
+                f"timestep {t} is not in this schedule's timesteps {self.timesteps.tolist()[:6]}...; "
+                "call set_timesteps first or pass one of its timesteps"
+            )
+        i = int(idx[0, 0])
+        return -1 if i == len(self.timesteps) - 1 else int(self.timesteps[i + 1])
+
+    def alpha_bar(self, timestep: int | Tensor) -> Tensor:
+        """alpha-bar at `timestep` (float64); -1 means 'before the first noise' and gives the final value."""
+        if isinstance(timestep, Tensor) and timestep.dim() > 0:
+            t = timestep.to("cpu", torch.long)
+            final = self._final_alpha_bar()
+            out = self.alphas_cumprod[t.clamp_min(0)]
+            return torch.where(t >= 0, out, torch.full_like(out, final))
+        t = int(timestep)
+        if t >= self.config.num_train_timesteps:
+            raise ScheduleError(f"timestep {t} >= num_train_timesteps {self.config.num_train_timesteps}")
+        if t >= 0:
+            return self.alphas_cumprod[t]
+        return torch.tensor(self._final_alpha_bar(), dtype=self.alphas_cumprod.dtype)
+
+    def _final_alpha_bar(self) -> float:
+        if self.config.kind == "ddim" and not self.config.set_alpha_to_one:
+            return float(self.alphas_cumprod[0])
+        return 1.0
+
+    # ----- forward process -------------------------------------------------------------------------
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; timesteps [B] (long)."""
+        ab = _bc(self.alpha_bar(timesteps), x0)
+        return (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).to(x0.dtype)
+
+    def q_posterior(
+        self, x0: Tensor, x_t: Tensor, timestep: int | Tensor, prev_timestep: int | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The true posterior q(x_prev | x_t, x0) = N(mean, var); var broadcastable (float64 math)."""
+        a_t = _bc(self.alpha_bar(timestep), x_t)
+        a_p = _bc(self.alpha_bar(prev_timestep), x_t)
+        beta_t = 1 - a_t / a_p
+        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * x0.double() + (
+            (a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)
+        ) * x_t.double()
+        var = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
+        return mean.to(x_t.dtype), var.to(x_t.dtype)
+
+    # ----- the reverse kernel ----------------------------------------------------------------------
+    def kernel(
+        self,
+        model_output: Tensor,
+        timestep: int | Tensor,
+        sample: Tensor,
+        *,
+        prev_timestep: int | Tensor | None = None,
+        eta: float | None = None,
+        use_clipped_model_output: bool = False,
+    ) -> ReverseKernel:
+        """p(x_prev | x_t = sample) for the model output at `timestep`.
+
+        model_output: [B, C, ...] (or [B, 2C, ...] for learned variance: prediction then variance value).
+        timestep: an int, or a LongTensor [B] with one timestep per sample (training); then pass
+          `prev_timestep` [B] too (default t - 1).
+        Returns a ReverseKernel whose mean has the shape and dtype of `sample` and whose var is 0-dim
+        (fixed variance) or per element (learned variance).
+        """
+        cfg = self.config
+        if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[2:]:
+            raise ScheduleError(
+                f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
+            )
+        c = sample.shape[1]
+        learned = cfg.kind == "ddpm" and cfg.variance_type in LEARNED_VARIANCE_TYPES
+        predicted_variance = None
+        if model_output.shape[1] == 2 * c:
+            # A learned-variance model: the second half is the variance; fixed-variance kernels ignore it,
+            # as diffusers pipelines do before calling DDIM.
+            model_output, predicted_variance = model_output[:, :c], model_output[:, c:]
+        elif model_output.shape[1] != c:
+            raise ScheduleError(
+                f"model_output has {model_output.shape[1]} channels; expected {c} or {2 * c} for sample channels {c}"
+            )
+        if learned and predicted_variance is None:
+            raise ScheduleError(
+                f"variance_type={cfg.variance_type!r} needs a model output with {2 * c} channels "
+                f"(prediction and variance), got {model_output.shape[1]}"
+            )
+
+        batched_t = isinstance(timestep, Tensor) and timestep.dim() > 0
+        if batched_t:
+            t_val: int | Tensor = timestep
+            prev = timestep - 1 if prev_timestep is None else prev_timestep
+        else:
+            t_val = int(timestep)
+            prev = self.prev_timestep(t_val) if prev_timestep is None else int(prev_timestep)
+        # Scalar coefficients in the dtype of alphas_cumprod and in diffusers' operation order, so a
+        # mirrored diffusers scheduler (float32 alphas) gives the same rounding as its step().
+        a_t = self.alpha_bar(t_val)
+        a_p = self.alpha_bar(prev)
+        x = sample.double()
+        out = model_output.double()
+        x0, eps = _predict_x0_eps(out, x, a_t, cfg.prediction_type)
+        x0 = self._clip_or_threshold(x0)
+
+        if cfg.kind == "ddim":
+            eta = cfg.eta if eta is None else float(eta)
+            if not 0.0 <= eta <= 1.0:
+                raise ScheduleError(f"eta={eta} is outside [0, 1]")
+            std = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
+            if use_clipped_model_output:
+                eps = (x - _bc(a_t**0.5, x) * x0) / _bc((1 - a_t) ** 0.5, x)
+            mean = _bc(a_p**0.5, x) * x0 + _bc((1 - a_p - std**2).clamp_min(0) ** 0.5, x) * eps
+            var = _bc(std**2, x)
+        else:
+            if eta is not None:
+                raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
+            alpha_t = a_t / a_p
+            beta_t = 1 - alpha_t
+            x0_coeff = (a_p**0.5 * beta_t) / (1 - a_t)
+            x_coeff = alpha_t**0.5 * (1 - a_p) / (1 - a_t)
+            mean = _bc(x0_coeff, x) * x0 + _bc(x_coeff, x) * x
+            var = self._ddpm_variance(a_t, a_p, predicted_variance, x)
+
+        dtype = sample.dtype
+        return ReverseKernel(
+            mean=mean.to(dtype),
+            var=var.to(dtype),
+            pred_original_sample=x0.to(dtype),
+            pred_epsilon=eps.to(dtype),
+            timestep=-2 if batched_t else int(t_val),
+            prev_timestep=-2 if batched_t else int(prev),
+        )
+
+    def _ddpm_variance(self, a_t: Tensor, a_p: Tensor, predicted_variance: Tensor | None, like: Tensor) -> Tensor:
+        beta_t = 1 - a_t / a_p
+        small = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
+        vt = self.config.variance_type
+        if vt in ("fixed_small", "fixed_small_log"):
+            return _bc(small, like)
+        if vt == "fixed_large":
+            return _bc(beta_t, like)
+        assert predicted_variance is not None
+        v = predicted_variance.double()
+        if vt == "learned":
+            return v
+        frac = (v + 1) / 2  # learned_range: interpolate log-variance between posterior and beta_t
+        return torch.exp(frac * _bc(torch.log(beta_t), like) + (1 - frac) * _bc(torch.log(small), like))
+
+    def _clip_or_threshold(self, x0: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.thresholding:
+            b = x0.shape[0]
+            flat = x0.reshape(b, -1)
+            s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)
+            s = s.clamp(min=1, max=cfg.sample_max_value).unsqueeze(1)
+            return (flat.clamp(-s, s) / s).reshape(x0.shape)
+        if cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
+
+    def predict_x0(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor) -> Tensor:
+        """Tweedie's one-step clean estimate x0_hat (unclipped), shape and dtype of `sample`."""
+        c = sample.shape[1]
+        out = model_output[:, :c] if model_output.shape[1] == 2 * c else model_output
+        a_t = self.alpha_bar(timestep)
+        x0, _ = _predict_x0_eps(out.double(), sample.double(), a_t, self.config.prediction_type)
+        return x0.to(sample.dtype)
+
+    # ----- conversion ------------------------------------------------------------------------------
+    @classmethod
+    def from_diffusers(cls, scheduler: Any, *, eta: float | None = None) -> KernelScheduler:
+        """Mirror a diffusers DDPMScheduler or DDIMScheduler (its config, alphas and current timesteps)."""
+        name = type(scheduler).__name__
+        kinds = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+        if name not in kinds:
+            raise UnsupportedSchedulerError(
+                f"{name} has no reverse kernel implemented; use DDPMScheduler or DDIMScheduler "
+                f"(e.g. DDIMScheduler.from_config(pipe.scheduler.config))"
+            )
+        sc = scheduler.config
+        known = {f.name for f in dataclasses.fields(KernelSchedulerConfig)}
+        values = {k: sc[k] for k in known if k in sc}
+        values["kind"] = kinds[name]
+        if eta is not None:
+            values["eta"] = float(eta)
+        cfg = KernelSchedulerConfig(**values)
+        return cls(
+            config=cfg,
+            alphas_cumprod=scheduler.alphas_cumprod,
+            timesteps=scheduler.timesteps.detach().to("cpu", torch.long).clone(),
+            num_inference_steps=scheduler.num_inference_steps,
+        )
+
+
+def _bc(value: Tensor, like: Tensor) -> Tensor:
+    """A 0-dim or [B] coefficient as float64 on `like`'s device, shaped to broadcast against [B, ...]."""
+    value = value.to(like.device, torch.float64)
+    if value.dim() == 0:
+        return value
+    return value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _predict_x0_eps(out: Tensor, x: Tensor, a_t: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """x0_hat and eps_hat from a model output, in diffusers' operation order; a_t 0-dim or [B]."""
+    sqrt_a = _bc(a_t**0.5, x)
+    sqrt_1ma = _bc((1 - a_t) ** 0.5, x)
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - sqrt_1ma * eps) / sqrt_a
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x - sqrt_a * x0) / sqrt_1ma
+    elif prediction_type == "v_prediction":
+        x0 = sqrt_a * x - sqrt_1ma * out
+        eps = sqrt_a * out + sqrt_1ma * x
+    else:
+        raise ScheduleError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+    return x0, eps
+
+
+def as_kernel_scheduler(scheduler: Any, *, eta: float | None = None) -> KernelScheduler:
+    """Our KernelScheduler as is (eta overridden if given), or a diffusers DDPM/DDIM scheduler mirrored."""
+    ks = scheduler if isinstance(scheduler, KernelScheduler) else KernelScheduler.from_diffusers(scheduler)
+    if eta is not None and ks.config.kind != "ddim":
+        raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
+    if isinstance(scheduler, KernelScheduler):
+        if eta is None:
+            return scheduler
+        cfg = dataclasses.replace(scheduler.config, eta=float(eta))
+        return KernelScheduler(cfg, scheduler.alphas_cumprod, scheduler.timesteps, scheduler.num_inference_steps)
+    if eta is not None:
+        ks.config.eta = float(eta)
+        ks.config.validate()
+    return ks
+
+
+def reverse_kernel(
+    scheduler: Any,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    *,
+    eta: float | None = None,
+    use_clipped_model_output: bool = False,
+) -> ReverseKernel:
+    """The Gaussian reverse kernel p(x_prev | x_t) that `scheduler.step()` would sample from.
+
+    scheduler: a KernelScheduler, or diffusers' DDPMScheduler / DDIMScheduler after `set_timesteps`.
+    eta: DDIM only (default: the KernelScheduler's config, 0 for diffusers as in its `step()`).
+    Returns a ReverseKernel: `.mean` [shape of sample], `.var` (0-dim or per element), `.pred_original_sample`.
+    """
+    ks = as_kernel_scheduler(scheduler, eta=eta)
+    return ks.kernel(model_output, timestep, sample, use_clipped_model_output=use_clipped_model_output)
