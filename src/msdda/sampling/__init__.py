@@ -1,0 +1,17 @@
+"""Layer 3, sampling: the one reverse-process loop and the step rules it applies."""
+
+from msdda.sampling.rules import DBMPA, DBMPALS, MSDDA, SingleModel, StepContext, StepRule, StepRuleError
+from msdda.sampling.sampler import SampleOutput, make_generator, sample
+
+__all__ = [
+    "DBMPA",
+    "DBMPALS",
+    "MSDDA",
+    "SampleOutput",
+    "SingleModel",
+    "StepContext",
+    "StepRule",
+    "StepRuleError",
+    "make_generator",
+    "sample",
+]

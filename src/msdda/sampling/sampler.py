@@ -1,0 +1,146 @@
+"""The one sampling loop: evaluate K denoisers at the same x_t, build their kernels, apply a step rule."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from msdda.core.kernel import GaussianKernel
+from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
+from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, as_denoiser
+from msdda.sampling.rules import StepContext, StepRule, StepRuleError
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[StepContext, Tensor], None]
+
+
+@dataclass
+class SampleOutput:
+    """samples [B, C, ...]; trajectory [x_T, ..., x_0] when requested; cost counters."""
+
+    samples: Tensor
+    trajectory: list[Tensor] | None
+    model_evals: int
+    seconds: float
+
+
+def make_generator(generator: torch.Generator | None, seed: int | None, device: torch.device | str) -> torch.Generator:
+    """The caller's generator, or a new one seeded with `seed` (0 when neither is given)."""
+    if generator is not None:
+        if seed is not None:
+            raise StepRuleError("pass a generator or a seed, not both")
+        return generator
+    g = torch.Generator(device=device)
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+def sample(
+    models: Sequence[Denoiser],
+    scheduler: Any,
+    rule: StepRule,
+    *,
+    shape: Sequence[int] | None = None,
+    x_T: Tensor | None = None,
+    cond: Any = None,
+    reference: Denoiser | None = None,
+    num_inference_steps: int | None = 50,
+    guidance_scale: float | None = None,
+    null_cond: Any = None,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Run the reverse process with K models under one step rule.
+
+    models: K denoisers evaluated at the same x_t each step. scheduler: a KernelScheduler or a diffusers
+    DDPM/DDIM scheduler (its timesteps are set to `num_inference_steps`; None keeps the current ones).
+    rule: SingleModel, MSDDA, DBMPA, ... ; `reference` is evaluated only when `rule.uses_reference`.
+    shape or x_T: the batch to start from (x_T ~ N(0, I) drawn from the generator when not given).
+    cond, guidance_scale, null_cond: classifier-free guidance per model when a scale is given.
+    The last step returns the kernel mean; every other step draws mean + sqrt(var) * z.
+    Same generator state or seed -> bit-identical samples.
+    """
+    if not models:
+        raise StepRuleError("no models given; pass at least one denoiser")
+    models = [as_denoiser(m) for m in models]
+    rule.check(len(models))
+    if rule.uses_reference and reference is None:
+        raise StepRuleError(
+            f"rule {rule.name!r} gives the reference a non-zero exponent; pass `reference=` (the base model)"
+        )
+    ks: KernelScheduler
+    if isinstance(scheduler, KernelScheduler):
+        ks = as_kernel_scheduler(scheduler, eta=eta)
+        if num_inference_steps is not None:
+            ks.set_timesteps(num_inference_steps)
+    else:
+        if num_inference_steps is not None:
+            scheduler.set_timesteps(num_inference_steps)
+        ks = as_kernel_scheduler(scheduler, eta=eta)
+
+    gen = make_generator(generator, seed, device)
+    if x_T is None:
+        if shape is None:
+            raise StepRuleError("pass `shape` or `x_T` to say what to sample")
+        x = torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+    else:
+        x = x_T.to(device)
+    if guidance_scale is not None:
+        if cond is None:
+            raise StepRuleError("guidance_scale needs `cond` (and `null_cond` for the unconditional pass)")
+        models = [ClassifierFreeGuidance(m, guidance_scale, null_cond) for m in models]
+        if reference is not None:
+            reference = ClassifierFreeGuidance(reference, guidance_scale, null_cond)
+    per_call = 2 if guidance_scale is not None else 1
+
+    trajectory = [x] if return_trajectory else None
+    timesteps = [int(t) for t in ks.timesteps]
+    evals = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=not progress, leave=False)):
+            prev_t = ks.prev_timestep(t)
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            outputs = [m(x, t_batch, cond) for m in models]
+            evals += per_call * len(models)
+            kernels = [ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]
+            ctx = StepContext(
+                x_t=x,
+                timestep=t,
+                prev_timestep=prev_t,
+                index=i,
+                is_last=i == len(timesteps) - 1,
+                outputs=outputs,
+                kernels=kernels,
+                scheduler=ks,
+                generator=gen,
+                cond=cond,
+            )
+            if rule.uses_reference:
+                assert reference is not None
+                ctx.reference_output = reference(x, t_batch, cond)
+                ctx.reference_kernel = ks.kernel(ctx.reference_output, t, x, prev_timestep=prev_t)
+                evals += per_call
+            kernel: GaussianKernel = rule(ctx)
+            x = kernel.mean if ctx.is_last else kernel.sample(gen)
+            if trajectory is not None:
+                trajectory.append(x)
+            if callback is not None:
+                callback(ctx, x)
+    seconds = time.perf_counter() - start
+    logger.debug("sampled %s with %s in %.2fs (%d model evaluations)", tuple(x.shape), rule.name, seconds, evals)
+    return SampleOutput(samples=x, trajectory=trajectory, model_evals=evals, seconds=seconds)
