@@ -1,0 +1,207 @@
+"""The sampling loop: determinism, final-step mean, guidance, step rules and their errors."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import msdda
+from msdda import DBMPA, DBMPALS, MSDDA, KernelScheduler, KernelSchedulerConfig, SingleModel
+from msdda.models import ClassifierFreeGuidance
+
+
+class LinearEps(torch.nn.Module):
+    """A tiny deterministic 'network': eps = a * x + b * cond + c * t/1000 (cond broadcast per sample)."""
+
+    def __init__(self, a: float, b: float, c: float = 0.1, learned: bool = False, v: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.c, self.learned, self.v = a, b, c, learned, v
+        self.calls = 0
+
+    def forward(self, x, t, cond=None):
+        self.calls += 1
+        shift = 0.0 if cond is None else self.b * cond.float().reshape(-1, *([1] * (x.dim() - 1)))
+        eps = self.a * x + shift + self.c * t.float().reshape(-1, *([1] * (x.dim() - 1))) / 1000
+        if self.learned:
+            return torch.cat([eps, torch.full_like(eps, self.v)], dim=1)
+        return eps
+
+
+def _ddpm(**kw):
+    return KernelScheduler(KernelSchedulerConfig(kind="ddpm", **kw))
+
+
+def test_single_model_sampler_reproduces_diffusers_loop():
+    model = LinearEps(0.3, 0.0)
+    s = DDPMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(20)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 4, generator=g)
+    x_ref = x.clone()
+    for t in s.timesteps:
+        x_ref = s.step(model(x_ref, t.repeat(2)), t, x_ref, generator=g).prev_sample
+    # the same generator stream: re-seed and consume x_T's draw, then the loop draws the step noise
+    g2 = torch.Generator().manual_seed(0)
+    torch.randn(2, 1, 4, 4, generator=g2)
+    out = msdda.sample([model], s, SingleModel(), x_T=x, generator=g2, num_inference_steps=None, progress=False)
+    torch.testing.assert_close(out.samples, x_ref, rtol=0, atol=1e-5)
+
+
+def test_same_seed_bit_identical_and_different_seed_differs():
+    models = [LinearEps(0.2, 0.1), LinearEps(-0.1, 0.3)]
+    run = lambda seed: (
+        msdda.sample(
+            models, _ddpm(), MSDDA([0.4, 0.6]), shape=(3, 1, 4, 4), num_inference_steps=10, seed=seed, progress=False
+        ).samples
+    )  # noqa: E731
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_final_step_returns_the_mean_and_trajectory_and_callback():
+    seen = []
+    out = msdda.sample(
+        [LinearEps(0.2, 0.0)],
+        _ddpm(),
+        SingleModel(),
+        shape=(2, 1, 3, 3),
+        num_inference_steps=5,
+        seed=0,
+        progress=False,
+        return_trajectory=True,
+        callback=lambda ctx, x: seen.append((ctx.timestep, ctx.prev_timestep, ctx.is_last, x)),
+    )
+    assert [s[0] for s in seen] == [800, 600, 400, 200, 0]
+    assert seen[-1][1] == -1 and seen[-1][2]
+    assert len(out.trajectory) == 6 and torch.equal(out.trajectory[-1], out.samples)
+    last_ctx_x = out.trajectory[-2]
+    k = _ddpm().kernel(
+        LinearEps(0.2, 0.0)(last_ctx_x, torch.zeros(2, dtype=torch.long)), 0, last_ctx_x, prev_timestep=-1
+    )
+    torch.testing.assert_close(out.samples, k.mean, rtol=0, atol=0)
+    assert out.model_evals == 5
+
+
+def test_msdda_equal_variances_equals_db_mpa():
+    """Fixed variance and no clipping: the mean is affine in eps, so fusing kernels = averaging eps."""
+    models = [LinearEps(0.2, 0.1), LinearEps(-0.1, 0.3), LinearEps(0.05, -0.2)]
+    w = [0.2, 0.3, 0.5]
+    s = _ddpm(clip_sample=False)
+    a = msdda.sample(models, s, MSDDA(w), shape=(2, 1, 4, 4), num_inference_steps=10, seed=3, progress=False)
+    b = msdda.sample(models, s, DBMPA(w), shape=(2, 1, 4, 4), num_inference_steps=10, seed=3, progress=False)
+    torch.testing.assert_close(a.samples, b.samples, rtol=1e-5, atol=1e-5)
+
+
+def test_msdda_with_learned_variances_differs_from_db_mpa():
+    models = [LinearEps(0.2, 0.1, learned=True, v=-0.8), LinearEps(-0.1, 0.3, learned=True, v=0.8)]
+    s = _ddpm(clip_sample=False, variance_type="learned_range")
+    a = msdda.sample(models, s, MSDDA([0.5, 0.5]), shape=(2, 1, 4, 4), num_inference_steps=10, seed=3, progress=False)
+    b = msdda.sample(models, s, DBMPA([0.5, 0.5]), shape=(2, 1, 4, 4), num_inference_steps=10, seed=3, progress=False)
+    assert (a.samples - b.samples).abs().max() > 1e-3
+
+
+def test_one_hot_msdda_equals_single_model():
+    models = [LinearEps(0.2, 0.1, learned=True, v=-0.5), LinearEps(-0.1, 0.3, learned=True, v=0.5)]
+    s = _ddpm(variance_type="learned_range")
+    a = msdda.sample(models, s, MSDDA([0.0, 1.0]), shape=(2, 1, 4, 4), num_inference_steps=8, seed=4, progress=False)
+    b = msdda.sample(models, s, SingleModel(1), shape=(2, 1, 4, 4), num_inference_steps=8, seed=4, progress=False)
+    assert torch.equal(a.samples, b.samples)
+
+
+def test_reference_is_evaluated_only_when_exponents_leave_it_weight():
+    ref = LinearEps(0.0, 0.0)
+    m = LinearEps(0.3, 0.0)
+    out = msdda.sample(
+        [m], _ddpm(), MSDDA([0.5]), reference=ref, shape=(1, 1, 2, 2), num_inference_steps=4, seed=0, progress=False
+    )
+    assert ref.calls == 4 and out.model_evals == 8
+    ref.calls = 0
+    msdda.sample(
+        [m], _ddpm(), MSDDA([1.0]), reference=ref, shape=(1, 1, 2, 2), num_inference_steps=4, seed=0, progress=False
+    )
+    assert ref.calls == 0
+
+
+def test_cfg_batched_equals_two_passes_and_counts_evals():
+    net = LinearEps(0.2, 0.5, learned=True, v=0.3)
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 100)
+    cond = torch.tensor([1, 2, 3])
+    batched = ClassifierFreeGuidance(net, 3.0, torch.tensor([0]))(x, t, cond)
+    eps_c, eps_u = net(x, t, cond)[:, :1], net(x, t, torch.zeros(3, dtype=torch.long))[:, :1]
+    torch.testing.assert_close(batched[:, :1], eps_u + 3.0 * (eps_c - eps_u), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched[:, 1:], torch.full_like(eps_c, 0.3))
+    out = msdda.sample(
+        [net, net],
+        _ddpm(variance_type="learned_range"),
+        MSDDA([0.5, 0.5]),
+        shape=(3, 1, 2, 2),
+        cond=cond,
+        guidance_scale=2.0,
+        null_cond=torch.tensor([0]),
+        num_inference_steps=3,
+        seed=0,
+        progress=False,
+    )
+    assert out.model_evals == 2 * 2 * 3
+
+
+def test_diffusers_ddim_eta_zero_is_deterministic_given_x_T():
+    s = DDIMScheduler()
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    a = msdda.sample([LinearEps(0.1, 0.0)], s, SingleModel(), x_T=x, seed=1, num_inference_steps=6, progress=False)
+    b = msdda.sample([LinearEps(0.1, 0.0)], s, SingleModel(), x_T=x, seed=2, num_inference_steps=6, progress=False)
+    assert torch.equal(a.samples, b.samples)
+
+
+def test_db_mpa_ls_picks_models_from_the_generator():
+    models = [LinearEps(0.2, 0.0), LinearEps(-0.2, 0.0)]
+    chosen = []
+    cb = lambda ctx, x: chosen.append(ctx.info["chosen_model"])  # noqa: E731
+    msdda.sample(
+        models,
+        _ddpm(),
+        DBMPALS([0.25, 0.75]),
+        shape=(1, 1, 2, 2),
+        num_inference_steps=200,
+        seed=0,
+        progress=False,
+        callback=cb,
+    )
+    assert 0.6 < sum(chosen) / len(chosen) < 0.9
+    chosen2 = []
+    msdda.sample(
+        models,
+        _ddpm(),
+        DBMPALS([0.25, 0.75]),
+        shape=(1, 1, 2, 2),
+        num_inference_steps=200,
+        seed=0,
+        progress=False,
+        callback=lambda ctx, x: chosen2.append(ctx.info["chosen_model"]),
+    )
+    assert chosen == chosen2
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (lambda m: msdda.sample([], _ddpm(), SingleModel(), shape=(1, 1, 2, 2)), "no models given"),
+        (lambda m: msdda.sample([m], _ddpm(), MSDDA([0.5, 0.5]), shape=(1, 1, 2, 2)), "MSDDA: 2 weights for 1 models"),
+        (lambda m: msdda.sample([m], _ddpm(), MSDDA([0.5]), shape=(1, 1, 2, 2)), "pass `reference=`"),
+        (lambda m: msdda.sample([m], _ddpm(), SingleModel(3), shape=(1, 1, 2, 2)), "index 3 out of range for 1"),
+        (lambda m: msdda.sample([m], _ddpm(), SingleModel()), "pass `shape` or `x_T`"),
+        (lambda m: msdda.sample([m], _ddpm(), SingleModel(), shape=(1, 1, 2, 2), guidance_scale=2.0), "needs `cond`"),
+        (
+            lambda m: msdda.sample(
+                [m], _ddpm(), SingleModel(), shape=(1, 1, 2, 2), seed=1, generator=torch.Generator()
+            ),
+            "not both",
+        ),
+        (lambda m: DBMPALS([0.5, -0.5]), "must be >= 0"),
+        (lambda m: MSDDA([float("inf")]), "weight 0 is inf"),
+        (lambda m: msdda.sample([42], _ddpm(), SingleModel(), shape=(1, 1, 2, 2)), "int is not callable"),
+    ],
+)
+def test_sampler_errors(call, pattern):
+    with pytest.raises(msdda.MSDDAError, match=pattern):
+        call(LinearEps(0.1, 0.0))
