@@ -165,17 +165,6 @@ def test_hv_4d_grid_count_property(pts: np.ndarray) -> None:
     assert hypervolume(pts, np.zeros(4)) == grid_count_hv(pts, np.zeros(4))
 
 
-def test_hv_cross_check_pymoo_if_installed() -> None:
-    hv_mod = pytest.importorskip("pymoo.indicators.hv")
-    rng = np.random.default_rng(3)
-    for m in (2, 3, 4):
-        pts = rng.uniform(size=(30, m))
-        ref = np.zeros(m)
-        # pymoo minimises: negate points and reference.
-        theirs = hv_mod.HV(ref_point=-ref)(-pts)
-        assert hypervolume(pts, ref) == pytest.approx(theirs, rel=1e-9)
-
-
 # ------------------------------------------------------------------ hypervolume: property tests
 @FAST
 @given(int_points(), st.data())
