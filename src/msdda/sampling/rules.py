@@ -6,7 +6,7 @@ A rule sees one `StepContext` per reverse step and returns the Gaussian kernel t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ from msdda.core.fusion import SUM_TO_ONE_RTOL, exponents_from_preferences, fuse_
 from msdda.core.kernel import GaussianKernel, ReverseKernel
 from msdda.core.schedule import KernelScheduler
 from msdda.errors import MSDDAError
+from msdda.sampling.cost import Cost
 
 
 class StepRuleError(MSDDAError):
@@ -43,11 +44,18 @@ class StepContext:
     cond: Any = None
     reference_output: Tensor | None = None
     reference_kernel: ReverseKernel | None = None
+    # evaluate(model_index or None for the reference, x, timestep) -> guided output, counted in `cost`
+    evaluate: Callable[[int | None, Tensor, int], Tensor] | None = None
+    cost: Cost | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
 class StepRule(Protocol):
-    """A reverse-step rule. `uses_reference`: the sampler must also evaluate the reference model."""
+    """A reverse-step rule. `uses_reference`: the sampler must also evaluate the reference model.
+
+    A rule may also define `draw(ctx, kernel) -> x_prev` to replace the plain Gaussian draw (CoDe does:
+    it branches candidates and keeps the best); the final step always returns the kernel mean.
+    """
 
     name: str
     uses_reference: bool

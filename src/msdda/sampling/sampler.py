@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from msdda.core.kernel import GaussianKernel
 from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
 from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, as_denoiser
+from msdda.sampling.cost import Cost, PeakMemory
 from msdda.sampling.rules import StepContext, StepRule, StepRuleError
 
 logger = logging.getLogger(__name__)
@@ -24,12 +25,19 @@ StepCallback = Callable[[StepContext, Tensor], None]
 
 @dataclass
 class SampleOutput:
-    """samples [B, C, ...]; trajectory [x_T, ..., x_0] when requested; cost counters."""
+    """samples [B, C, ...]; trajectory [x_T, ..., x_0] when requested; what the run cost."""
 
     samples: Tensor
     trajectory: list[Tensor] | None
-    model_evals: int
-    seconds: float
+    cost: Cost
+
+    @property
+    def model_evals(self) -> int:
+        return self.cost.model_evals
+
+    @property
+    def seconds(self) -> float:
+        return self.cost.seconds
 
 
 def make_generator(generator: torch.Generator | None, seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -109,14 +117,23 @@ def sample(
 
     trajectory = [x] if return_trajectory else None
     timesteps = [int(t) for t in ks.timesteps]
-    evals = 0
+    cost = Cost()
+
+    def evaluate(index: int | None, x_in: Tensor, timestep: int) -> Tensor:
+        """Model `index` (None: the reference) at (x_in, timestep), guided, counted in `cost`."""
+        net = reference if index is None else models[index]
+        if net is None:
+            raise StepRuleError("this rule needs the reference model; pass `reference=` to sample()")
+        cost.model_evals += per_call
+        t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+        return net(x_in, t_in, cond)
+
+    draw = getattr(rule, "draw", None)
     start = time.perf_counter()
-    with torch.no_grad():
+    with PeakMemory(x.device) as memory, torch.no_grad():
         for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=not progress, leave=False)):
             prev_t = ks.prev_timestep(t)
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            outputs = [m(x, t_batch, cond) for m in models]
-            evals += per_call * len(models)
+            outputs = [evaluate(k, x, t) for k in range(len(models))]
             kernels = [ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]
             ctx = StepContext(
                 x_t=x,
@@ -129,18 +146,22 @@ def sample(
                 scheduler=ks,
                 generator=gen,
                 cond=cond,
+                evaluate=evaluate,
+                cost=cost,
             )
             if rule.uses_reference:
-                assert reference is not None
-                ctx.reference_output = reference(x, t_batch, cond)
+                ctx.reference_output = evaluate(None, x, t)
                 ctx.reference_kernel = ks.kernel(ctx.reference_output, t, x, prev_timestep=prev_t)
-                evals += per_call
             kernel: GaussianKernel = rule(ctx)
-            x = kernel.mean if ctx.is_last else kernel.sample(gen)
+            if ctx.is_last:
+                x = kernel.mean
+            else:
+                x = draw(ctx, kernel) if draw is not None else kernel.sample(gen)
             if trajectory is not None:
                 trajectory.append(x)
             if callback is not None:
                 callback(ctx, x)
-    seconds = time.perf_counter() - start
-    logger.debug("sampled %s with %s in %.2fs (%d model evaluations)", tuple(x.shape), rule.name, seconds, evals)
-    return SampleOutput(samples=x, trajectory=trajectory, model_evals=evals, seconds=seconds)
+    cost.seconds = time.perf_counter() - start
+    cost.peak_memory_bytes = memory.peak_bytes
+    logger.debug("sampled %s with %s: %s", tuple(x.shape), rule.name, cost)
+    return SampleOutput(samples=x, trajectory=trajectory, cost=cost)
