@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msdda-installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench clean install chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/msdda demo --out runs/demo
 
-test: $(STAMP)
+# The report test renders HTML in headless Chromium (Debian's package; needs root to install).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: install Debian's chromium for the report rendering test"; fi; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -193,3 +194,33 @@ class OracleDenoiser:
         log_small = math.log(max((1 - a_p) / (1 - a_t) * beta_t, 1e-20))
         frac = (torch.log(torch.broadcast_to(target.var, x.shape)) - log_small) / (math.log(beta_t) - log_small)
         return torch.cat([eps, 2 * frac - 1], dim=1).to(x_t.dtype)
+
+
+def gaussian_bundle(num_objectives: int = 2, dim: int = 2, seed: int = 0) -> Any:
+    """The oracle as a TaskBundle: unconditional, rewards = quadratic rewards of the final sample."""
+    from msdda.tasks.bundle import TaskBundle
+
+    task = GaussianTask.default(dim=dim, num_objectives=num_objectives, seed=seed)
+    names = [f"objective_{k + 1}" for k in range(num_objectives)]
+
+    def reward_for(k: int) -> Any:
+        def reward(x0: Tensor, cond: object = None) -> Tensor:
+            return task.step_reward(k, x0)
+
+        reward.name = names[k]  # type: ignore[attr-defined]
+        reward.differentiable = True  # type: ignore[attr-defined]
+        return reward
+
+    return TaskBundle(
+        name="gaussian",
+        objectives=names,
+        base=OracleDenoiser(task, None),
+        aligned={n: OracleDenoiser(task, k) for k, n in enumerate(names)},
+        scheduler=task.scheduler,
+        rewards={n: reward_for(k) for k, n in enumerate(names)},
+        prompts=[None],
+        sample_shape=(dim,),
+        betas={n: float(task.betas[k]) for k, n in enumerate(names)},
+        dtype=torch.float64,
+        prompt_label=lambda p: "none",
+    )

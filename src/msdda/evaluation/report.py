@@ -1,0 +1,333 @@
+"""`msdda report RUN_DIR`: metrics.json and a self-contained HTML page from a sweep's results store.
+
+Metrics: per (method, weights) means with 95% bootstrap intervals; each method's points (one per weight,
+or one for weight-free methods), the pooled empirical Pareto front, hypervolume against one stated
+reference point shared by every method; per-weight win rates of MSDDA against each baseline on the
+scalarised reward sum_k w_k r_k, paired by (prompt, seed, sample index); cost per method.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msdda.errors import MSDDAError
+from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
+from msdda.evaluation.sweep import CONFIG_FILE, RESULTS_FILE, iter_units, read_rows, samples_path
+
+# per sampler call (one batch of `batch_size` samples), plus wall seconds per sample
+COST_KEYS = ("model_evals", "reward_evals", "reward_grads", "seconds", "seconds_per_sample", "peak_memory_bytes")
+
+
+class ReportError(MSDDAError):
+    """The run folder cannot be reported on (missing or empty results)."""
+
+
+def _weights_key(w: Mapping[str, float] | None, objectives: Sequence[str]) -> str:
+    return "-" if w is None else ", ".join(f"{w[o]:.3g}" for o in objectives)
+
+
+def compute_metrics(run_dir: Path | str, reference_point: Sequence[float] | None = None) -> dict[str, Any]:
+    """Everything the report shows, as a JSON-able dict (also written to metrics.json)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULTS_FILE).exists():
+        raise ReportError(f"{run_dir} has no {RESULTS_FILE}; run `msdda sweep ... --out {run_dir}` first")
+    config = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
+    rows = read_rows(run_dir / RESULTS_FILE)
+    if not rows:
+        raise ReportError(f"{run_dir / RESULTS_FILE} holds no complete rows yet")
+    objectives = list(config.get("objectives") or rows[0]["rewards"].keys())
+    flat = [{"method": r["method"], "weights": r["weights"], **r["rewards"]} for r in rows]
+    groups = summarise(flat, objectives, group_keys=("method", "weights"))
+    table = []
+    points: dict[str, list[list[float]]] = {}
+    for g in groups:
+        w = g["weights"]
+        table.append(
+            {
+                "method": g["method"],
+                "weights": w,
+                "weights_label": _weights_key(w, objectives),
+                "n": g["n"],
+                "mean": g["mean"],
+                "ci95": g["ci95"],
+            }
+        )
+        points.setdefault(g["method"], []).append([g["mean"][o] for o in objectives])
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ref = (
+        np.asarray(reference_point, dtype=float)
+        if reference_point is not None
+        else default_reference_point({m: np.asarray(p) for m, p in points.items()})
+    )
+    hv = {m: float(hypervolume(np.asarray(points[m]), ref)) for m in methods}
+    all_points = np.asarray([p for m in methods for p in points[m]])
+    owners = [m for m in methods for _ in points[m]]
+    front = [owners[i] for i in pareto_front(all_points)]
+
+    return {
+        "run_dir": str(run_dir),
+        "task": config.get("task"),
+        "objectives": objectives,
+        "methods": methods,
+        "reference_point": [float(x) for x in ref],
+        "hypervolume": hv,
+        "pareto_front_methods": {m: front.count(m) for m in methods},
+        "table": table,
+        "win_rates": _win_rates(rows, objectives, methods),
+        "cost": _cost(rows, methods),
+        "rows": len(rows),
+    }
+
+
+def _win_rates(
+    rows: Sequence[dict[str, Any]], objectives: Sequence[str], methods: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """{baseline: {weights_label: P(MSDDA's scalarised reward > baseline's)}}, paired per sample."""
+    if "msdda" not in methods:
+        return {}
+    raw: dict[tuple[str, str], dict[tuple[int, int, int], dict[str, float]]] = {}
+    for r in rows:
+        wl = _weights_key(r["weights"], objectives)
+        raw.setdefault((r["method"], wl), {})[(r["prompt_index"], r["seed"], r["index"])] = r["rewards"]
+    out: dict[str, dict[str, float]] = {}
+    msdda_keys = [k for k in raw if k[0] == "msdda"]
+    for baseline in methods:
+        if baseline == "msdda":
+            continue
+        per_weight = {}
+        for _, wl in msdda_keys:
+            other = raw.get((baseline, wl)) or raw.get((baseline, "-"))
+            if not other:
+                continue
+            w = [float(x) for x in wl.split(", ")]
+            mine = raw[("msdda", wl)]
+            keys = sorted(set(mine) & set(other))
+            if not keys:
+                continue
+            a = np.array([sum(wi * mine[k][o] for wi, o in zip(w, objectives, strict=True)) for k in keys])
+            b = np.array([sum(wi * other[k][o] for wi, o in zip(w, objectives, strict=True)) for k in keys])
+            per_weight[wl] = float(win_rate(a, b))
+        out[baseline] = per_weight
+    return out
+
+
+def _cost(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Mean cost per sampler call (a batch) for each method, and wall seconds per sample."""
+    acc: dict[str, dict[str, list[float]]] = {m: {k: [] for k in COST_KEYS} for m in methods}
+    for _, unit_rows in iter_units(rows):
+        r = unit_rows[0]
+        cost = {**r["cost"], "seconds_per_sample": r["cost"]["seconds"] / r["batch"]}
+        for k in COST_KEYS:
+            if cost.get(k) is not None:
+                acc[r["method"]][k].append(cost[k])
+    return {m: {k: (float(np.mean(v)) if v else None) for k, v in acc[m].items()} for m in methods}
+
+
+# ----- figures -------------------------------------------------------------------------------------------
+def pareto_figure(metrics: Mapping[str, Any]) -> bytes:
+    """PNG bytes: mean reward of each objective pair, one line per method through its weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objs = metrics["objectives"]
+    pairs = [(0, 1)] if len(objs) == 2 else [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for m in metrics["methods"]:
+            pts = [(r["mean"][objs[i]], r["mean"][objs[j]]) for r in metrics["table"] if r["method"] == m]
+            xs, ys = zip(*pts, strict=True)
+            if len(pts) == 1:
+                ax.scatter(xs, ys, marker="*", s=140, label=m, zorder=3)
+            else:
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xlabel(f"mean {objs[i]}")
+        ax.set_ylabel(f"mean {objs[j]}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Mean rewards per method across preference weights")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_grid_png(samples: np.ndarray, max_images: int = 16) -> bytes | None:
+    """PNG bytes of a grid of [N, C, H, W] samples in [-1, 1]; None if they are not images."""
+    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = np.clip((samples[:max_images] + 1) / 2, 0, 1)
+    n = imgs.shape[0]
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img in zip(axes.flat, imgs, strict=False):
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+    fig.tight_layout(pad=0.1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _grids(run_dir: Path, rows: Sequence[dict[str, Any]], objectives: Sequence[str]) -> dict[tuple[str, str], bytes]:
+    from safetensors.torch import load_file
+
+    collected: dict[tuple[str, str], list[np.ndarray]] = {}
+    for key, unit_rows in iter_units(rows):
+        path = samples_path(run_dir, key)
+        if not path.exists():
+            continue
+        r = unit_rows[0]
+        collected.setdefault((r["method"], _weights_key(r["weights"], objectives)), []).append(
+            load_file(str(path))["samples"].numpy()
+        )
+    out = {}
+    for k, arrs in collected.items():
+        png = image_grid_png(np.concatenate(arrs))
+        if png is not None:
+            out[k] = png
+    return out
+
+
+# ----- HTML ----------------------------------------------------------------------------------------------
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+def render_html(metrics: Mapping[str, Any], pareto_png: bytes, grids: Mapping[tuple[str, str], bytes]) -> str:
+    """A self-contained page; every number carries data-* attributes naming what it is."""
+    objs = metrics["objectives"]
+    e = html.escape
+    hv_rows = "".join(
+        f'<tr><td>{e(m)}</td><td class="num" data-metric="hypervolume" data-method="{e(m)}">'
+        f'{metrics["hypervolume"][m]:.6g}</td><td class="num">{metrics["pareto_front_methods"][m]}</td></tr>'
+        for m in sorted(metrics["methods"], key=lambda m: -metrics["hypervolume"][m])
+    )
+    weight_labels = list(dict.fromkeys(r["weights_label"] for r in metrics["table"] if r["weights"] is not None))
+    methods = metrics["methods"]
+    cells = {(r["method"], r["weights_label"]): r for r in metrics["table"]}
+    paper_rows = ""
+    for wl in weight_labels:
+        tds = ""
+        for m in methods:
+            r = cells.get((m, wl)) or cells.get((m, "-"))
+            if r is None:
+                tds += "<td>-</td>"
+                continue
+            tds += (
+                "<td class='num'>"
+                + "<br>".join(
+                    f'<span data-metric="mean" data-method="{e(m)}" data-weights="{e(wl)}" data-objective="{e(o)}">'
+                    f"{r['mean'][o]:.4f}</span>"
+                    for o in objs
+                )
+                + "</td>"
+            )
+        paper_rows += f"<tr><th>{e(wl)}</th>{tds}</tr>"
+    ci_rows = "".join(
+        f"<tr><td>{e(r['method'])}</td><td>{e(r['weights_label'])}</td><td class='num'>{r['n']}</td>"
+        + "".join(
+            f"<td class='num'>{r['mean'][o]:.4f} [{r['ci95'][o][0]:.4f}, {r['ci95'][o][1]:.4f}]</td>" for o in objs
+        )
+        + "</tr>"
+        for r in metrics["table"]
+    )
+    win_rows = "".join(
+        f"<tr><td>{e(b)}</td>"
+        + "".join(
+            f'<td class="num" data-metric="win_rate" data-baseline="{e(b)}" data-weights="{e(wl)}">{wr[wl]:.3f}</td>'
+            if wl in wr
+            else "<td>-</td>"
+            for wl in weight_labels
+        )
+        + "</tr>"
+        for b, wr in metrics["win_rates"].items()
+    )
+    cost_rows = "".join(
+        f"<tr><td>{e(m)}</td>"
+        + "".join(
+            f'<td class="num" data-metric="cost" data-method="{e(m)}" data-key="{k}">{_fmt(c.get(k))}</td>'
+            for k in COST_KEYS
+        )
+        + "</tr>"
+        for m, c in metrics["cost"].items()
+    )
+    grid_html = ""
+    for m in methods:
+        figs = "".join(
+            f"<figure>{_img(png, f'{m} {wl}')}<figcaption>{e(wl)}</figcaption></figure>"
+            for (gm, wl), png in grids.items()
+            if gm == m
+        )
+        if figs:
+            grid_html += f"<h3>{e(m)}</h3><div class='grids'>{figs}</div>"
+    obj_head = "".join(f"<th>{e(o)}</th>" for o in objs)
+    method_head = "".join(f"<th>{e(m)}</th>" for m in methods)
+    ref = ", ".join(f"{x:.4g}" for x in metrics["reference_point"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>msdda report: {e(str(metrics.get("task")))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ background: #f3f3f3; }}
+.grids {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; text-align: center; }}
+</style></head><body>
+<h1>msdda report: {e(str(metrics.get("task")))}</h1>
+<p>{metrics["rows"]} samples; objectives: {e(", ".join(objs))}. All rewards are maximised.</p>
+<h2>Pareto front</h2>{_img(pareto_png, "Pareto plot")}
+<h2>Hypervolume</h2>
+<p>Reference point (shared by all methods): <span id="reference-point">{ref}</span></p>
+<table><tr><th>method</th><th>hypervolume</th><th>points on the pooled front</th></tr>{hv_rows}</table>
+<h2>Mean rewards per weight (rows: weights on {e(", ".join(objs))}; columns: methods)</h2>
+<table><tr><th>weights</th>{method_head}</tr>{paper_rows}</table>
+<h2>Means with 95% bootstrap intervals</h2>
+<table><tr><th>method</th><th>weights</th><th>n</th>{obj_head}</tr>{ci_rows}</table>
+<h2>Win rate of MSDDA against each baseline (scalarised reward, paired samples)</h2>
+<table><tr><th>baseline</th>{"".join(f"<th>{e(wl)}</th>" for wl in weight_labels)}</tr>{win_rows}</table>
+<h2>Cost per sampler call (one batch)</h2>
+<table><tr><th>method</th>{"".join(f"<th>{k}</th>" for k in COST_KEYS)}</tr>{cost_rows}</table>
+<p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth.</p>
+<h2>Samples</h2>{grid_html or "<p>No image samples stored.</p>"}
+</body></html>
+"""
+
+
+def write_report(run_dir: Path | str, reference_point: Sequence[float] | None = None) -> dict[str, Path]:
+    """Write metrics.json, pareto.png and report.html into the run folder (atomically); return the paths."""
+    from msdda.evaluation.oracle import write_json_atomic
+
+    run_dir = Path(run_dir)
+    metrics = compute_metrics(run_dir, reference_point)
+    pareto_png = pareto_figure(metrics)
+    grids = _grids(run_dir, read_rows(run_dir / RESULTS_FILE), metrics["objectives"])
+    page = render_html(metrics, pareto_png, grids)
+    paths = {"metrics": run_dir / "metrics.json", "pareto": run_dir / "pareto.png", "html": run_dir / "report.html"}
+    write_json_atomic(paths["metrics"], metrics)
+    for key, data in (("pareto", pareto_png), ("html", page.encode())):
+        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(paths[key])
+    return paths

@@ -1,0 +1,422 @@
+"""Resumable sweeps: methods x preference weights x prompts x seeds into an append-only results store.
+
+A run folder holds `config.json` (the resolved SweepConfig) and `results.jsonl` (one row per sample).
+Work is cut into units (method, weights, prompt, seed), each one sampler call on a batch; a unit's rows are
+appended in one write and fsynced. Rerunning the same command resumes: rows of an incomplete unit (a kill
+mid-write) are dropped and the unit is redone, so the store ends with no duplicate or missing rows. The
+generator of a unit depends only on (seed, prompt), never on the method, the weights or the order of work:
+methods are compared on common random numbers, and a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from msdda.core.fusion import exponents_from_preferences
+from msdda.errors import MSDDAError
+from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, SingleModel, sample
+from msdda.tasks.bundle import TaskBundle
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_METHODS = ("msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "code", "rgg")
+FIXED_METHODS = ("base",)  # plus "single:<objective>"
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class SweepError(MSDDAError):
+    """A sweep is misconfigured, or its run folder holds a different sweep."""
+
+
+@dataclass
+class SweepConfig:
+    """Everything that determines a sweep's results (written to the run folder as config.json)."""
+
+    task: str = "digits"
+    objectives: list[str] | None = None  # default: the task's first two
+    methods: list[str] = field(default_factory=lambda: ["base", "msdda", "db-mpa"])
+    weights: list[dict[str, float]] | None = None  # explicit grid; default: grid_points per edge
+    grid_points: int = 5
+    prompts: list[Any] | None = None  # default: the task's prompts
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 8
+    steps: int = 50
+    beta: float = 1.0
+    code_candidates: int = 4
+    code_block: int = 5
+    rgg_scale: float = 1.0
+    save_samples: bool = True
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SweepError(f"unknown sweep config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**dict(d))
+
+
+def simplex_grid(objectives: Sequence[str], points_per_edge: int) -> list[dict[str, float]]:
+    """All weight vectors with coordinates in {0, 1/(n-1), ..., 1} summing to 1 (n = points_per_edge)."""
+    if points_per_edge < 2:
+        raise SweepError(f"grid_points={points_per_edge}; at least 2 points (the two ends) are needed")
+    n = points_per_edge - 1
+    k = len(objectives)
+    grid = []
+    for combo in itertools.product(range(n + 1), repeat=k - 1):
+        if sum(combo) <= n:
+            counts = [*combo, n - sum(combo)]
+            grid.append({o: c / n for o, c in zip(objectives, counts, strict=True)})
+    # order: by weight on the first objective, ascending (reads left to right on a front)
+    return sorted(grid, key=lambda w: tuple(w[o] for o in objectives))
+
+
+def validate_weights(grid: Sequence[Mapping[str, float]], objectives: Sequence[str]) -> list[dict[str, float]]:
+    """Each entry: weights for known objectives (missing ones are 0), finite, >= 0, summing to 1."""
+    if not grid:
+        raise SweepError("the weight grid is empty; give at least one weight vector, e.g. {'a': 0.5, 'b': 0.5}")
+    out = []
+    for i, w in enumerate(grid):
+        if not isinstance(w, Mapping):
+            raise SweepError(f"weight grid entry {i} is {w!r}; each entry maps objective names to weights")
+        unknown = sorted(set(w) - set(objectives))
+        if unknown:
+            raise SweepError(f"weight grid entry {i} names unknown objectives {unknown}; valid: {list(objectives)}")
+        full = {o: float(w.get(o, 0.0)) for o in objectives}
+        for o, v in full.items():
+            if not math.isfinite(v) or v < 0:
+                raise SweepError(f"weight grid entry {i}: weight {v} for {o!r} must be finite and >= 0")
+        total = math.fsum(full.values())
+        if not math.isclose(total, 1.0, rel_tol=1e-6):
+            raise SweepError(f"weight grid entry {i} sums to {total:.6g}; preference weights must sum to 1")
+        out.append(full)
+    return out
+
+
+def _check_methods(methods: Sequence[str], objectives: Sequence[str], bundle: TaskBundle) -> None:
+    if not methods:
+        raise SweepError(f"no methods given; choose from {[*FIXED_METHODS, *WEIGHTED_METHODS, 'single:<objective>']}")
+    for m in methods:
+        if m.startswith("single:"):
+            if m[7:] not in objectives:
+                raise SweepError(f"method {m!r}: unknown objective {m[7:]!r}; valid: {list(objectives)}")
+        elif m not in FIXED_METHODS + WEIGHTED_METHODS:
+            raise SweepError(
+                f"unknown method {m!r}; choose from {[*FIXED_METHODS, *WEIGHTED_METHODS, 'single:<objective>']}"
+            )
+        if m == "rewarded-soup" and bundle.soup is None:
+            raise SweepError(f"task {bundle.name!r} has no parameterised models, so rewarded-soup is not available")
+        if m == "rgg":
+            for o in objectives:
+                if getattr(bundle.rewards[o], "differentiable", True) is False:
+                    raise SweepError(f"rgg needs differentiable rewards; {o!r} is not (drop rgg or that objective)")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One sampler call: `batch_size` samples of one method at one weight, prompt and seed."""
+
+    method: str
+    weights: tuple[tuple[str, float], ...] | None
+    prompt_index: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        w = "-" if self.weights is None else ",".join(f"{o}={v:.6g}" for o, v in self.weights)
+        return f"{self.method}|{w}|p{self.prompt_index}|s{self.seed}"
+
+
+def plan_units(
+    cfg: SweepConfig, objectives: Sequence[str], grid: Sequence[Mapping[str, float]], num_prompts: int
+) -> list[Unit]:
+    """All units of a sweep in a fixed order (the order never affects any unit's result)."""
+    units = []
+    for method in cfg.methods:
+        weight_list: list[tuple[tuple[str, float], ...] | None]
+        if method in WEIGHTED_METHODS:
+            weight_list = [tuple((o, w[o]) for o in objectives) for w in grid]
+        else:
+            weight_list = [None]
+        for w in weight_list:
+            for p in range(num_prompts):
+                for s in cfg.seeds:
+                    units.append(Unit(method, w, p, int(s)))
+    return units
+
+
+def unit_seed(seed: int, prompt_index: int) -> int:
+    """The generator seed of a unit: common to every method and weight at this (seed, prompt)."""
+    return int(seed) * 1_000_003 + int(prompt_index)
+
+
+def build_method(
+    method: str, bundle: TaskBundle, weights: Mapping[str, float] | None, cfg: SweepConfig, objectives: Sequence[str]
+) -> tuple[list[Any], Any, Any]:
+    """(models, step rule, reference) for one method at one weight vector."""
+    if method == "base":
+        return [bundle.base], SingleModel(), None
+    if method.startswith("single:"):
+        return [bundle.aligned[method[7:]]], SingleModel(), None
+    assert weights is not None
+    w = [weights[o] for o in objectives]
+    aligned = [bundle.aligned[o] for o in objectives]
+    rewards = [bundle.rewards[o] for o in objectives]
+    if method == "msdda":
+        a = exponents_from_preferences(w, [bundle.beta_of(o) for o in objectives], cfg.beta)
+        return aligned, MSDDA(a), bundle.base
+    if method == "db-mpa":
+        return aligned, DBMPA(w), None
+    if method == "db-mpa-ls":
+        return aligned, DBMPALS(w), None
+    if method == "rewarded-soup":
+        assert bundle.soup is not None
+        return [bundle.soup(dict(weights))], SingleModel(), None
+    if method == "code":
+        return [bundle.base], CoDe(rewards, w, num_candidates=cfg.code_candidates, block_size=cfg.code_block), None
+    if method == "rgg":
+        return [bundle.base], RGG(rewards, w, scale=cfg.rgg_scale), None
+    raise SweepError(f"unknown method {method!r}")
+
+
+# ----- the results store -------------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every complete row of a results file (a torn last line from a kill is ignored)."""
+    rows = []
+    if not path.exists():
+        return rows
+    with path.open() as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def _repair_store(path: Path, batch_size: int) -> set[str]:
+    """Drop torn lines and incomplete units (atomic rewrite); return the keys of complete units."""
+    text = path.read_text()
+    rows = read_rows(path)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["unit"]] = counts.get(r["unit"], 0) + 1
+    complete = {k for k, c in counts.items() if c == batch_size}
+    kept = [r for r in rows if r["unit"] in complete]
+    if len(kept) != text.count("\n") or (text and not text.endswith("\n")):
+        _atomic_write_lines(path, [json.dumps(r) for r in kept])
+        logger.info("results store repaired: kept %d rows of %d complete units", len(kept), len(complete))
+    return complete
+
+
+def _atomic_write_lines(path: Path, lines: Sequence[str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    with path.open("a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
+    """Create the run folder, or check that an existing one holds this very sweep (else refuse)."""
+    config_path = run_dir / CONFIG_FILE
+    if config_path.exists():
+        try:
+            existing = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SweepError(f"{config_path} is not valid JSON; pass --overwrite to start the run afresh") from exc
+        if existing != json.loads(json.dumps(cfg.to_dict())):
+            if not overwrite:
+                diff = sorted(
+                    k
+                    for k in set(existing) | set(cfg.to_dict())
+                    if existing.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k)
+                )
+                raise SweepError(
+                    f"{run_dir} holds a sweep with a different config (differs in {diff}); use another folder, "
+                    f"the same settings to resume, or --overwrite to discard it"
+                )
+            shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise SweepError(f"{run_dir} exists and is not a sweep folder; use another folder or --overwrite")
+    elif run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config_path.exists():
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        os.replace(tmp, config_path)
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    units_total: int
+    units_run: int
+    rows: int
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    run_dir: Path | str,
+    bundle_factory: Callable[[SweepConfig], TaskBundle],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    on_unit_done: Callable[[Unit], None] | None = None,
+) -> SweepResult:
+    """Run (or resume) a sweep into `run_dir`. `shard=(rank, world)` runs units rank, rank+world, ..."""
+    run_dir = Path(run_dir)
+    bundle = bundle_factory(cfg)
+    objectives = list(cfg.objectives or bundle.objectives[:2])
+    unknown = sorted(set(objectives) - set(bundle.objectives))
+    if unknown:
+        raise SweepError(f"unknown objectives {unknown} for task {bundle.name!r}; valid: {bundle.objectives}")
+    if len(objectives) < 2:
+        raise SweepError(f"a sweep needs at least 2 objectives, got {objectives}")
+    if cfg.batch_size < 1 or cfg.steps < 1:
+        raise SweepError(f"batch_size={cfg.batch_size} and steps={cfg.steps} must be >= 1")
+    if not cfg.seeds:
+        raise SweepError("no seeds given; pass at least one seed")
+    grid = validate_weights(
+        cfg.weights if cfg.weights is not None else simplex_grid(objectives, cfg.grid_points), objectives
+    )
+    _check_methods(cfg.methods, objectives, bundle)
+    for m in cfg.methods:  # build every rule once up front: bad settings fail before any sampling
+        if m in WEIGHTED_METHODS and m != "rewarded-soup":
+            try:
+                build_method(m, bundle, grid[0], cfg, objectives)
+            except MSDDAError as exc:
+                raise SweepError(f"method {m!r}: {exc}") from exc
+    prompts = list(cfg.prompts) if cfg.prompts is not None else list(bundle.prompts)
+    if not prompts:
+        raise SweepError("no prompts; pass at least one prompt (condition)")
+
+    prepare_run_dir(run_dir, cfg, overwrite)
+    results = run_dir / RESULTS_FILE
+    done = _repair_store(results, cfg.batch_size) if results.exists() else set()
+    units = plan_units(cfg, objectives, grid, len(prompts))
+    rank, world = shard
+    mine = [u for i, u in enumerate(units) if i % world == rank]
+    todo = [u for u in mine if u.key not in done]
+    samples_dir = run_dir / "samples"
+    if cfg.save_samples:
+        samples_dir.mkdir(exist_ok=True)
+    for unit in tqdm(todo, desc="sweep", disable=not progress):
+        rows, samples = run_unit(unit, bundle, cfg, objectives, prompts)
+        if cfg.save_samples:
+            _save_samples(samples_dir, unit, samples)
+        _append_rows(results, rows)
+        if on_unit_done is not None:
+            on_unit_done(unit)
+    return SweepResult(run_dir, len(units), len(todo), len(read_rows(results)))
+
+
+def _safe_name(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in key)
+
+
+def _save_samples(samples_dir: Path, unit: Unit, samples: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path = samples_dir / f"{_safe_name(unit.key)}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({"samples": samples.detach().float().contiguous().cpu()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def samples_path(run_dir: Path, unit_key: str) -> Path:
+    return Path(run_dir) / "samples" / f"{_safe_name(unit_key)}.safetensors"
+
+
+def run_unit(
+    unit: Unit, bundle: TaskBundle, cfg: SweepConfig, objectives: Sequence[str], prompts: Sequence[Any]
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Sample one unit and score it: one row per sample with every objective's reward and the unit's cost."""
+    weights = None if unit.weights is None else dict(unit.weights)
+    models, rule, reference = build_method(unit.method, bundle, weights, cfg, objectives)
+    prompt = prompts[unit.prompt_index]
+    cond = bundle.make_cond(prompt, cfg.batch_size)
+    out = sample(
+        models,
+        bundle.scheduler,
+        rule,
+        shape=(cfg.batch_size, *bundle.sample_shape),
+        cond=cond,
+        reference=reference,
+        num_inference_steps=cfg.steps,
+        guidance_scale=bundle.guidance_scale,
+        null_cond=bundle.null_cond if bundle.guidance_scale is not None else None,
+        seed=unit_seed(unit.seed, unit.prompt_index),
+        dtype=bundle.dtype,
+        progress=False,
+    )
+    with torch.no_grad():
+        scores = {
+            o: bundle.rewards[o](out.samples, cond).detach().double().cpu()
+            for o in bundle.objectives
+            if o in objectives
+        }
+    cost = out.cost.to_dict()
+    cost["reward_evals_final"] = len(objectives)
+    rows = []
+    for i in range(cfg.batch_size):
+        rows.append(
+            {
+                "unit": unit.key,
+                "method": unit.method,
+                "weights": weights,
+                "prompt": bundle.prompt_label(prompt),
+                "prompt_index": unit.prompt_index,
+                "seed": unit.seed,
+                "index": i,
+                "rewards": {o: float(scores[o][i]) for o in objectives},
+                "cost": cost,
+                "batch": cfg.batch_size,
+            }
+        )
+    return rows, out.samples
+
+
+def iter_units(rows: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Rows grouped by unit key, in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["unit"], []).append(r)
+    yield from groups.items()

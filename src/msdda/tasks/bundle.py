@@ -1,0 +1,45 @@
+"""What a task hands to sweeps and demos: its models, scheduler, rewards and conditions, in one object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from msdda.core.schedule import KernelScheduler
+from msdda.models.denoiser import Denoiser
+
+
+@dataclass
+class TaskBundle:
+    """A ready-to-sample multi-objective task.
+
+    objectives: names, in order; aligned[name] is the single-objective model for that objective and
+      rewards[name] its reward `(x0 [B, ...], cond) -> [B]`; betas[name] the KL strength it was aligned with.
+    base: the reference model. prompts: the default conditions a sweep iterates over (None: unconditional);
+      make_cond(prompt, batch) -> the cond the denoisers take. sample_shape: one sample's shape (no batch).
+    guidance_scale / null_cond: classifier-free guidance per model, if the task uses it.
+    soup: builds the Rewarded-Soups model for preference weights {objective: w} (None: not supported).
+    prompt_label: a printable name for a prompt (used in results and reports).
+    """
+
+    name: str
+    objectives: list[str]
+    base: Denoiser
+    aligned: Mapping[str, Denoiser]
+    scheduler: KernelScheduler
+    rewards: Mapping[str, Callable[..., torch.Tensor]]
+    prompts: Sequence[Any]
+    sample_shape: tuple[int, ...]
+    make_cond: Callable[[Any, int], Any] = lambda prompt, batch: None
+    betas: Mapping[str, float] = field(default_factory=dict)
+    guidance_scale: float | None = None
+    null_cond: Any = None
+    soup: Callable[[Mapping[str, float]], Denoiser] | None = None
+    dtype: torch.dtype = torch.float32
+    prompt_label: Callable[[Any], str] = str
+
+    def beta_of(self, objective: str) -> float:
+        return float(self.betas.get(objective, 1.0))
