@@ -18,8 +18,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("report") / "run"
-    cfg = SweepConfig(task="gaussian", methods=["base", "msdda", "db-mpa", "code"], grid_points=3, seeds=[0, 1],
-                      batch_size=6, steps=6)
+    cfg = SweepConfig(
+        task="gaussian", methods=["base", "msdda", "db-mpa", "code"], grid_points=3, seeds=[0, 1], batch_size=6, steps=6
+    )
     run_sweep(cfg, d, lambda c: get_task_bundle(c.task), progress=False)
     return d
 
@@ -41,7 +42,9 @@ def test_metrics_match_independent_computation(run_dir):
     objs = m["objectives"]
     means = {}
     for r in rows:
-        means.setdefault((r["method"], json.dumps(r["weights"], sort_keys=True)), []).append([r["rewards"][o] for o in objs])
+        means.setdefault((r["method"], json.dumps(r["weights"], sort_keys=True)), []).append(
+            [r["rewards"][o] for o in objs]
+        )
     for method in m["methods"]:
         pts = [np.mean(v, axis=0) for (meth, _), v in means.items() if meth == method]
         assert m["hypervolume"][method] == pytest.approx(staircase_hv(pts, m["reference_point"]), rel=1e-12)
@@ -94,10 +97,22 @@ def test_html_numbers_match_metrics_json_in_headless_chromium(run_dir, tmp_path)
     paths = write_report(run_dir)
     metrics = json.loads(paths["metrics"].read_text())
     dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", paths["html"].resolve().as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            paths["html"].resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     parser = DataCollector()
     parser.feed(dom)
@@ -111,7 +126,9 @@ def test_html_numbers_match_metrics_json_in_headless_chromium(run_dir, tmp_path)
             cell = cells.get((attrs["data-method"], attrs["data-weights"])) or cells[(attrs["data-method"], "-")]
             assert float(text) == pytest.approx(cell["mean"][attrs["data-objective"]], abs=5e-5)
         elif kind == "win_rate":
-            assert float(text) == pytest.approx(metrics["win_rates"][attrs["data-baseline"]][attrs["data-weights"]], abs=5e-4)
+            assert float(text) == pytest.approx(
+                metrics["win_rates"][attrs["data-baseline"]][attrs["data-weights"]], abs=5e-4
+            )
         elif kind == "reference_point":
             assert [float(x) for x in text.split(",")] == pytest.approx(metrics["reference_point"], rel=1e-3)
         else:

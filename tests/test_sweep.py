@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +25,9 @@ def factory(cfg):
 
 
 def small(**kw):
-    base = dict(task="gaussian", methods=["base", "msdda", "db-mpa"], grid_points=3, seeds=[0, 1], batch_size=4,
-                steps=6)
+    base = dict(
+        task="gaussian", methods=["base", "msdda", "db-mpa"], grid_points=3, seeds=[0, 1], batch_size=4, steps=6
+    )
     base.update(kw)
     return SweepConfig(**base)
 
@@ -90,8 +90,9 @@ def test_unknown_task_lists_valid_ones():
 
 
 def test_sweep_rows_and_common_random_numbers(tmp_path):
-    res = run_sweep(small(methods=["base", "msdda", "db-mpa", "code", "rgg", "db-mpa-ls"]), tmp_path / "r", factory,
-                    progress=False)
+    res = run_sweep(
+        small(methods=["base", "msdda", "db-mpa", "code", "rgg", "db-mpa-ls"]), tmp_path / "r", factory, progress=False
+    )
     rows = read_rows(tmp_path / "r" / "results.jsonl")
     assert res.units_total == (1 + 5 * 3) * 2 and len(rows) == res.units_total * 4
     assert len({(r["unit"], r["index"]) for r in rows}) == len(rows)
