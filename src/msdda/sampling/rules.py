@@ -173,7 +173,9 @@ class DBMPALS:
         _check_count("DB-MPA-LS", self.weights, num_models)
 
     def __call__(self, ctx: StepContext) -> GaussianKernel:
-        probs = torch.tensor(self.weights, dtype=torch.float64)
+        # on the generator's device, so one generator serves the noise and the draw (CPU or GPU)
+        device = ctx.generator.device if ctx.generator is not None else ctx.x_t.device
+        probs = torch.tensor(self.weights, dtype=torch.float64, device=device)
         choice = int(torch.multinomial(probs, 1, generator=ctx.generator).item())
         ctx.info["chosen_model"] = choice
         return ctx.kernels[choice]
