@@ -170,6 +170,16 @@ def test_denoiser_gradients_reach_input_and_first_layer() -> None:
     assert m.class_emb.weight.grad is not None
 
 
+def test_denoiser_gradients_match_finite_differences() -> None:
+    # The residual blocks use in-place ops for speed; this checks they leave autograd exact.
+    torch.manual_seed(0)
+    m = DigitsDenoiser().double()
+    _randomise_output(m)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t, c = torch.tensor([3, 500]), torch.tensor([1, NULL_CLASS])
+    assert torch.autograd.gradcheck(lambda x_: m(x_, t, c), (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
 def test_denoiser_rejects_bad_inputs() -> None:
     m = DigitsDenoiser()
     x, t, c = _inputs(3)
@@ -224,7 +234,9 @@ def test_train_classifier_is_deterministic_and_leaves_global_rng() -> None:
     a = train_classifier(x, y, epochs=2, seed=5, progress=False)
     after = torch.rand(3)
     b = train_classifier(x, y, epochs=2, seed=5, progress=False)
-    c = train_classifier(x, y, epochs=2, seed=6, progress=False)
+    threads = torch.get_num_threads()
+    c = train_classifier(x, y, epochs=2, seed=6, progress=False, num_threads=1)
+    assert torch.get_num_threads() == threads  # the thread setting is restored
     assert torch.equal(before, after)  # training did not consume the caller's global RNG
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
@@ -232,10 +244,12 @@ def test_train_classifier_is_deterministic_and_leaves_global_rng() -> None:
 
 
 def test_train_and_save_default_classifier_fast_and_accurate(tmp_path) -> None:
-    t0 = time.perf_counter()
+    # CPU time, not wall time: other processes sharing the cores must not fail this test. The budget is
+    # 30 s of wall time on 2 cores; an unloaded run takes a few seconds.
+    t0 = time.process_time()
     out = train_and_save_default_classifier(tmp_path / "clf", seed=0, progress=False)
-    seconds = time.perf_counter() - t0
-    assert seconds < 30, seconds
+    cpu_seconds = time.process_time() - t0
+    assert cpu_seconds < 60, cpu_seconds
     meta = read_classifier_metadata(out)
     assert meta["holdout_accuracy"] >= 0.95
     assert meta["split_seed"] == 0 and meta["train_seed"] == 0

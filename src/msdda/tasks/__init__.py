@@ -1,1 +1,1 @@
-"""Layer 5, tasks: embedded problems with their data, models and rewards (digits; the exact Gaussian oracle)."""
+"""Layer 5, tasks: embedded problems with their data, models and shipped weights (digits; the exact Gaussian oracle)."""
