@@ -1,0 +1,188 @@
+"""Built-in rewards for the embedded digits task: images [B, 1, 8, 8] in [-1, 1].
+
+- ``alignment``: log-probability of the prompted class under the shipped DigitsClassifier (nats, <= 0).
+- ``ink``: mean intensity mapped to [0, 1] (0 = all background -1, 1 = all ink +1).
+- ``symmetry``: left-right mirror similarity in [0, 1] (1 = perfectly mirror-symmetric).
+All three are differentiable w.r.t. x0 and registered by name on import.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from msdda.rewards.base import RewardError, register_reward
+from msdda.tasks.digits.classifier import (
+    ClassifierLoadError,
+    DigitsClassifier,
+    default_classifier_dir,
+    load_classifier,
+    train_and_save_default_classifier,
+)
+from msdda.tasks.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
+
+__all__ = [
+    "AlignmentReward",
+    "InkReward",
+    "SymmetryReward",
+    "clear_classifier_cache",
+    "default_classifier_dir",
+    "load_default_classifier",
+    "train_and_save_default_classifier",
+]
+
+
+def _check_images(x0: Tensor, name: str, exact: bool) -> None:
+    if not isinstance(x0, Tensor):
+        raise RewardError(f"reward {name!r} expects x0 as a torch.Tensor, got {type(x0).__name__}")
+    if exact and (x0.ndim != 4 or tuple(x0.shape[1:]) != IMAGE_SHAPE):
+        raise RewardError(f"reward {name!r} expects digits x0 of shape [B, 1, 8, 8], got {list(x0.shape)}")
+    if not exact and x0.ndim < 2:
+        raise RewardError(f"reward {name!r} expects images x0 of shape [B, ..., W], got {list(x0.shape)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_frozen(path: str) -> DigitsClassifier:
+    model = load_classifier(path)
+    # Frozen: reward gradients should flow to the samples only, never accumulate in the judge.
+    model.requires_grad_(False)
+    return model
+
+
+def clear_classifier_cache() -> None:
+    """Forget cached classifiers, e.g. after rewriting weights on disk in the same process."""
+    _load_frozen.cache_clear()
+
+
+def load_default_classifier(classifier_dir: str | os.PathLike[str] | None = None) -> DigitsClassifier:
+    """Load (once, then cached) the frozen classifier from ``classifier_dir`` or the shipped location.
+
+    Raises RewardError saying how to create the weights if they are missing or invalid.
+    """
+    path = Path(classifier_dir) if classifier_dir is not None else default_classifier_dir()
+    try:
+        return _load_frozen(str(path.resolve()))
+    except ClassifierLoadError as exc:
+        raise RewardError(
+            f"alignment reward cannot load the digits classifier from {path}: {exc}. Create the weights with "
+            "`msdda train-classifier` (or msdda.tasks.digits.classifier.train_and_save_default_classifier()), "
+            "or pass a classifier explicitly: AlignmentReward(classifier=...)"
+        ) from exc
+
+
+class AlignmentReward:
+    """log p(cond | x0) under a DigitsClassifier: x0 [B, 1, 8, 8], cond [B] int64 in 0..9 -> [B] nats.
+
+    The classifier is either given or loaded lazily from ``classifier_dir`` (default: the shipped weights)
+    on first call. Unconditional samples (cond None or the null class 10) have no prompted class and
+    raise RewardError.
+    """
+
+    name: str = "alignment"
+    differentiable: bool = True
+
+    def __init__(
+        self,
+        classifier: DigitsClassifier | None = None,
+        classifier_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if classifier is not None and classifier_dir is not None:
+            raise RewardError("AlignmentReward takes either classifier or classifier_dir, not both")
+        self._classifier = classifier
+        self._classifier_dir = classifier_dir
+        self._per_device: dict[torch.device, DigitsClassifier] = {}
+
+    @property
+    def classifier(self) -> DigitsClassifier:
+        """The classifier in use (loads the weights on first access)."""
+        if self._classifier is None:
+            self._classifier = load_default_classifier(self._classifier_dir)
+        return self._classifier
+
+    def _on(self, device: torch.device) -> DigitsClassifier:
+        clf = self.classifier
+        if next(clf.parameters()).device == device:
+            return clf
+        if device not in self._per_device:
+            # Copy, so moving to an accelerator does not move a classifier other rewards share.
+            self._per_device[device] = copy.deepcopy(clf).to(device)
+        return self._per_device[device]
+
+    def __call__(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        """x0: [B, 1, 8, 8] in [-1, 1]; cond: [B] class labels 0..9 -> [B] float32 log-probabilities."""
+        _check_images(x0, self.name, exact=True)
+        if cond is None:
+            raise RewardError(
+                "reward 'alignment' needs the prompted class labels cond [B] (0..9); got None. "
+                "Unconditional samples have no class to align with"
+            )
+        cond = torch.as_tensor(cond, device=x0.device)
+        if cond.shape != (x0.shape[0],) or cond.dtype.is_floating_point or cond.dtype == torch.bool:
+            raise RewardError(
+                f"reward 'alignment' expects cond as an integer tensor of shape [{x0.shape[0]}], "
+                f"got dtype {cond.dtype} shape {list(cond.shape)}"
+            )
+        bad = torch.nonzero((cond < 0) | (cond >= NUM_CLASSES), as_tuple=False).flatten().tolist()
+        if bad:
+            i = bad[0]
+            what = "the null (unconditional) class" if int(cond[i]) == NULL_CLASS else "out of range"
+            raise RewardError(
+                f"reward 'alignment' needs class labels in 0..{NUM_CLASSES - 1}; cond at batch index {i} is "
+                f"{int(cond[i])} ({what}); {len(bad)} bad index(es) in total: {bad[:8]}"
+            )
+        clf = self._on(x0.device)
+        logp = F.log_softmax(clf(x0.to(torch.float32)), dim=1)
+        return logp.gather(1, cond.long()[:, None]).squeeze(1)
+
+    def __repr__(self) -> str:
+        src = (
+            "explicit classifier"
+            if self._classifier_dir is None and self._classifier is not None
+            else (str(self._classifier_dir or default_classifier_dir()))
+        )
+        return f"AlignmentReward({src})"
+
+
+class InkReward:
+    """Mean ink: mean over pixels of (x0 + 1) / 2. x0 [B, ...] in [-1, 1] -> [B] in [0, 1]."""
+
+    name: str = "ink"
+    differentiable: bool = True
+
+    def __call__(self, x0: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x0: [B, ...] in [-1, 1]; cond ignored -> [B] float32 in [0, 1]."""
+        _check_images(x0, self.name, exact=False)
+        return ((x0.to(torch.float32) + 1.0) * 0.5).flatten(1).mean(dim=1)
+
+    def __repr__(self) -> str:
+        return "InkReward()"
+
+
+class SymmetryReward:
+    """Left-right mirror similarity: 1 - mean |x0 - flip_W(x0)| / 2. x0 [B, ..., W] in [-1, 1] -> [B] in [0, 1].
+
+    Flipping is along the last (width) axis. |a - b| <= 2 for pixels in [-1, 1], hence the range.
+    """
+
+    name: str = "symmetry"
+    differentiable: bool = True
+
+    def __call__(self, x0: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x0: [B, ..., W] in [-1, 1]; cond ignored -> [B] float32 in [0, 1]."""
+        _check_images(x0, self.name, exact=False)
+        x = x0.to(torch.float32)
+        return 1.0 - (x - x.flip(-1)).abs().flatten(1).mean(dim=1) * 0.5
+
+    def __repr__(self) -> str:
+        return "SymmetryReward()"
+
+
+register_reward("alignment", AlignmentReward)
+register_reward("ink", InkReward)
+register_reward("symmetry", SymmetryReward)
