@@ -82,17 +82,17 @@ def test_hybrid_loss_matches_independent_numpy_computation():
     x_t = sched.add_noise(x0, noise, t)
     loss = hybrid_loss(out, x0, x_t, noise, t, sched, vlb_weight=0.001, data_levels=17)
 
-    X0, XT, N, O = (a.double().numpy() for a in (x0, x_t, noise, out))
-    mse = np.mean((O[:, :1] - N) ** 2)
+    X0, XT, N, OUT = (a.double().numpy() for a in (x0, x_t, noise, out))
+    mse = np.mean((OUT[:, :1] - N) ** 2)
     vlb = []
     for i, ti in enumerate(t.tolist()):
         a_t = ab[ti]
         a_p = ab[ti - 1] if ti > 0 else 1.0
         beta_t = 1 - a_t / a_p
         post_var = max((1 - a_p) / (1 - a_t) * beta_t, 1e-20)
-        frac = (O[i, 1:] + 1) / 2
+        frac = (OUT[i, 1:] + 1) / 2
         var = np.exp(frac * np.log(beta_t) + (1 - frac) * np.log(post_var))
-        x0_hat = (XT[i] - np.sqrt(1 - a_t) * O[i, :1]) / np.sqrt(a_t)
+        x0_hat = (XT[i] - np.sqrt(1 - a_t) * OUT[i, :1]) / np.sqrt(a_t)
         c0 = np.sqrt(a_p) * beta_t / (1 - a_t)
         ct = np.sqrt(a_t / a_p) * (1 - a_p) / (1 - a_t)
         mean = c0 * x0_hat + ct * XT[i]
@@ -147,7 +147,7 @@ def test_dpo_loss_equals_hand_computation():
     xw, xl = torch.tensor([[0.3, -0.1]]), torch.tensor([[-0.5, 0.6]])
 
     def logn(x, m, v):
-        return sum(-0.5 * ((xi - mi) ** 2 / vi + math.log(2 * math.pi * vi)) for xi, mi, vi in zip(x, m, v))
+        return sum(-0.5 * ((xi - mi) ** 2 / vi + math.log(2 * math.pi * vi)) for xi, mi, vi in zip(x, m, v, strict=True))
 
     beta = 0.7
     m_p, v_p, m_r, v_r = [0.1, -0.2], [0.5, 0.3], [0.0, 0.0], [0.4, 0.4]
@@ -257,7 +257,7 @@ def test_dpo_changes_the_policy_and_logs(tiny_base, tmp_path):
     assert log[0]["eval_kl_per_step"] == 0.0 and log[-1]["eval_kl_per_step"] > 0
     assert {"loss", "eval_reward", "eval_kl_per_step", "pair_accuracy"} <= set(log[-1])
     ref, _ = load_digits_model(tiny_base)
-    assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), ref.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), ref.state_dict().values(), strict=True))
     model, doc = load_digits_model(tmp_path / "run", expected_architecture=TINY.to_dict())
     assert doc["metadata"]["dpo_config"]["beta"] == 0.5
 
@@ -309,3 +309,25 @@ def test_resume_after_a_real_kill_matches_an_uninterrupted_run(tiny_base, tmp_pa
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert [json.loads(x)["step"] for x in (cut / "train_log.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
+
+
+def test_cli_train_base_tiny(tmp_path):
+    from typer.testing import CliRunner
+
+    from msdda.cli import app
+
+    res = CliRunner().invoke(app, ["train-base", "--out", str(tmp_path / "b"), "--seed", "1", "--steps", "2",
+                                   "--batch-size", "4", "--quiet"])
+    assert res.exit_code == 0, res.output
+    model, doc = load_digits_model(tmp_path / "b")
+    assert doc["metadata"]["train_config"]["seed"] == 1 and doc["metadata"]["kind"] == "base"
+
+
+def test_shipped_weights_load_and_share_the_base_architecture():
+    from msdda.tasks.digits.training import load_digits_models, shipped_dir
+
+    names = ["base", "aligned-alignment", "aligned-ink", "aligned-symmetry"]
+    if not all((shipped_dir(n) / "model.safetensors").exists() for n in names):
+        pytest.skip("weights not shipped")
+    models, sched = load_digits_models([shipped_dir(n) for n in names])
+    assert sched.config.variance_type == "learned_range" and len(models) == 4
