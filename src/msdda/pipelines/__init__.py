@@ -1,0 +1,32 @@
+"""Layer 7 ("faces"): Stable Diffusion through diffusers, with LoRA adapters or full UNets as objectives.
+
+Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
+reward model is built, and their absence raises `MissingDependencyError` naming the install line.
+See docs/stable_diffusion.md.
+"""
+
+from msdda.pipelines.errors import (
+    AdapterError,
+    MissingDependencyError,
+    ObjectiveError,
+    PipelineError,
+    RewardModelError,
+)
+from msdda.pipelines.objectives import AdapterSwitch, Objective, UNetDenoiser, build_lora_soup, check_lora_shapes
+from msdda.pipelines.sd import METHODS, MSDDAPipeline, MSDDAPipelineOutput
+
+__all__ = [
+    "METHODS",
+    "AdapterError",
+    "AdapterSwitch",
+    "MSDDAPipeline",
+    "MSDDAPipelineOutput",
+    "MissingDependencyError",
+    "Objective",
+    "ObjectiveError",
+    "PipelineError",
+    "RewardModelError",
+    "UNetDenoiser",
+    "build_lora_soup",
+    "check_lora_shapes",
+]

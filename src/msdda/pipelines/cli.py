@@ -1,0 +1,165 @@
+"""`msdda sample`: generate images with MSDDAPipeline from local checkpoints (a typer command).
+
+    msdda sample --base PATH --objective NAME=PATH ... --weights NAME=W ... --prompt TEXT --out DIR
+                 [--method msdda] [--steps 50] [--guidance-scale 7.5] [--seed 0] [--eta 0]
+
+Writes DIR/image_000.png, ... and DIR/config.json (the resolved configuration, the cost and the image
+file names). Every file is written to a temporary name and renamed, so nothing is half-written.
+`register(app)` adds the command to a typer app (msdda.cli calls it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _parse_pairs(values: list[str], what: str, *, number: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            example = "aesthetic=0.7" if number else "aesthetic=loras/aesthetic"
+            raise typer.BadParameter(f"{what} {text!r} is not NAME=VALUE, e.g. {example}")
+        if name in out:
+            raise typer.BadParameter(f"{what} {name!r} is given twice")
+        if number:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise typer.BadParameter(f"{what} {text!r}: {value!r} is not a number") from None
+        else:
+            out[name] = value
+    return out
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_image(path: Path, image: Any) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def sample_command(
+    base: Path = typer.Option(..., help="Local diffusers StableDiffusionPipeline folder (model_index.json)."),
+    objective: list[str] = typer.Option(
+        [], help="NAME=PATH: a LoRA (diffusers or peft format, safetensors) or a full-UNet folder; repeatable."
+    ),
+    weights: list[str] = typer.Option([], help="NAME=W per objective ('reference' allowed); repeatable."),
+    prompt: list[str] = typer.Option(..., help="Prompt text; repeat for several prompts."),
+    out: Path = typer.Option(..., help="Output folder for image_###.png and config.json."),
+    method: str = typer.Option(
+        "msdda", help="msdda | db-mpa | db-mpa-ls | rewarded-soup | base | single:NAME (code/rgg need Python)."
+    ),
+    steps: int = typer.Option(50, min=1, max=1000, help="Denoising steps."),
+    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance per objective (<= 1: off)."),
+    seed: int = typer.Option(0, help="Seed of the one torch.Generator (CPU) used for all randomness."),
+    eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
+    scheduler: str = typer.Option("ddim", help="ddim | ddpm (rebuilt from the base's config) | keep."),
+    negative_prompt: str | None = typer.Option(None, help="Negative prompt for classifier-free guidance."),
+    num_images: int = typer.Option(1, min=1, help="Images per prompt."),
+    height: int | None = typer.Option(None, help="Image height in pixels (default: the model's)."),
+    width: int | None = typer.Option(None, help="Image width in pixels (default: the model's)."),
+    beta: float = typer.Option(1.0, help="Target KL strength (exponents a_k = w_k beta_k / beta)."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Generate images with K objectives (LoRAs or UNets) fused at every denoising step (MSDDA)."""
+    import torch
+
+    from msdda.errors import MSDDAError
+    from msdda.pipelines.sd import MSDDAPipeline
+
+    objectives = _parse_pairs(objective, "--objective", number=False)
+    weight_map = _parse_pairs(weights, "--weights", number=True)
+    if method in ("code", "rgg"):
+        raise typer.BadParameter(f"--method {method} needs reward models; call MSDDAPipeline from Python for it")
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"--dtype {dtype!r}; choose one of {DTYPES}")
+    if scheduler not in ("ddim", "ddpm", "keep"):
+        raise typer.BadParameter(f"--scheduler {scheduler!r}; choose ddim, ddpm or keep")
+    needs_weights = method not in ("base",) and not method.startswith("single:")
+    if needs_weights and not weight_map:
+        raise typer.BadParameter(f"--method {method} needs --weights NAME=W for the objectives")
+    try:
+        pipe = MSDDAPipeline.from_pretrained(
+            base,
+            objectives,
+            scheduler=None if scheduler == "keep" else scheduler,
+            dtype=getattr(torch, dtype),
+            device=device,
+        )
+        result = pipe(
+            prompt if len(prompt) > 1 else prompt[0],
+            weight_map if needs_weights else None,
+            method=method,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            num_images_per_prompt=num_images,
+            seed=seed,
+            height=height,
+            width=width,
+            beta=beta,
+            output_type="pil",
+            progress=not quiet,
+        )
+    except MSDDAError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    files = []
+    for i, image in enumerate(result.images):
+        name = f"image_{i:03d}.png"
+        _atomic_write_image(out / name, image)
+        files.append(name)
+    from msdda import __version__
+
+    record = {
+        "command": "sample",
+        "msdda_version": __version__,
+        "base": str(base),
+        "prompts": list(prompt),
+        "negative_prompt": negative_prompt,
+        "device": device,
+        "dtype": dtype,
+        "scheduler_option": scheduler,
+        "beta": beta,
+        **result.config,
+        "seed": seed,
+        "cost": result.cost.to_dict(),
+        "nsfw_content_detected": result.nsfw_content_detected,
+        "images": files,
+    }
+    _atomic_write_bytes(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    typer.echo(f"wrote {len(files)} image(s) and config.json to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `sample` command to `app`."""
+    app.command("sample")(sample_command)

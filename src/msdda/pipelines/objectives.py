@@ -1,0 +1,593 @@
+"""Objectives of the Stable Diffusion pipeline: LoRA adapters on the one base UNet, or full UNets.
+
+A LoRA objective lives *inside* the base UNet as a named peft adapter; `AdapterSwitch` activates exactly
+one adapter for one forward pass and disables them all afterwards, so memory stays one UNet plus the
+adapters and the base weights are never written. A full-UNet objective is a separate
+`UNet2DConditionModel` with the base's architecture.
+
+Accepted sources (see `resolve_objective`):
+* the name of an adapter already loaded into the base UNet (`unet.peft_config`);
+* a diffusers-format LoRA: a `.safetensors` file, or a folder holding `pytorch_lora_weights.safetensors`
+  (what `StableDiffusionPipeline.save_lora_weights` writes; kohya/A1111 keys are converted by diffusers);
+* a peft-format LoRA folder: `adapter_config.json` + `adapter_model.safetensors` (what
+  `PeftModel.save_pretrained` writes);
+* a full UNet: a folder with a UNet `config.json` (+ safetensors weights), a pipeline folder (its `unet/`
+  is used), or an `nn.Module` (a UNet2DConditionModel instance).
+Pickled checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from msdda.pipelines._deps import dtype_kwargs, require
+from msdda.pipelines.errors import AdapterError, ObjectiveError
+
+logger = logging.getLogger(__name__)
+
+RESERVED_NAMES = ("reference", "base")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+_PEFT_CONFIG_FILE = "adapter_config.json"
+_PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One single-objective model as the pipeline holds it.
+
+    name: the objective's name (a key of `weights`). kind: "lora" (an adapter inside the base UNet) or
+    "unet" (a separate full UNet). adapter: the peft adapter name (LoRA only). unet: the full UNet
+    (kind "unet" only). source: where it came from (a path, "adapter:<name>" or "module"), for records.
+    """
+
+    name: str
+    kind: str
+    source: str
+    adapter: str | None = None
+    unet: nn.Module | None = None
+
+
+def check_objective_name(name: Any) -> str:
+    """Validate an objective name: non-empty, letters/digits/'_'/'-', not 'reference' or 'base'."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ObjectiveError(
+            f"objective name {name!r} is not valid; use letters, digits, '_' and '-' (no dots), e.g. 'aesthetic'"
+        )
+    if name in RESERVED_NAMES:
+        raise ObjectiveError(
+            f"objective name {name!r} is reserved ('reference' is the base UNet with adapters disabled); "
+            "choose another name"
+        )
+    return name
+
+
+# ----- adapter switching ------------------------------------------------------------------------------
+
+
+class AdapterSwitch:
+    """Turns the peft LoRA layers of one UNet on for exactly one adapter, or off.
+
+    The layer list is collected once (call `refresh` after adapters are added or removed), so a switch
+    costs a pass over the LoRA layers only, not over every module of the UNet. Adapter weights are frozen
+    (requires_grad False: this is inference). peft's public `set_adapter`/`enable_adapters` also re-set
+    requires_grad on every adapter weight at each call, which costs about as much as a small UNet forward;
+    when the installed peft keeps the switch state in `_active_adapter` / `_disable_adapters` (checked by
+    a probe through its public properties) those two are set directly, else the public methods are used.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.layers: list[Any] = []
+        self.fast = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-collect the UNet's peft tuner layers (after loading or deleting adapters); freeze adapters."""
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError:  # no peft: no adapters can be loaded, so there is nothing to switch
+            self.layers = []
+            return
+        self.layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self.layers:
+            layer.set_adapter(layer.active_adapters, inference_mode=True)  # public; freezes every adapter
+        self.fast = bool(self.layers) and self._probe()
+
+    def _probe(self) -> bool:
+        layer = self.layers[0]
+        if not (hasattr(layer, "_active_adapter") and hasattr(layer, "_disable_adapters")):
+            return False
+        saved = (layer._active_adapter, layer._disable_adapters)
+        try:
+            layer._active_adapter, layer._disable_adapters = ["__msdda_probe__"], False
+            ok = list(layer.active_adapters) == ["__msdda_probe__"] and layer.disable_adapters is False
+            layer._disable_adapters = True
+            return ok and layer.disable_adapters is True
+        except Exception:
+            return False
+        finally:
+            layer._active_adapter, layer._disable_adapters = saved
+
+    def disable(self) -> None:
+        """Disable every adapter: the UNet computes with its base weights only."""
+        if self.fast:
+            for layer in self.layers:
+                layer._disable_adapters = True
+            return
+        for layer in self.layers:
+            if not layer.disable_adapters:
+                layer.enable_adapters(False)
+
+    def enable(self, adapter: str) -> None:
+        """Make `adapter` the only active adapter on every layer (layers without it use base weights)."""
+        if self.fast:
+            for layer in self.layers:
+                layer._active_adapter = [adapter]
+                layer._disable_adapters = False
+            return
+        for layer in self.layers:
+            layer.enable_adapters(True)
+            layer.set_adapter(adapter, inference_mode=True)
+
+    def delete(self, adapter: str) -> None:
+        """Delete `adapter` from the UNet (layers first point at another adapter, so peft has nothing to warn)."""
+        peft_config = getattr(self.unet, "peft_config", None) or {}
+        if adapter not in peft_config:
+            return
+        others = [a for a in peft_config if a != adapter]
+        for layer in self.layers:
+            if adapter in layer.active_adapters and others:
+                layer.set_adapter(others[0], inference_mode=True)
+        self.unet.delete_adapters(adapter)
+        self.refresh()
+        self.disable()
+
+    def any_enabled(self) -> bool:
+        """True when some layer still has its adapters enabled."""
+        return any(not layer.disable_adapters for layer in self.layers)
+
+    @contextmanager
+    def active(self, adapter: str | None) -> Iterator[None]:
+        """Within the block only `adapter` is active (None: none is); on exit every adapter is disabled."""
+        if adapter is None:
+            self.disable()
+        else:
+            self.enable(adapter)
+        try:
+            yield
+        finally:
+            self.disable()
+
+
+class UNetDenoiser:
+    """A Denoiser over latents: `(x_t [B, 4, h, w], t LongTensor [B], cond=prompt_embeds [B, L, D]) -> eps`.
+
+    unet: the UNet2DConditionModel to call. adapter: the LoRA adapter to activate for the pass (None with a
+    `switch`: the base weights, adapters disabled). The output has the UNet's out_channels (the
+    scheduler's prediction_type says whether it is epsilon, x0 or v).
+    """
+
+    def __init__(self, unet: nn.Module, *, name: str, adapter: str | None = None, switch: AdapterSwitch | None = None):
+        self.unet = unet
+        self.name = name
+        self.adapter = adapter
+        self.switch = switch
+        self.forwards = 0  # UNet forwards, counted in samples (a CFG pass of batch 2B counts 2B)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if not isinstance(cond, Tensor):
+            raise AdapterError(
+                f"objective {self.name!r}: cond must be the prompt embeddings tensor [B, L, D], "
+                f"got {type(cond).__name__}"
+            )
+        self.forwards += x_t.shape[0]
+        if self.switch is None:
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        with self.switch.active(self.adapter):
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+# ----- loading ----------------------------------------------------------------------------------------
+
+
+def _refuse_pickle(path: Path, objective: str) -> None:
+    raise AdapterError(
+        f"objective {objective!r}: {path} is a pickled checkpoint; msdda never unpickles files (unpickling can "
+        "run arbitrary code). Convert it once to safetensors, e.g. `safetensors.torch.save_file("
+        "torch.load(path, weights_only=True), 'pytorch_lora_weights.safetensors')`, and pass that file"
+    )
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    get = getattr(module, "get_base_layer", None)
+    return get() if callable(get) else module
+
+
+def check_lora_shapes(unet: nn.Module, state_dict: Mapping[str, Tensor], objective: str, source: str) -> dict[str, int]:
+    """Check a peft-keyed LoRA state dict (`<module>.lora_A.weight`, ...) against the base UNet.
+
+    Every targeted module must exist and be an nn.Linear or nn.Conv2d whose input/output sizes match
+    lora_A [r, in(, kh, kw)] and lora_B [out, r(, 1, 1)]. Runs before anything is injected, so a
+    mismatching adapter (trained for another base) leaves the UNet untouched.
+    Returns {module name: rank}. Raises AdapterError naming the module, both shapes and the fix.
+    """
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in state_dict.items():
+        m = _LORA_KEY.match(key)
+        if m is not None:
+            pairs.setdefault(m["module"], {})[m["which"]] = tuple(value.shape)
+    if not pairs:
+        raise AdapterError(
+            f"objective {objective!r} ({source}): no LoRA weights (keys ending in lora_A.weight / lora_B.weight) "
+            f"found among {len(state_dict)} keys, e.g. {list(state_dict)[:3]}; pass a LoRA saved by diffusers or peft"
+        )
+    ranks: dict[str, int] = {}
+    hint = "use an adapter trained for this base model (e.g. an SD 1.5 LoRA with an SD 1.5 checkpoint)"
+    for name, ab in sorted(pairs.items()):
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None:
+            raise AdapterError(
+                f"objective {objective!r} ({source}): module {name!r} has lora_{'A' if a else 'B'} but no "
+                f"lora_{'B' if a else 'A'}; the adapter file is incomplete"
+            )
+        try:
+            module = _base_layer(unet.get_submodule(name))
+        except AttributeError:
+            raise AdapterError(
+                f"objective {objective!r} ({source}): the adapter targets module {name!r}, which this base UNet "
+                f"does not have, so it was trained for another base architecture; {hint}"
+            ) from None
+        if isinstance(module, nn.Linear):
+            expected_a: tuple[int, ...] = (a[0], module.in_features)
+            expected_b: tuple[int, ...] = (module.out_features, a[0])
+            what = f"Linear(in={module.in_features}, out={module.out_features})"
+        elif isinstance(module, nn.Conv2d):
+            expected_a = (a[0], module.in_channels // module.groups, *module.kernel_size)
+            expected_b = (module.out_channels, a[0], 1, 1)
+            what = f"Conv2d(in={module.in_channels}, out={module.out_channels}, kernel={tuple(module.kernel_size)})"
+        else:
+            raise AdapterError(
+                f"objective {objective!r} ({source}): module {name!r} is a {type(module).__name__}; LoRA objectives "
+                "may adapt nn.Linear and nn.Conv2d layers only"
+            )
+        if a != expected_a or b != expected_b:
+            raise AdapterError(
+                f"objective {objective!r} ({source}): the adapter does not fit this base model: module {name!r} "
+                f"is {what} here, so lora_A should be {list(expected_a)} and lora_B {list(expected_b)}, but the "
+                f"adapter has lora_A {list(a)} and lora_B {list(b)}; {hint}"
+            )
+        ranks[name] = a[0]
+    return ranks
+
+
+def _find_lora_file(path: Path, objective: str) -> Path:
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            _refuse_pickle(path, objective)
+        if path.suffix != ".safetensors":
+            raise AdapterError(
+                f"objective {objective!r}: {path} is not a .safetensors file; pass a LoRA saved as safetensors"
+            )
+        return path
+    preferred = path / _DIFFUSERS_LORA_FILE
+    if preferred.is_file():
+        return preferred
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled:
+            _refuse_pickle(pickled[0], objective)
+        raise AdapterError(
+            f"objective {objective!r}: {path} holds no LoRA weights; expected {_DIFFUSERS_LORA_FILE} (diffusers), "
+            f"{_PEFT_CONFIG_FILE} + {_PEFT_WEIGHTS_FILE} (peft), or a UNet folder with config.json"
+        )
+    raise AdapterError(
+        f"objective {objective!r}: {path} holds several .safetensors files {[f.name for f in files]}; pass the "
+        "LoRA file itself"
+    )
+
+
+def _classify(path: Path) -> str:
+    """'peft', 'unet', 'pipeline' or 'diffusers-lora' for a source path."""
+    if path.is_dir():
+        if (path / _PEFT_CONFIG_FILE).is_file():
+            return "peft"
+        if (path / "model_index.json").is_file() and (path / "unet").is_dir():
+            return "pipeline"
+        config = path / "config.json"
+        if config.is_file():
+            try:
+                cls = json.loads(config.read_text()).get("_class_name", "")
+            except (OSError, json.JSONDecodeError):
+                cls = ""
+            if "UNet" in cls:
+                return "unet"
+    return "diffusers-lora"
+
+
+def _cleanup_adapter(unet: nn.Module, adapter: str) -> None:
+    if adapter in (getattr(unet, "peft_config", None) or {}):
+        try:
+            unet.delete_adapters(adapter)
+        except Exception:  # best effort: the original error is the one to report
+            logger.warning("could not remove the partly loaded adapter %r", adapter, exc_info=True)
+
+
+def load_lora(unet: nn.Module, path: Path, adapter: str, objective: str) -> None:
+    """Load a diffusers- or peft-format LoRA from `path` into `unet` as adapter `adapter` (disabled after).
+
+    The shapes are checked against the UNet first (`check_lora_shapes`); a LoRA that also adapts the
+    text encoder is refused (the prompt embeddings are shared by all objectives).
+    """
+    require("peft", "LoRA objectives")
+    diffusers = require("diffusers", "LoRA objectives")
+    if adapter in (getattr(unet, "peft_config", None) or {}):
+        raise ObjectiveError(
+            f"objective {objective!r}: the base UNet already has an adapter named {adapter!r}; pass that name as "
+            "the objective's source to use it, or choose another objective name"
+        )
+    source = str(path)
+    if _classify(path) == "peft":
+        _load_peft_lora(unet, path, adapter, objective)
+        return
+    file = _find_lora_file(path, objective)
+    try:
+        state_dict, network_alphas, metadata = diffusers.StableDiffusionPipeline.lora_state_dict(
+            str(file.parent),
+            weight_name=file.name,
+            use_safetensors=True,
+            local_files_only=True,
+            return_lora_metadata=True,
+        )
+    except Exception as exc:
+        raise AdapterError(f"objective {objective!r}: could not read LoRA weights from {file}: {exc}") from exc
+    text_keys = [k for k in state_dict if k.startswith(("text_encoder", "lora_te"))]
+    if text_keys:
+        raise AdapterError(
+            f"objective {objective!r} ({source}): the LoRA also adapts the text encoder ({len(text_keys)} keys, "
+            f"e.g. {text_keys[0]!r}); objectives share one prompt encoding, so only UNet LoRAs are supported "
+            "(DPOK/DDPO LoRAs are UNet-only); save the UNet part alone"
+        )
+    prefix = "unet" if any(k.startswith("unet.") for k in state_dict) else None
+    peft_keys = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    if not any("lora_A" in k for k in peft_keys):
+        peft_keys = diffusers.utils.convert_unet_state_dict_to_peft(peft_keys)
+    check_lora_shapes(unet, peft_keys, objective, source)
+    try:
+        unet.load_lora_adapter(
+            state_dict,
+            prefix=prefix,
+            network_alphas=network_alphas,
+            metadata=metadata,
+            adapter_name=adapter,
+        )
+    except Exception as exc:
+        _cleanup_adapter(unet, adapter)
+        raise AdapterError(f"objective {objective!r}: loading the LoRA from {file} failed: {exc}") from exc
+
+
+def _load_peft_lora(unet: nn.Module, path: Path, adapter: str, objective: str) -> None:
+    peft = require("peft", "LoRA objectives")
+    from safetensors.torch import load_file
+
+    weights = path / _PEFT_WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = path / "adapter_model.bin"
+        if pickled.is_file():
+            _refuse_pickle(pickled, objective)
+        raise AdapterError(f"objective {objective!r}: {path} has {_PEFT_CONFIG_FILE} but no {_PEFT_WEIGHTS_FILE}")
+    try:
+        config = peft.LoraConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise AdapterError(
+            f"objective {objective!r}: {path / _PEFT_CONFIG_FILE} is not a LoRA config ({exc}); only LoRA adapters "
+            "are supported"
+        ) from exc
+    state_dict = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    check_lora_shapes(unet, state_dict, objective, str(path))
+    config.inference_mode = True
+    try:
+        with warnings.catch_warnings():  # peft warns whenever a second adapter is injected: expected here
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            unet.add_adapter(config, adapter_name=adapter)
+        result = peft.set_peft_model_state_dict(unet, state_dict, adapter_name=adapter)
+    except Exception as exc:
+        _cleanup_adapter(unet, adapter)
+        raise AdapterError(f"objective {objective!r}: loading the peft LoRA from {path} failed: {exc}") from exc
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        _cleanup_adapter(unet, adapter)
+        raise AdapterError(
+            f"objective {objective!r}: {len(unexpected)} LoRA weights in {path} matched no layer (e.g. "
+            f"{unexpected[0]!r}); the adapter does not fit this base model"
+        )
+
+
+def _check_unet_compatible(base: nn.Module, other: nn.Module, objective: str, source: str) -> None:
+    keys = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
+    for key in keys:
+        mine, theirs = base.config.get(key), getattr(other, "config", {}).get(key)
+        if mine != theirs:
+            raise AdapterError(
+                f"objective {objective!r} ({source}): the UNet has {key}={theirs!r} but the base has {mine!r}, so it "
+                "was trained for another base model; pass a fine-tune of this base"
+            )
+
+
+def load_full_unet(base_unet: nn.Module, path: Path, objective: str) -> nn.Module:
+    """Load a full UNet objective (folder with config.json, or a pipeline folder's unet/) like the base."""
+    diffusers = require("diffusers", "full-UNet objectives")
+    folder = path / "unet" if _classify(path) == "pipeline" else path
+    if not any(folder.glob("*.safetensors")):
+        if any(p.suffix in _PICKLE_SUFFIXES for p in folder.iterdir()):
+            _refuse_pickle(next(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES), objective)
+        raise AdapterError(f"objective {objective!r}: {folder} has a UNet config but no .safetensors weights")
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(
+            str(folder), use_safetensors=True, local_files_only=True, **dtype_kwargs(diffusers, base_unet.dtype)
+        )
+    except Exception as exc:
+        raise AdapterError(f"objective {objective!r}: could not load the UNet from {folder}: {exc}") from exc
+    _check_unet_compatible(base_unet, unet, objective, str(folder))
+    return unet.to(base_unet.device).eval()
+
+
+def resolve_objective(base_unet: nn.Module, name: str, source: Any) -> Objective:
+    """Turn one objective source (adapter name, path or UNet module) into an Objective, loading as needed.
+
+    LoRA sources are loaded into `base_unet` under the objective's name and left disabled.
+    """
+    check_objective_name(name)
+    loaded = getattr(base_unet, "peft_config", None) or {}
+    if isinstance(source, nn.Module):
+        if source is base_unet:
+            raise ObjectiveError(
+                f"objective {name!r} is the base UNet itself; use method='base' or weight 'reference' instead"
+            )
+        _check_unet_compatible(base_unet, source, name, "module")
+        return Objective(name=name, kind="unet", source="module", unet=source.eval())
+    if isinstance(source, str) and source in loaded:
+        return Objective(name=name, kind="lora", source=f"adapter:{source}", adapter=source)
+    if not isinstance(source, str | Path):
+        raise ObjectiveError(
+            f"objective {name!r}: source {type(source).__name__} is not supported; pass a path, the name of an "
+            "adapter loaded into the base UNet, or a UNet2DConditionModel"
+        )
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ObjectiveError(
+            f"objective {name!r}: {source!r} is neither an existing path nor an adapter loaded into the base UNet "
+            f"(loaded adapters: {sorted(loaded)}); check the path"
+        )
+    kind = _classify(path)
+    if kind in ("unet", "pipeline"):
+        return Objective(name=name, kind="unet", source=str(path), unet=load_full_unet(base_unet, path, name))
+    load_lora(base_unet, path, name, name)
+    return Objective(name=name, kind="lora", source=str(path), adapter=name)
+
+
+# ----- rewarded soups ---------------------------------------------------------------------------------
+
+
+def build_lora_soup(unet: nn.Module, weights: Mapping[str, float], soup: str) -> dict[str, int]:
+    """Add adapter `soup` to `unet` with delta W = sum_k w_k dW_k, dW_k = scaling_k B_k A_k, exactly.
+
+    Construction (as peft's `add_weighted_adapter(combination_type="cat")`): per layer, the soup's A is the
+    row-concatenation of w_k scaling_k A_k and its B the column-concatenation of B_k, with scaling 1, so
+    B_soup A_soup = sum_k w_k scaling_k B_k A_k up to float rounding (rank = sum of the ranks). Works for
+    Linear and Conv2d LoRA layers. Returns {module name: soup rank}. The soup is left disabled.
+    """
+    peft = require("peft", "rewarded-soup over LoRA objectives")
+    from peft.tuners.lora import LoraLayer
+
+    active = {a: float(w) for a, w in weights.items() if w != 0.0}
+    records: list[tuple[str, Any, list[tuple[str, float]]]] = []
+    for module_name, layer in unet.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        present = [(a, w) for a, w in active.items() if a in layer.lora_A]
+        if not present:
+            continue
+        for a, _ in present:
+            if layer.use_dora.get(a, False) or getattr(layer, "lora_bias", {}).get(a, False):
+                raise AdapterError(
+                    f"rewarded-soup: adapter {a!r} uses DoRA or a LoRA bias at {module_name!r}; the exact low-rank "
+                    "interpolation supports plain LoRA only; use method='msdda' or 'db-mpa' instead"
+                )
+        if layer.merged:
+            raise AdapterError(
+                f"rewarded-soup: layer {module_name!r} has adapters merged into its weights; call "
+                "unet.unfuse_lora() first"
+            )
+        records.append((module_name, layer, present))
+    if not records:
+        raise AdapterError(f"rewarded-soup: none of the adapters {sorted(active)} is present in the UNet")
+    ranks = {name: sum(layer.r[a] for a, _ in present) for name, layer, present in records}
+    top = max(ranks.values())
+    pattern = {re.escape(name): r for name, r in ranks.items()}
+    config = peft.LoraConfig(
+        r=top,
+        lora_alpha=top,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            unet.add_adapter(config, adapter_name=soup)
+        with torch.no_grad():
+            for name, layer, present in records:
+                a_soup = layer.lora_A[soup].weight
+                b_soup = layer.lora_B[soup].weight
+                if layer.r[soup] != ranks[name] or layer.scaling[soup] != 1.0:
+                    raise AdapterError(
+                        f"rewarded-soup: peft built rank {layer.r[soup]} / scaling {layer.scaling[soup]} at {name!r}, "
+                        f"expected rank {ranks[name]} / scaling 1; this peft version is not supported"
+                    )
+                a_cat = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], dim=0)
+                b_cat = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
+                a_soup.copy_(a_cat.to(a_soup.dtype))
+                b_soup.copy_(b_cat.to(b_soup.dtype))
+    except Exception:
+        _cleanup_adapter(unet, soup)
+        raise
+    return ranks
+
+
+def base_state_dict(unet: nn.Module) -> dict[str, Tensor]:
+    """The base UNet's own weights, keyed as a plain UNet (peft wrappers and adapter weights removed)."""
+    out = {}
+    for key, value in unet.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def build_unet_soup(base_unet: nn.Module, unets: Mapping[str, nn.Module], weights: Mapping[str, float]) -> nn.Module:
+    """A new UNet with theta = theta_base + sum_k w_k (theta_k - theta_base) (computed in float32).
+
+    With weights summing to 1 this is the plain parameter average sum_k w_k theta_k. Costs one extra UNet
+    of memory while it lives. Raises AdapterError when a UNet's parameters do not match the base's.
+    """
+    base = base_state_dict(base_unet)
+    first = next(iter(unets.values()))
+    soup = copy.deepcopy(first)
+    new_state: dict[str, Tensor] = {}
+    states = {name: u.state_dict() for name, u in unets.items()}
+    for key, value in base.items():
+        acc = value.float()
+        total = value.float().clone()
+        for name, w in weights.items():
+            other = states[name].get(key)
+            if other is None or other.shape != value.shape:
+                raise AdapterError(
+                    f"rewarded-soup: objective {name!r} has no parameter {key!r} of shape {list(value.shape)}; "
+                    "full-UNet objectives must share the base architecture"
+                )
+            if w != 0.0:
+                total += w * (other.float() - acc)
+        new_state[key] = total.to(value.dtype)
+    soup.load_state_dict(new_state)
+    return soup.eval()

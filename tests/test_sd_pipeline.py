@@ -1,0 +1,801 @@
+"""MSDDAPipeline on tiny Stable Diffusion components built from config (no downloads), 2-3 steps on CPU.
+
+Exact comparisons: K = 1 against diffusers' own StableDiffusionPipeline (DDIM with and without eta, DDPM),
+MSDDA = DB-MPA for equal variances, one-hot weights = the single-adapter pipeline, rewarded-soup = a UNet
+with the summed low-rank updates merged by hand; the base weights are unchanged after every call and no
+adapter stays active; bad input fails before any denoising. Plus the SD reward models and the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from msdda.core.errors import UnsupportedSchedulerError  # noqa: E402
+from msdda.pipelines import (  # noqa: E402
+    AdapterError,
+    MissingDependencyError,
+    MSDDAPipeline,
+    ObjectiveError,
+    PipelineError,
+    RewardModelError,
+    build_lora_soup,
+)
+from msdda.pipelines.objectives import base_state_dict  # noqa: E402
+from msdda.pipelines.rewards import AestheticScorer, CLIPSimilarityScorer, clip_preprocess  # noqa: E402
+
+PROMPT = "a red cube"
+STEPS = 3
+ATOL = 1e-4  # measured differences to diffusers are ~4e-6 (float32 rounding; kernels are computed in float64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning costs 10-100x.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ----- tiny components ------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet (printable stand-ins for the 256 byte values)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def make_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges): 514 tokens, written to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def make_unet(cross_attention_dim: int = 16, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    ).eval()
+
+
+def make_text_encoder() -> CLIPTextModel:
+    torch.manual_seed(1)
+    config = CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        projection_dim=16,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def make_vae() -> AutoencoderKL:
+    torch.manual_seed(2)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def sd_scheduler(kind: str):
+    """SD 1.5's scheduler settings, as DDIM or DDPM."""
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    if kind == "ddim":
+        return DDIMScheduler(set_alpha_to_one=False, **cfg)
+    return DDPMScheduler(**cfg)
+
+
+def _randomise_lora(module: nn.Module, seed: int, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+class Tiny:
+    """The shared tiny components and the adapters written to disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.unet = make_unet()
+        self.vae = make_vae()
+        self.text_encoder = make_text_encoder()
+        self.tokenizer = make_tokenizer(root / "tokenizer")
+        # "aes": diffusers format, attention projections, rank 4, alpha 8 (stored in the file's metadata).
+        self.aes = self._diffusers_lora(
+            "aes", 11, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        )
+        # "align": peft format (PeftModel.save_pretrained), rank 2, also a 1x1 Conv2d (proj_in).
+        self.align = self._peft_lora(
+            "align", 12, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "proj_in"])
+        )
+        # An adapter trained for another base: cross_attention_dim 32, so attn2.to_k/to_v take 32 inputs.
+        other = make_unet(cross_attention_dim=32, seed=5)
+        self.foreign = self._diffusers_lora(
+            "foreign", 13, LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"]), unet=other
+        )
+        # A full-UNet objective: the base with perturbed weights, saved with save_pretrained.
+        full = copy.deepcopy(self.unet)
+        g = torch.Generator().manual_seed(14)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        self.full_dir = root / "full_unet"
+        full.save_pretrained(self.full_dir)
+        self.full = full
+
+    def _diffusers_lora(self, name: str, seed: int, cfg: LoraConfig, unet: nn.Module | None = None) -> Path:
+        u = copy.deepcopy(self.unet if unet is None else unet)
+        u.add_adapter(cfg, adapter_name=name)
+        _randomise_lora(u, seed)
+        folder = self.root / name
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=get_peft_model_state_dict(u, adapter_name=name),
+            unet_lora_adapter_metadata=cfg.to_dict(),
+        )
+        return folder
+
+    def _peft_lora(self, name: str, seed: int, cfg: LoraConfig) -> Path:
+        model = get_peft_model(copy.deepcopy(self.unet), cfg)
+        _randomise_lora(model, seed)
+        folder = self.root / name
+        model.save_pretrained(folder)
+        return folder
+
+    def base(self, scheduler: str = "ddim", unet: nn.Module | None = None) -> StableDiffusionPipeline:
+        """A fresh diffusers pipeline with its own copy of the base UNet (or `unet`)."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=copy.deepcopy(self.unet) if unet is None else unet,
+            scheduler=sd_scheduler(scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline(self, scheduler: str = "ddim", **objectives) -> MSDDAPipeline:
+        objs = objectives or {"aes": self.aes, "align": self.align}
+        return MSDDAPipeline(self.base(scheduler), objs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def run(pipe, weights=None, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("output_type", "latent")
+    kw.setdefault("guidance_scale", 4.0)
+    kw.setdefault("progress", False)
+    kw.setdefault("generator", gen())
+    return pipe(PROMPT, weights, **kw)
+
+
+def diffusers_latents(pipe: StableDiffusionPipeline, **kw) -> torch.Tensor:
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("output_type", "latent")
+    kw.setdefault("guidance_scale", 4.0)
+    return pipe(PROMPT, generator=gen(), **kw).images
+
+
+def count_unet_calls(pipe: MSDDAPipeline) -> list[int]:
+    calls = [0]
+    pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+# ----- K = 1 equals diffusers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("scheduler", "eta"), [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
+def test_base_matches_diffusers(tiny, scheduler, eta):
+    pipe = tiny.pipeline(scheduler)
+    ours = run(pipe, method="base", eta=eta).images
+    extra = {"eta": eta} if scheduler == "ddim" else {}
+    theirs = diffusers_latents(tiny.base(scheduler), **extra)
+    assert (ours - theirs).abs().max() < ATOL
+    # All weight on the reference is the same model: explicitly, or as 1 - sum of zero objective weights.
+    assert torch.equal(run(pipe, {"reference": 1.0}, eta=eta).images, ours)
+    assert torch.equal(run(pipe, {"aes": 0.0}, eta=eta).images, ours)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_one_adapter_matches_diffusers(tiny, scheduler):
+    pipe = tiny.pipeline(scheduler)
+    ours = run(pipe, {"aes": 1.0}, output_type="np").images
+    ref = tiny.base(scheduler)
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    theirs = ref(PROMPT, generator=gen(), num_inference_steps=STEPS, guidance_scale=4.0, output_type="np").images
+    assert ours.shape == theirs.shape == (1, 16, 16, 3)
+    assert abs(ours - theirs).max() < ATOL
+    base_image = run(pipe, method="base", output_type="np").images
+    assert abs(ours - base_image).max() > 1e-2  # the adapter matters
+
+
+def test_full_unet_objective_matches_diffusers(tiny):
+    pipe = MSDDAPipeline(tiny.base("ddpm"), {"full": tiny.full_dir, "aes": tiny.aes})
+    assert pipe.objectives["full"].kind == "unet"
+    ours = run(pipe, method="single:full").images
+    theirs = diffusers_latents(tiny.base("ddpm", unet=copy.deepcopy(tiny.full)))
+    assert (ours - theirs).abs().max() < ATOL
+    mixed = run(pipe, {"full": 0.5, "aes": 0.5}).images
+    assert torch.isfinite(mixed).all()
+
+
+# ----- rules against each other -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("scheduler", "eta"), [("ddpm", 0.0), ("ddim", 0.5)])
+def test_msdda_equals_dbmpa_for_equal_variances(tiny, scheduler, eta):
+    pipe = tiny.pipeline(scheduler)
+    for weights in ({"aes": 0.3, "align": 0.7}, {"aes": 0.5, "align": 0.3}):  # the second: reference takes 0.2
+        a = run(pipe, weights, eta=eta)
+        b = run(pipe, weights, method="db-mpa", eta=eta)
+        assert (a.images - b.images).abs().max() < 1e-5
+        assert a.cost.model_evals == b.cost.model_evals == STEPS * 2 * len(a.config["exponents"])
+    assert a.config["exponents"] == pytest.approx({"aes": 0.5, "align": 0.3, "reference": 0.2})
+
+
+def test_one_hot_weights_equal_single_adapter(tiny):
+    pipe = tiny.pipeline("ddpm")
+    one_hot = run(pipe, {"aes": 1.0, "align": 0.0})
+    single = run(pipe, method="single:aes")
+    assert torch.equal(one_hot.images, single.images)
+    assert one_hot.cost.model_evals == STEPS * 2  # the zero-weight objective is never evaluated
+    other = run(pipe, {"aes": 0.0, "align": 1.0})
+    assert torch.equal(other.images, run(pipe, method="single:align").images)
+    assert not torch.equal(other.images, one_hot.images)
+
+
+def test_adapter_switch_public_api_path_agrees(tiny):
+    pipe = tiny.pipeline("ddpm")
+    assert pipe.switch.fast  # this peft keeps the switch state where the probe looked
+    fast = run(pipe, {"aes": 0.6, "align": 0.4})
+    pipe.switch.fast = False  # peft's public set_adapter / enable_adapters
+    slow = run(pipe, {"aes": 0.6, "align": 0.4})
+    assert torch.equal(fast.images, slow.images)
+    assert all(layer.disable_adapters for layer in pipe.switch.layers)
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if "lora_" in n)
+
+
+def test_kl_control_and_betas(tiny):
+    pipe = tiny.pipeline("ddpm")
+    half = run(pipe, {"aes": 0.5})  # reference takes 0.5
+    assert half.config["exponents"] == {"aes": 0.5, "reference": 0.5}
+    # a_k = w_k beta_k / beta: beta_aes = 0.5 with weight 1 gives the same exponents
+    same = run(pipe, {"aes": 1.0}, betas={"aes": 0.5})
+    assert torch.equal(half.images, same.images)
+
+
+def test_prompt_embeds_equal_prompt(tiny):
+    pipe = tiny.pipeline("ddim")
+    embeds, negative = pipe.base.encode_prompt(PROMPT, "cpu", 1, True)
+    a = run(pipe, {"aes": 0.4, "align": 0.6})
+    b = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        weights={"aes": 0.4, "align": 0.6},
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        output_type="latent",
+        generator=gen(),
+        progress=False,
+    )
+    assert torch.equal(a.images, b.images)
+
+
+def test_db_mpa_ls_and_output_types(tiny):
+    pipe = tiny.pipeline("ddpm")
+    a = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
+    b = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
+    assert torch.equal(a.images, b.images)  # the generator drives the model choice too
+    assert a.cost.model_evals == STEPS * 2 * 2  # msdda.sample evaluates every model, then the rule picks one
+    pt = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pt").images
+    assert pt.shape == (1, 3, 16, 16) and float(pt.min()) >= 0 and float(pt.max()) <= 1
+    pil = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pil").images
+    assert pil[0].size == (16, 16)
+
+
+def test_callback_on_step_end(tiny):
+    pipe = tiny.pipeline("ddpm")
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, int(t)))
+        assert p is pipe
+        return {"latents": kwargs["latents"] * 0.0} if i == STEPS - 1 else {}
+
+    out = run(pipe, {"aes": 0.5, "align": 0.5}, callback_on_step_end=callback)
+    assert [i for i, _ in seen] == list(range(STEPS))
+    assert [t for _, t in seen] == [int(t) for t in pipe.base.scheduler.timesteps]
+    assert torch.equal(out.images, torch.zeros_like(out.images))
+    with pytest.raises(PipelineError, match="prompt_embeds"):
+        run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_reward_guided_methods(tiny):
+    pipe = tiny.pipeline("ddpm")
+    calls = {"latent": 0, "image": 0}
+
+    def latent_reward(latents, prompts):
+        calls["latent"] += 1
+        assert latents.shape[1:] == (4, 8, 8) and prompts == [PROMPT]
+        return -latents.pow(2).flatten(1).mean(1)
+
+    def image_reward(images, prompts):
+        calls["image"] += 1
+        assert (
+            images.shape[1:] == (3, 16, 16) and float(images.detach().min()) >= 0 and float(images.detach().max()) <= 1
+        )
+        return images.flatten(1).mean(1)
+
+    code = run(
+        pipe,
+        {"small": 1.0},
+        method="code",
+        rewards={"small": latent_reward},
+        reward_input="latent",
+        method_options={"num_candidates": 3, "block_size": 1},
+    )
+    assert calls["latent"] == 3 * (STEPS - 1) and code.cost.reward_evals == 3 * (STEPS - 1)
+    rgg = run(pipe, {"bright": 1.0}, method="rgg", rewards={"bright": image_reward}, method_options={"scale": 5.0})
+    assert calls["image"] == STEPS and rgg.cost.reward_grads == STEPS
+    plain = run(pipe, method="base")
+    assert not torch.equal(rgg.images, plain.images)
+    assert not pipe.switch.any_enabled()
+
+
+# ----- state after a call --------------------------------------------------------------------------------
+
+
+def _snapshot(unet: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def test_base_weights_unchanged_and_no_adapter_active(tiny):
+    pipe = tiny.pipeline("ddpm")
+    before = _snapshot(pipe.unet)
+    adapters = set(pipe.unet.peft_config)
+    for kw in (
+        {"weights": {"aes": 0.5, "align": 0.5}},
+        {"weights": {"aes": 0.7, "align": 0.6}},  # reference exponent -0.3 (extrapolation)
+        {"weights": {"aes": 0.5, "align": 0.5}, "method": "rewarded-soup"},
+        {"weights": {"aes": 0.5, "align": 0.5}, "method": "db-mpa-ls"},
+        {"method": "single:align"},
+    ):
+        run(pipe, **kw)
+        after = _snapshot(pipe.unet)
+        assert after.keys() == before.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert set(pipe.unet.peft_config) == adapters  # the soup adapter is gone again
+        assert not pipe.switch.any_enabled()
+        assert all(layer.disable_adapters for layer in pipe.switch.layers)
+
+    def boom(*_):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run(pipe, {"aes": 0.5, "align": 0.5}, callback_on_step_end=boom)
+    assert not pipe.switch.any_enabled()
+    # After the calls the diffusers pipeline itself computes the base model again.
+    assert (diffusers_latents(pipe.base) - diffusers_latents(tiny.base("ddpm"))).abs().max() < ATOL
+
+
+# ----- rewarded soups --------------------------------------------------------------------------------------
+
+
+def _manual_delta(layer, adapter: str) -> torch.Tensor:
+    """scaling * B @ A, written out by hand (Linear, or Conv2d with a 1x1 B)."""
+    a = layer.lora_A[adapter].weight.double()
+    b = layer.lora_B[adapter].weight.double()
+    delta = b.flatten(1) @ a.flatten(1)
+    return layer.scaling[adapter] * delta.reshape(b.shape[0], *a.shape[1:])
+
+
+def test_rewarded_soup_is_exact(tiny):
+    from peft.tuners.lora import LoraLayer
+
+    pipe = tiny.pipeline("ddpm")
+    weights = {"aes": 0.3, "align": 0.9}
+    build_lora_soup(pipe.unet, weights, "soup")
+    merged = copy.deepcopy(tiny.unet)
+    n_layers = 0
+    try:
+        for name, layer in pipe.unet.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            expected = sum(w * _manual_delta(layer, a) for a, w in weights.items() if a in layer.lora_A)
+            assert (_manual_delta(layer, "soup") - expected).abs().max() < 1e-6
+            target = merged.get_submodule(name)
+            with torch.no_grad():
+                target.weight.add_(expected.to(target.weight.dtype))
+            n_layers += 1
+    finally:
+        pipe.switch.refresh()
+        pipe.switch.delete("soup")
+    assert n_layers > 0
+    soup = run(pipe, weights, method="rewarded-soup")
+    theirs = diffusers_latents(tiny.base("ddpm", unet=merged))
+    assert (soup.images - theirs).abs().max() < ATOL
+    assert soup.config["soup"] == weights and soup.cost.model_evals == STEPS * 2
+
+
+def test_rewarded_soup_of_full_unets(tiny):
+    pipe = MSDDAPipeline(tiny.base("ddim"), {"full": tiny.full_dir})
+    out = run(pipe, {"full": 0.25}, method="rewarded-soup")  # theta = base + 0.25 (theta_full - base)
+    blended = copy.deepcopy(tiny.unet)
+    with torch.no_grad():
+        for p, q in zip(blended.parameters(), tiny.full.parameters(), strict=True):
+            p.add_(0.25 * (q - p))
+    theirs = diffusers_latents(tiny.base("ddim", unet=blended))
+    assert (out.images - theirs).abs().max() < ATOL
+
+
+# ----- errors before any denoising --------------------------------------------------------------------------
+
+
+def test_adapter_for_another_base_is_refused(tiny):
+    base = tiny.base("ddim")
+    before = _snapshot(base.unet)
+    with pytest.raises(AdapterError, match=r"does not fit this base model: module '.*attn2\.to_k' is Linear\(in=16"):
+        MSDDAPipeline(base, {"aes": tiny.aes, "foreign": tiny.foreign})
+    # The foreign adapter never reached the UNet (only the valid one loaded before it did); weights unchanged.
+    assert set(base.unet.peft_config) == {"aes"}
+    after = base_state_dict(base.unet)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weights": {"aes": 0.5, "aesthetic": 0.5}}, ObjectiveError, r"unknown objective\(s\) \['aesthetic'\]"),
+        ({"weights": {"aes": 0.5, "reference": 0.2}}, PipelineError, "must sum to 1"),
+        ({"weights": {"aes": 0.5}, "method": "soup"}, PipelineError, "unknown method 'soup'"),
+        ({"method": "single:nope"}, ObjectiveError, "unknown objective 'nope'"),
+        ({"weights": None}, PipelineError, "needs weights"),
+        ({"weights": {"aes": 0.5, "align": 0.8}, "method": "db-mpa-ls"}, PipelineError, "negative probability"),
+        ({"weights": {"aes": 1.0}, "eta": 0.5}, PipelineError, "eta=0.5 applies to DDIM only"),
+        ({"weights": {"x": 1.0}, "method": "code"}, PipelineError, "needs rewards"),
+        ({"weights": {"aes": 1.0}, "output_type": "jpg"}, PipelineError, "output_type"),
+    ],
+)
+def test_bad_calls_fail_before_denoising(tiny, kwargs, error, match):
+    pipe = tiny.pipeline("ddpm")
+    calls = count_unet_calls(pipe)
+    weights = kwargs.pop("weights", None)
+    with pytest.raises(error, match=match):
+        run(pipe, weights, **kwargs)
+    assert calls[0] == 0
+    assert not pipe.switch.any_enabled()
+
+
+def test_unsupported_scheduler_fails_before_denoising(tiny):
+    base = tiny.base("ddim")
+    base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe = MSDDAPipeline(base, {"aes": tiny.aes})
+    calls = count_unet_calls(pipe)
+    with pytest.raises(UnsupportedSchedulerError, match="EulerDiscreteScheduler.*scheduler='ddim'"):
+        run(pipe, {"aes": 1.0})
+    assert calls[0] == 0
+    # The fix the message names works: rebuild as DDIM from the same config.
+    pipe2 = MSDDAPipeline(tiny.base("ddim"), {"aes": tiny.aes}, scheduler="ddim")
+    assert type(pipe2.base.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_missing_optional_package(tiny, monkeypatch):
+    base = tiny.base("ddim")
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(MissingDependencyError, match="'peft'.*pip install"):
+        MSDDAPipeline(base, {"aes": tiny.aes})
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingDependencyError, match="'transformers'"):
+        AestheticScorer.from_pretrained(tiny.root / "nowhere")
+    err = MissingDependencyError("x")
+    assert isinstance(err, ImportError) and isinstance(err, ValueError)
+
+
+def test_bad_objective_sources(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    te = tmp_path / "te_lora.safetensors"
+    save_file(
+        {
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(16, 2),
+        },
+        te,
+    )
+    pickled = tmp_path / "lora.bin"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    cases = [
+        ({"aes": te}, AdapterError, "also adapts the text encoder"),
+        ({"aes": pickled}, AdapterError, "never unpickles"),
+        ({"aes": tmp_path / "missing"}, ObjectiveError, "neither an existing path"),
+        ({"reference": tiny.aes}, ObjectiveError, "reserved"),
+        ({"a.b": tiny.aes}, ObjectiveError, "not valid"),
+        ({"x": 3}, ObjectiveError, "not supported"),
+    ]
+    for objectives, error, match in cases:
+        base = tiny.base("ddim")
+        with pytest.raises(error, match=match):
+            MSDDAPipeline(base, objectives)
+        assert not getattr(base.unet, "peft_config", {})
+    # An adapter already loaded into the base UNet can be named as the source.
+    base = tiny.base("ddim")
+    base.load_lora_weights(tiny.aes, adapter_name="mine")
+    pipe = MSDDAPipeline(base, {"aes": "mine"})
+    assert pipe.objectives["aes"].adapter == "mine" and not pipe.switch.any_enabled()
+
+
+# ----- reward models --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(3)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=514,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        projection_dim=8,
+    )
+    CLIPModel(config).eval().save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    g = torch.Generator().manual_seed(4)
+    head = {
+        "layers.0.weight": torch.randn(4, 8, generator=g),
+        "layers.0.bias": torch.randn(4, generator=g),
+        "layers.2.weight": torch.randn(1, 4, generator=g),
+        "layers.2.bias": torch.randn(1, generator=g),
+    }
+    save_file(head, folder / "aesthetic_head.safetensors")
+    return folder
+
+
+def _features(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def test_aesthetic_scorer(tiny_clip):
+    from safetensors.torch import load_file
+
+    scorer = AestheticScorer.from_pretrained(tiny_clip)
+    images = torch.rand(3, 3, 16, 16, generator=gen(5))
+    scores = scorer(images)
+    assert scores.shape == (3,)
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = _features(clip.get_image_features(pixel_values=(images - mean) / std))
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    h = load_file(tiny_clip / "aesthetic_head.safetensors")
+    expected = (emb @ h["layers.0.weight"].T + h["layers.0.bias"]) @ h["layers.2.weight"].T + h["layers.2.bias"]
+    assert torch.allclose(scores, expected.squeeze(-1), atol=1e-5)
+    # Differentiable through the preprocessing (a resize here): what RGG needs.
+    big = torch.rand(2, 3, 24, 32, generator=gen(6), requires_grad=True)
+    scorer(big).sum().backward()
+    assert big.grad is not None and big.grad.abs().sum() > 0
+    assert clip_preprocess(big.detach(), 16, (0.5,) * 3, (0.5,) * 3).shape == (2, 3, 16, 16)
+
+
+def test_clip_similarity_scorer(tiny_clip, tiny):
+    scorer = CLIPSimilarityScorer.from_pretrained(tiny_clip)
+    images = torch.rand(2, 3, 16, 16, generator=gen(7))
+    prompts = ["a red cube", "a blue ball"]
+    scores = scorer(images, prompts)
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    tokens = tiny.tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = _features(clip.get_image_features(pixel_values=(images - mean) / std))
+        txt = _features(clip.get_text_features(**tokens))
+    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    assert torch.allclose(scores, clip.logit_scale.exp() * cos, atol=1e-5)
+    assert torch.allclose(
+        CLIPSimilarityScorer.from_pretrained(tiny_clip, scale=2.5)(images, prompts), 2.5 * cos, atol=1e-5
+    )
+    with pytest.raises(RewardModelError, match="one prompt per image"):
+        scorer(images, None)
+
+
+def test_reward_model_errors(tiny_clip, tmp_path):
+    with pytest.raises(RewardModelError, match="not a folder"):
+        AestheticScorer.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(RewardModelError, match="weight file .* not found"):
+        AestheticScorer.from_pretrained(tiny_clip, head_path=tmp_path / "head.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.weight": torch.zeros(1, 5)}, tmp_path / "head5.safetensors")
+    with pytest.raises(RewardModelError, match="takes 5-dim embeddings but the CLIP model projects to 8"):
+        AestheticScorer.from_pretrained(tiny_clip, head_path=tmp_path / "head5.safetensors")
+    empty = tmp_path / "clip"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    torch.save({}, empty / "pytorch_model.bin")
+    with pytest.raises(RewardModelError, match="never unpickles"):
+        AestheticScorer.from_pretrained(empty)
+
+
+def test_clip_rewards_drive_code(tiny, tiny_clip):
+    pipe = tiny.pipeline("ddpm")
+    rewards = {
+        "aesthetic": AestheticScorer.from_pretrained(tiny_clip),
+        "alignment": CLIPSimilarityScorer.from_pretrained(tiny_clip),
+    }
+    out = run(
+        pipe,
+        {"aesthetic": 0.5, "alignment": 0.5},
+        method="code",
+        rewards=rewards,
+        method_options={"num_candidates": 2, "block_size": 2},
+    )
+    assert out.cost.reward_evals == 2 * 2 and out.config["reward_input"] == "image"
+
+
+# ----- CLI ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_sample(tiny, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from msdda.pipelines.cli import register
+
+    base_dir = tmp_path / "base"
+    tiny.base("ddim").save_pretrained(base_dir)
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+    out = tmp_path / "out"
+    args = [
+        "sample",
+        "--base",
+        str(base_dir),
+        "--objective",
+        f"aes={tiny.aes}",
+        "--objective",
+        f"align={tiny.align}",
+        "--weights",
+        "aes=0.6",
+        "--weights",
+        "align=0.4",
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--guidance-scale",
+        "3",
+        "--seed",
+        "7",
+        "--num-images",
+        "2",
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["images"] == ["image_000.png", "image_001.png"]
+    assert all((out / name).is_file() for name in config["images"])
+    assert config["method"] == "msdda" and config["weights"] == {"aes": 0.6, "align": 0.4}
+    assert config["seed"] == 7 and config["scheduler"] == "DDIMScheduler" and config["num_inference_steps"] == 2
+    assert config["objectives"]["align"]["kind"] == "lora" and config["cost"]["model_evals"] == 2 * 2 * 2
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+    # Same seed, same images (via the Python API with the same settings).
+    pipe = MSDDAPipeline.from_pretrained(base_dir, {"aes": tiny.aes, "align": tiny.align})
+    again = pipe(
+        PROMPT,
+        {"aes": 0.6, "align": 0.4},
+        num_inference_steps=2,
+        guidance_scale=3,
+        seed=7,
+        num_images_per_prompt=2,
+        output_type="pil",
+        progress=False,
+    ).images
+    import numpy as np
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out / "image_001.png")), np.asarray(again[1]))
+
+    bad = CliRunner().invoke(
+        app, [*args[:9], "--weights", "aesthetic=1", "--prompt", "x", "--out", str(tmp_path / "o2")]
+    )
+    assert bad.exit_code == 2 and "unknown objective(s) ['aesthetic']" in bad.output
+    assert not (tmp_path / "o2").exists()
