@@ -155,3 +155,41 @@ def test_resume_after_a_real_kill(tmp_path):
     assert 0 < done_before < 21 * 4  # it really was interrupted
     subprocess.run([sys.executable, str(script), str(run), "0"], check=True, env=env)
     assert comparable(read_rows(results)) == comparable(read_rows(tmp_path / "full" / "results.jsonl"))
+
+
+def test_cli_sweep_report_and_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from msdda.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = [
+        "sweep",
+        "--task",
+        "gaussian",
+        "--methods",
+        "base,msdda",
+        "--grid-points",
+        "3",
+        "--seeds",
+        "0",
+        "--batch-size",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 of 4 units run now; 12 rows" in res.output
+    res = runner.invoke(app, args)  # rerun: resumes, nothing left to do
+    assert "0 of 4 units run now; 12 rows" in res.output
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0 and (out / "report.html").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["hypervolume"]) == {"base", "msdda"}
+    res = runner.invoke(app, ["sweep", "--task", "gaussian", "--seeds", "x", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--seeds 'x' must be comma-separated integers" in res.output

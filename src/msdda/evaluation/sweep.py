@@ -56,7 +56,8 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 8
     steps: int = 50
-    beta: float = 1.0
+    # target KL strength; None: sum_k w_k beta_k, so the exponents sum to 1 and the reference drops out
+    beta: float | None = None
     code_candidates: int = 4
     code_block: int = 5
     rgg_scale: float = 1.0
@@ -182,7 +183,9 @@ def build_method(
     aligned = [bundle.aligned[o] for o in objectives]
     rewards = [bundle.rewards[o] for o in objectives]
     if method == "msdda":
-        a = exponents_from_preferences(w, [bundle.beta_of(o) for o in objectives], cfg.beta)
+        betas = [bundle.beta_of(o) for o in objectives]
+        beta = cfg.beta if cfg.beta is not None else math.fsum(wk * bk for wk, bk in zip(w, betas, strict=True))
+        a = exponents_from_preferences(w, betas, beta)
         return aligned, MSDDA(a), bundle.base
     if method == "db-mpa":
         return aligned, DBMPA(w), None

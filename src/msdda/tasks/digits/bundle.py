@@ -1,0 +1,61 @@
+"""The digits task as a TaskBundle for sweeps: shipped base and aligned models, rewards, class prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from msdda.alignment.io import read_model_config
+from msdda.models.soups import rewarded_soup
+from msdda.rewards import get_reward
+from msdda.tasks.bundle import TaskBundle
+from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES
+from msdda.tasks.digits.training import load_digits_models, shipped_dir
+
+OBJECTIVES = ("alignment", "ink", "symmetry")
+DEFAULT_GUIDANCE = 2.0
+
+
+def digits_bundle(
+    objectives: Sequence[str] = OBJECTIVES,
+    model_dirs: Mapping[str, str] | None = None,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+) -> TaskBundle:
+    """Load the base and one aligned model per objective (default: the shipped weights).
+
+    model_dirs: {"base": dir, objective: dir} overrides. Prompts are the classes 0..9 (one class per
+    sampler call); betas come from each aligned model's DPO config.
+    """
+    dirs = {k: Path(v) for k, v in (model_dirs or {}).items()}
+    dirs.setdefault("base", shipped_dir("base"))
+    for o in objectives:
+        dirs.setdefault(o, shipped_dir(f"aligned-{o}"))
+    models, scheduler = load_digits_models([dirs["base"], *(dirs[o] for o in objectives)])
+    base, aligned = models[0], dict(zip(objectives, models[1:], strict=True))
+    betas = {
+        o: float(read_model_config(dirs[o]).get("metadata", {}).get("dpo_config", {}).get("beta", 1.0))
+        for o in objectives
+    }
+
+    def soup(weights: Mapping[str, float]) -> torch.nn.Module:
+        names = [o for o in objectives if o in weights]
+        return rewarded_soup([aligned[o] for o in names], [weights[o] for o in names]).eval()
+
+    return TaskBundle(
+        name="digits",
+        objectives=list(objectives),
+        base=base,
+        aligned=aligned,
+        scheduler=scheduler,
+        rewards={o: get_reward(o) for o in objectives},
+        prompts=list(range(NUM_CLASSES)),
+        sample_shape=(1, 8, 8),
+        make_cond=lambda prompt, batch: torch.full((batch,), int(prompt), dtype=torch.long),
+        betas=betas,
+        guidance_scale=guidance_scale,
+        null_cond=torch.tensor([NULL_CLASS]),
+        soup=soup,
+        prompt_label=lambda p: f"digit {p}",
+    )
