@@ -22,6 +22,7 @@ class TaskBundle:
       make_cond(prompt, batch) -> the cond the denoisers take. sample_shape: one sample's shape (no batch).
     guidance_scale / null_cond: classifier-free guidance per model, if the task uses it.
     soup: builds the Rewarded-Soups model for preference weights {objective: w} (None: not supported).
+    rgg_scale: the RGG guidance scale calibrated for this task (reward gradients differ in size by task).
     prompt_label: a printable name for a prompt (used in results and reports).
     """
 
@@ -40,6 +41,7 @@ class TaskBundle:
     soup: Callable[[Mapping[str, float]], Denoiser] | None = None
     dtype: torch.dtype = torch.float32
     prompt_label: Callable[[Any], str] = str
+    rgg_scale: float = 1.0
 
     def beta_of(self, objective: str) -> float:
         return float(self.betas.get(objective, 1.0))
