@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_fusion.py
+	$(BIN)/python benchmarks/run_all.py --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs
