@@ -1,6 +1,20 @@
-"""Layer 2, models: the Denoiser protocol, classifier-free guidance, adapters and Rewarded Soups."""
+"""Layer 2, models: the Denoiser protocol, classifier-free guidance, adapters, batched K-model evaluation and
+Rewarded Soups."""
 
-from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, ModuleDenoiser, as_denoiser
+from msdda.models.batched import BatchingError, StackedDenoisers, StackedGuidance, can_stack
+from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, ModuleDenoiser, as_denoiser, combine_guidance
 from msdda.models.soups import SoupError, rewarded_soup
 
-__all__ = ["ClassifierFreeGuidance", "Denoiser", "ModuleDenoiser", "SoupError", "as_denoiser", "rewarded_soup"]
+__all__ = [
+    "BatchingError",
+    "ClassifierFreeGuidance",
+    "Denoiser",
+    "ModuleDenoiser",
+    "SoupError",
+    "StackedDenoisers",
+    "StackedGuidance",
+    "as_denoiser",
+    "can_stack",
+    "combine_guidance",
+    "rewarded_soup",
+]

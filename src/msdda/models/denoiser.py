@@ -81,8 +81,17 @@ class ClassifierFreeGuidance:
             out_c = self.denoiser(x_t, t, cond)
             out_u = self.denoiser(x_t, t, self.null_cond)
         self.calls += 2
-        c = x_t.shape[1]
-        if out_c.shape[1] == 2 * c:
-            guided = out_u[:, :c] + self.scale * (out_c[:, :c] - out_u[:, :c])
-            return torch.cat([guided, out_c[:, c:]], dim=1)
-        return out_u + self.scale * (out_c - out_u)
+        return combine_guidance(out_c, out_u, self.scale, x_t.shape[1])
+
+
+def combine_guidance(out_c: Tensor, out_u: Tensor, scale: float, channels: int) -> Tensor:
+    """Guided output uncond + scale * (cond - uncond) from the two passes, each [B, C or 2C, ...].
+
+    channels: C, the sample's channel count. A [B, 2C, ...] output carries a learned variance in its second
+    half, which is taken from the conditional pass unguided (improved-DDPM/GLIDE). Shared by
+    ClassifierFreeGuidance and the batched K-model path so both apply the very same arithmetic.
+    """
+    if out_c.shape[1] == 2 * channels:
+        guided = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+        return torch.cat([guided, out_c[:, channels:]], dim=1)
+    return out_u + scale * (out_c - out_u)
