@@ -134,9 +134,19 @@ def align(
     log_every: int = typer.Option(25, min=1, hidden=True),
     eval_samples: int = typer.Option(40, min=1, hidden=True),
     throttle: float = typer.Option(0.0, min=0.0, hidden=True),
+    data_shards: int = typer.Option(
+        1,
+        min=1,
+        help="Draw each step's trajectories as this many independent shards (own generators). Processes "
+        "share them, so N processes need a multiple of N; runs with equal --data-shards match on any process count.",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Align the digits base model to one reward with step-level DPO (full fine-tuning by default)."""
+    """Align the digits base model to one reward with step-level DPO (full fine-tuning by default).
+
+    Under `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N` the policy
+    trains with DistributedDataParallel (gloo on CPU); pass --data-shards N (or a multiple).
+    """
     from msdda.alignment.dpo import DPOConfig
     from msdda.rewards import get_reward
     from msdda.tasks.digits.training import align_digits
@@ -156,9 +166,12 @@ def align(
         checkpoint_every=checkpoint_every,
         log_every=log_every,
         eval_samples=eval_samples,
+        data_shards=data_shards,
     )
     result = align_digits(get_reward(reward), out, cfg, base=base, resume=resume, progress=not quiet, throttle=throttle)
-    first = result.history[0] if result.history else {}
+    if not result.history:  # ranks other than 0 of a multi-process run: rank 0 reports
+        return
+    first = result.history[0]
     typer.echo(
         f"aligned to {reward!r} in {result.seconds:.1f}s: held-out reward {first.get('eval_reward', float('nan')):.4f}"
         f" -> {result.final_eval.get('eval_reward', float('nan')):.4f}, KL/step "
@@ -185,7 +198,7 @@ def _split(text: str | None) -> list[str] | None:
 
 @app.command()
 def sweep(
-    out: Path = typer.Option(..., help="Run folder (config.json, results.jsonl, samples/)."),
+    out: Path = typer.Option(..., help="Run folder (config.json, results.jsonl or results.rank*.jsonl, samples/)."),
     task: str = typer.Option("digits", help="Task: digits or gaussian."),
     methods: str = typer.Option(
         "base,msdda,db-mpa,db-mpa-ls,rewarded-soup,code,rgg",
@@ -201,13 +214,19 @@ def sweep(
     beta: float = typer.Option(None, help="Target KL strength (default: sum_k w_k beta_k; exponents sum to 1)."),
     code_candidates: int = typer.Option(4, help="CoDe: candidates per block (N >= 1)."),
     code_block: int = typer.Option(5, help="CoDe: steps per block (B >= 1)."),
-    rgg_scale: float = typer.Option(1.0, help="RGG: guidance scale lambda."),
+    rgg_scale: float = typer.Option(None, help="RGG: guidance scale lambda (default: the task's calibrated one)."),
     no_samples: bool = typer.Option(False, "--no-samples", help="Do not store samples (no image grids)."),
     overwrite: bool = typer.Option(False, help="Discard a run folder that holds a different sweep."),
+    throttle: float = typer.Option(0.0, min=0.0, hidden=True),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Run (or resume) methods x weights x prompts x seeds into an append-only results store."""
+    """Run (or resume) methods x weights x prompts x seeds into an append-only results store.
+
+    Under `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N` (CPU processes
+    too) the units are shared round-robin between the processes; each writes results.rank{r}.jsonl.
+    """
     import json
+    import time
 
     from msdda.evaluation.sweep import SweepConfig, run_sweep
     from msdda.evaluation.tasks import get_task_bundle
@@ -244,9 +263,16 @@ def sweep(
         save_samples=not no_samples,
     )
     res = run_sweep(
-        cfg, out, lambda c: get_task_bundle(c.task, c.task_options), overwrite=overwrite, progress=not quiet
+        cfg,
+        out,
+        lambda c: get_task_bundle(c.task, c.task_options),
+        overwrite=overwrite,
+        progress=not quiet,
+        on_unit_done=(lambda _: time.sleep(throttle)) if throttle > 0 else None,  # tests interrupt real runs
     )
-    typer.echo(f"{res.units_run} of {res.units_total} units run now; {res.rows} rows in {out / 'results.jsonl'}")
+    if res.rank == 0:  # under torchrun / accelerate launch every rank gets here; one summary is enough
+        store = out / "results.jsonl" if res.world_size == 1 else f"{out}/results.rank*.jsonl ({res.world_size} ranks)"
+        typer.echo(f"{res.units_run} of {res.units_total} units run now; {res.rows} rows in {store}")
 
 
 @app.command()
@@ -286,7 +312,12 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 def entry() -> None:
-    """Console entry point: package errors print as one clear line (exit code 2), not a traceback."""
+    """Console entry point: package errors print as one clear line (exit code 2), not a traceback.
+
+    After a successful command of a multi-process run (torchrun / accelerate launch) every rank waits for
+    the others and the process group is torn down, so no rank leaves while a peer still talks to it.
+    """
+    from msdda.distributed import shutdown
     from msdda.errors import MSDDAError
 
     try:
@@ -294,6 +325,11 @@ def entry() -> None:
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            shutdown()
+        raise
+    shutdown()
 
 
 if __name__ == "__main__":

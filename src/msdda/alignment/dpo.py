@@ -10,6 +10,13 @@ The final step (t -> -1) is never a state: the sampler returns the kernel mean t
 Checkpoints (every `checkpoint_every` steps) hold the trainable weights, the optimiser state (tensors in
 safetensors, scalars in JSON), the generator state and the step, in one directory written to a temp name
 and renamed. Resuming from it reproduces an uninterrupted run bit for bit (tested with a killed process).
+
+Several processes (torchrun / accelerate launch): every step's global batch of `trajectories` is drawn as
+`data_shards` independent shards, each from its own generator; shard d goes to rank d % world_size, the
+policy is wrapped in DistributedDataParallel (through accelerate) and each rank's loss is scaled so the
+averaged gradient is that of the global batch. The data therefore do not depend on the process count, and
+the trained weights match a single-process run with the same `data_shards` to float rounding. Rank 0 alone
+evaluates, logs and writes checkpoints (holding every shard's generator state) and the final model.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ from msdda.alignment.io import (
 )
 from msdda.core.kernel import GaussianKernel
 from msdda.core.schedule import KernelScheduler
+from msdda.distributed import DistContext, get_context
 from msdda.models.denoiser import ClassifierFreeGuidance
 from msdda.sampling.rules import StepContext
 from msdda.sampling.sampler import sample
@@ -65,6 +73,10 @@ class DPOConfig:
     guidance_scale: CFG scale of policy and reference (fixed). num_inference_steps: sampling schedule.
     lora: train LoRA adapters (peft) on `lora_targets` instead of all weights; merged into the saved model.
     eval_samples: held-out batch (fixed noise and classes from `eval_seed`) for reward and KL logging.
+    data_shards: each step's `trajectories` are drawn as this many shards, each from its own generator
+    (shard 0 from `seed`, shard d from a seed derived from (seed, d)); processes share the shards (shard d ->
+    rank d % world_size), so any process count dividing data_shards gives the same data. 1 (default) is the
+    single-stream recipe the shipped weights were trained with; a run on N processes needs a multiple of N.
     """
 
     reward: str = "ink"
@@ -87,6 +99,7 @@ class DPOConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["conv1", "conv2", "emb"])
+    data_shards: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,7 +108,7 @@ class DPOConfig:
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise AlignmentError(f"DPOConfig.beta={self.beta!r} must be a positive number, e.g. 0.05")
         for name in ("steps", "trajectories", "states_per_trajectory", "checkpoint_every", "log_every",
-                     "eval_samples", "keep_checkpoints", "lora_rank"):
+                     "eval_samples", "keep_checkpoints", "lora_rank", "data_shards"):
             if int(getattr(self, name)) < 1:
                 raise AlignmentError(f"DPOConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.candidates < 2:
@@ -104,6 +117,11 @@ class DPOConfig:
             raise AlignmentError(f"DPOConfig.num_inference_steps={self.num_inference_steps!r} must be >= 2")
         if not self.lr > 0:
             raise AlignmentError(f"DPOConfig.lr={self.lr!r} must be > 0")
+        if self.data_shards > self.trajectories:
+            raise AlignmentError(
+                f"DPOConfig.data_shards={self.data_shards!r} exceeds trajectories={self.trajectories!r}; every shard "
+                f"needs at least one trajectory: lower data_shards or raise trajectories"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -222,10 +240,20 @@ def _list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _generator_key(shard: int) -> str:
+    """Name of data shard `shard`'s generator state in rng.safetensors ("generator" for shard 0, as before)."""
+    return "generator" if shard == 0 else f"generator.{shard}"
+
+
+def _as_shards(gen: torch.Generator | Mapping[int, torch.Generator]) -> Mapping[int, torch.Generator]:
+    return {0: gen} if isinstance(gen, torch.Generator) else gen
+
+
 def _save_checkpoint(
-    ckpt_root: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-    config: DPOConfig, elapsed: float, keep: int,
+    ckpt_root: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer,
+    gen: torch.Generator | Mapping[int, torch.Generator], config: DPOConfig, elapsed: float, keep: int,
 ) -> Path:
+    """Write checkpoint `step` (atomically); gen: shard 0's generator, or {shard: generator} for every shard."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -243,7 +271,10 @@ def _save_checkpoint(
                 scalars.setdefault(str(pid), {})[key] = val
     (tmp / "optimizer.safetensors").write_bytes(tensors_to_bytes(tensors))
     (tmp / "rng.safetensors").write_bytes(
-        tensors_to_bytes({"generator": gen.get_state(), "torch_global": torch.get_rng_state()})
+        tensors_to_bytes({
+            **{_generator_key(d): g.get_state() for d, g in _as_shards(gen).items()},
+            "torch_global": torch.get_rng_state(),
+        })
     )
     doc = {
         "step": step,
@@ -261,15 +292,21 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, config: DPOConfig
+    path: Path, module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator | Mapping[int, torch.Generator],
+    config: DPOConfig,
 ) -> tuple[int, float]:
+    """Restore weights, optimiser and generator states (gen: shard 0's, or {shard: generator} for the shards
+    this process draws); return (step, elapsed seconds). CheckpointError if it belongs to another config."""
     try:
         doc = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} has an unreadable state.json: {exc}; delete it or pass --no-resume"
         ) from exc
-    saved = doc.get("config", {})
+    saved = dict(doc.get("config", {}))
+    for f in dataclasses.fields(DPOConfig):  # keys added since the checkpoint was written: their defaults
+        if saved and f.name not in saved and f.default is not dataclasses.MISSING:
+            saved[f.name] = f.default
     now = config.to_dict()
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if k not in _RESUMABLE_DIFFS and saved.get(k) != now.get(k)}
@@ -292,7 +329,13 @@ def _load_checkpoint(
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in doc["optimizer"]["param_groups"]]
     opt.load_state_dict({"state": opt_state, "param_groups": groups})
     rng = load_tensors(path / "rng.safetensors")
-    gen.set_state(rng["generator"])
+    for shard, g in _as_shards(gen).items():
+        if _generator_key(shard) not in rng:
+            raise CheckpointError(
+                f"checkpoint {path} holds no generator state for data shard {shard}; it was written with other "
+                "data_shards: rerun with the same options, or pass --no-resume to start over"
+            )
+        g.set_state(rng[_generator_key(shard)])
     torch.set_rng_state(rng["torch_global"])
     return int(doc["step"]), float(doc.get("elapsed_seconds", 0.0))
 
@@ -306,6 +349,38 @@ def _wrap_lora(policy: nn.Module, config: DPOConfig) -> nn.Module:
         return get_peft_model(policy, lcfg)
     except ValueError as exc:
         raise AlignmentError(f"cannot add LoRA adapters to targets {config.lora_targets}: {exc}") from exc
+
+
+def shard_sizes(trajectories: int, data_shards: int) -> list[int]:
+    """Trajectories per data shard: as equal as possible, the first shards one larger when uneven."""
+    q, r = divmod(int(trajectories), int(data_shards))
+    return [q + (1 if d < r else 0) for d in range(int(data_shards))]
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Seed of data shard `shard`'s generator: `seed` itself for shard 0 (the single-stream recipe), else an
+    independent 64-bit seed derived from (seed, shard) by numpy's SeedSequence."""
+    if shard == 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence(int(seed), spawn_key=(int(shard),)).generate_state(1, dtype=np.uint64)[0])
+
+
+@dataclass
+class _ShardBatch:
+    """The no-gradient part of one data shard's step: states, conditions, pairs and reference log-densities."""
+
+    x: Tensor  # [N, ...] float64 states x_t
+    t: Tensor  # [N] timesteps
+    prev: Tensor  # [N] previous timesteps
+    cond: Tensor  # [N] conditions
+    x_w: Tensor  # [N, ...] winners
+    x_l: Tensor  # [N, ...] losers
+    logref_w: Tensor  # [N]
+    logref_l: Tensor  # [N]
+    valid: Tensor  # [N] bool: the pair's rewards differ
+    gap: Tensor  # [N] reward gap max - min
 
 
 def train_dpo(
@@ -322,6 +397,7 @@ def train_dpo(
     resume: bool = True,
     progress: bool = True,
     throttle: float = 0.0,
+    context: DistContext | None = None,
 ) -> DPOResult:
     """Train `policy` (initialised as a copy of `reference`) with step-level DPO; see the module docstring.
 
@@ -330,10 +406,21 @@ def train_dpo(
     cond_sampler(n, generator) -> [n] conditions. out: run directory (train_log.jsonl, checkpoints/).
     resume: continue from the newest checkpoint in out/checkpoints (same config required).
     throttle: seconds to sleep per step (tests use it to interrupt a real run at a known point).
+    context: the process's place in a multi-process run (default: `msdda.distributed.get_context()`, one
+    process unless launched by torchrun / accelerate launch). Data shard d of every step goes to rank
+    d % world_size, the policy is wrapped in DistributedDataParallel and the loss is normalised by the global
+    pair count, so the gradients equal the single-process ones on the same global batch. Only rank 0 writes
+    the log and the checkpoints; on the other ranks the result's history and final_eval are empty.
     """
     config.validate()
+    ctx = context if context is not None else get_context()
+    if config.data_shards % ctx.world_size != 0:
+        raise AlignmentError(
+            f"data_shards={config.data_shards} cannot be shared by {ctx.world_size} processes (each process takes "
+            f"data_shards / processes shards of every step's batch); pass --data-shards {ctx.world_size} or a "
+            f"multiple of it, and the same value to a single-process run that should match this one"
+        )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     log_path = out / "train_log.jsonl"
     ks = KernelScheduler(scheduler.config, scheduler.alphas_cumprod)
@@ -349,23 +436,37 @@ def train_dpo(
     if not params:
         raise AlignmentError("the policy has no trainable parameters; pass a model with requires_grad weights")
     opt = torch.optim.Adam(params, lr=config.lr)
-    gen = torch.Generator().manual_seed(int(config.seed))
+    my_shards = [d for d in range(config.data_shards) if d % ctx.world_size == ctx.rank]
+    sizes = shard_sizes(config.trajectories, config.data_shards)
+    gens = {d: torch.Generator().manual_seed(shard_seed(config.seed, d)) for d in my_shards}
 
-    start_step, elapsed = 0, 0.0
-    existing = _list_checkpoints(ckpt_root)
-    if resume and existing:
-        start_step, elapsed = _load_checkpoint(existing[-1][1], module, opt, gen, config)
-        logger.info("resuming from %s (step %d)", existing[-1][1], start_step)
-    else:
+    def choose_checkpoint() -> str | None:  # rank 0 decides; every rank then loads the same one
+        if not ctx.is_main:
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        existing = _list_checkpoints(ckpt_root)
+        if resume and existing:
+            return str(existing[-1][1])
         shutil.rmtree(ckpt_root, ignore_errors=True)
+        return None
+
+    chosen = ctx.broadcast_object(ctx.call_checked(choose_checkpoint, AlignmentError))
+    start_step, elapsed = 0, 0.0
+    if chosen is not None:
+        start_step, elapsed = ctx.call_checked(
+            lambda: _load_checkpoint(Path(chosen), module, opt, gens, config), CheckpointError
+        )
+        if ctx.is_main:
+            logger.info("resuming from %s (step %d)", chosen, start_step)
     history: list[dict[str, Any]] = []
-    if log_path.exists() and start_step > 0:
-        for line in log_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("step", 0) <= start_step:
-                    history.append(row)
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    if ctx.is_main:
+        if log_path.exists() and start_step > 0:
+            for line in log_path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("step", 0) <= start_step:
+                        history.append(row)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def eval_now() -> dict[str, float]:
         return evaluate_policy(module, reference, ks, reward, config, sample_shape, cond_sampler, null_cond)
@@ -375,22 +476,21 @@ def train_dpo(
         with log_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if start_step == 0:
+    if start_step == 0 and ctx.is_main:
         write_row({"step": 0, **eval_now()})
 
+    # no-gradient passes use the bare module; the one pass with gradient goes through DDP on several ranks
+    train_g = _guided(ctx.wrap_model(module), config.guidance_scale, null_cond)
     pol_g = _guided(module, config.guidance_scale, null_cond)
     ref_g = _guided(reference, config.guidance_scale, null_cond)
     n_steps = len(timesteps)
     t_all = torch.tensor(timesteps)
     p_all = torch.tensor(prevs)
     S, K = config.states_per_trajectory, config.candidates
-    window: dict[str, float] = {}
-    wcount = 0
-    t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start_step, config.steps), desc=f"align {config.reward}", disable=not progress,
-               initial=start_step, total=config.steps)
-    for step in bar:
-        n_traj = config.trajectories
+
+    def draw(shard: int) -> _ShardBatch:
+        """States, candidates and best/worst pairs of one data shard, from that shard's own generator."""
+        gen, n_traj = gens[shard], sizes[shard]
         cond = cond_sampler(n_traj, gen)
         traj = sample(
             [module], ks, _SinglePolicy(), shape=(n_traj, *sample_shape), cond=cond,
@@ -415,16 +515,36 @@ def train_dpo(
             x0_hat = ks.predict_x0(ref_next, p_rep, flat).clamp(-1, 1).float()
             r = check_reward_values(reward(x0_hat, c_rep), n * K, config.reward).double().reshape(n, K)
             w_ix, l_ix = r.argmax(1), r.argmin(1)
-            valid = (r.max(1).values - r.min(1).values) > 0
+            gap = r.max(1).values - r.min(1).values
             rows = torch.arange(n)
             x_w, x_l = cands[rows, w_ix], cands[rows, l_ix]
             rk = ks.kernel(ref_g(x.float(), t_b, cond_s), t_b, x, prev_timestep=p_b)
             lr_w, lr_l = rk.log_prob(x_w), rk.log_prob(x_l)
-        pk_grad = ks.kernel(pol_g(x.float(), t_b, cond_s), t_b, x, prev_timestep=p_b)
-        lp_w, lp_l = pk_grad.log_prob(x_w), pk_grad.log_prob(x_l)
+        return _ShardBatch(x, t_b, p_b, cond_s, x_w, x_l, lr_w, lr_l, gap > 0, gap)
+
+    window: dict[str, float] = {}
+    wcount = 0
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start_step, config.steps), desc=f"align {config.reward}", disable=not (progress and ctx.is_main),
+               initial=start_step, total=config.steps)
+    for step in bar:
+        batches = [draw(d) for d in my_shards]
+        lp_ws, lp_ls = [], []
+        for b in batches:  # one forward per shard: the same batch shapes as on any other process count
+            pk_grad = ks.kernel(train_g(b.x.float(), b.t, b.cond), b.t, b.x, prev_timestep=b.prev)
+            lp_ws.append(pk_grad.log_prob(b.x_w))
+            lp_ls.append(pk_grad.log_prob(b.x_l))
+        lp_w, lp_l = torch.cat(lp_ws), torch.cat(lp_ls)
+        lr_w, lr_l = torch.cat([b.logref_w for b in batches]), torch.cat([b.logref_l for b in batches])
         per_pair = dpo_loss(lp_w, lr_w, lp_l, lr_l, config.beta)
-        weight = valid.double()
-        loss = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
+        weight = torch.cat([b.valid for b in batches]).double()
+        gap = torch.cat([b.gap for b in batches])
+        if ctx.distributed:
+            # DDP averages gradients over ranks, so each rank's loss carries world_size / (global pair count)
+            total = ctx.all_sum(weight.sum().reshape(1))[0].clamp_min(1.0)
+            loss = (per_pair * weight).sum() * ctx.world_size / total
+        else:
+            loss = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -432,31 +552,56 @@ def train_dpo(
         opt.step()
         with torch.no_grad():
             margin = (lp_w - lr_w) - (lp_l - lr_l)
-            stats = {
-                "loss": float(loss),
-                "pair_accuracy": float(((margin > 0).double() * weight).sum() / weight.sum().clamp_min(1.0)),
-                "reward_gap": float((r.max(1).values - r.min(1).values).mean()),
-                "logratio_w": float((lp_w - lr_w).mean()),
-                "logratio_l": float((lp_l - lr_l).mean()),
-            }
+            if ctx.distributed:  # figures of the global batch
+                sums = ctx.all_sum(torch.stack([
+                    (per_pair * weight).sum(), ((margin > 0).double() * weight).sum(), weight.sum(), gap.sum(),
+                    (lp_w - lr_w).sum(), (lp_l - lr_l).sum(), torch.tensor(float(gap.numel()), dtype=torch.float64),
+                ]))
+                pairs, count = sums[2].clamp_min(1.0), sums[6]
+                stats = {
+                    "loss": float(sums[0] / pairs),
+                    "pair_accuracy": float(sums[1] / pairs),
+                    "reward_gap": float(sums[3] / count),
+                    "logratio_w": float(sums[4] / count),
+                    "logratio_l": float(sums[5] / count),
+                }
+            else:
+                stats = {
+                    "loss": float(loss),
+                    "pair_accuracy": float(((margin > 0).double() * weight).sum() / weight.sum().clamp_min(1.0)),
+                    "reward_gap": float(gap.mean()),
+                    "logratio_w": float((lp_w - lr_w).mean()),
+                    "logratio_l": float((lp_l - lr_l).mean()),
+                }
         for k, v in stats.items():
             window[k] = window.get(k, 0.0) + v
         wcount += 1
         done = step + 1
         if throttle > 0:
             time.sleep(throttle)
-        if done % config.log_every == 0 or done == config.steps:
+        if ctx.is_main and (done % config.log_every == 0 or done == config.steps):
             row = {"step": done, **{k: v / wcount for k, v in window.items()}, **eval_now(),
                    "seconds": round(time.perf_counter() - t0, 2)}
             bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['eval_reward']:.3f}")
             logger.info("align step %d: %s", done, row)
             write_row(row)
+        if done % config.log_every == 0 or done == config.steps:
             window, wcount = {}, 0
         if done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(ckpt_root, done, module, opt, gen, config, time.perf_counter() - t0,
-                             config.keep_checkpoints)
+            states = ctx.all_gather_objects({d: g.get_state() for d, g in gens.items()})  # every shard's stream
+            if ctx.is_main:
+                all_gens = {}
+                for part in states:
+                    for d, state in part.items():
+                        all_gens[d] = torch.Generator()
+                        all_gens[d].set_state(state)
+                _save_checkpoint(ckpt_root, done, module, opt, all_gens, config, time.perf_counter() - t0,
+                                 config.keep_checkpoints)
     seconds = time.perf_counter() - t0
-    final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else eval_now()
+    if not ctx.is_main:
+        final_eval: dict[str, float] = {}
+    else:
+        final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else eval_now()
     model = module.merge_and_unload() if config.lora else module
     model = copy.deepcopy(model).eval().requires_grad_(False)
     return DPOResult(model=model, seconds=seconds, final_eval=final_eval, history=history)

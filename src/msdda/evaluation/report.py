@@ -21,7 +21,7 @@ import numpy as np
 
 from msdda.errors import MSDDAError
 from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
-from msdda.evaluation.sweep import CONFIG_FILE, RESULTS_FILE, iter_units, read_rows, samples_path
+from msdda.evaluation.sweep import CONFIG_FILE, RESULTS_FILE, iter_units, read_run_rows, results_files, samples_path
 
 # per sampler call (one batch of `batch_size` samples), plus wall seconds per sample
 COST_KEYS = ("model_evals", "reward_evals", "reward_grads", "seconds", "seconds_per_sample", "peak_memory_bytes")
@@ -38,12 +38,14 @@ def _weights_key(w: Mapping[str, float] | None, objectives: Sequence[str]) -> st
 def compute_metrics(run_dir: Path | str, reference_point: Sequence[float] | None = None) -> dict[str, Any]:
     """Everything the report shows, as a JSON-able dict (also written to metrics.json)."""
     run_dir = Path(run_dir)
-    if not (run_dir / RESULTS_FILE).exists():
-        raise ReportError(f"{run_dir} has no {RESULTS_FILE}; run `msdda sweep ... --out {run_dir}` first")
+    if not results_files(run_dir):
+        raise ReportError(
+            f"{run_dir} has no {RESULTS_FILE} (nor results.rank*.jsonl); run `msdda sweep ... --out {run_dir}` first"
+        )
     config = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
-    rows = read_rows(run_dir / RESULTS_FILE)
+    rows = read_run_rows(run_dir)  # the union of every rank's results file
     if not rows:
-        raise ReportError(f"{run_dir / RESULTS_FILE} holds no complete rows yet")
+        raise ReportError(f"the results files of {run_dir} hold no complete rows yet")
     objectives = list(config.get("objectives") or rows[0]["rewards"].keys())
     flat = [{"method": r["method"], "weights": r["weights"], **r["rewards"]} for r in rows]
     groups = summarise(flat, objectives, group_keys=("method", "weights"))
@@ -322,7 +324,7 @@ def write_report(run_dir: Path | str, reference_point: Sequence[float] | None = 
     run_dir = Path(run_dir)
     metrics = compute_metrics(run_dir, reference_point)
     pareto_png = pareto_figure(metrics)
-    grids = _grids(run_dir, read_rows(run_dir / RESULTS_FILE), metrics["objectives"])
+    grids = _grids(run_dir, read_run_rows(run_dir), metrics["objectives"])
     page = render_html(metrics, pareto_png, grids)
     paths = {"metrics": run_dir / "metrics.json", "pareto": run_dir / "pareto.png", "html": run_dir / "report.html"}
     write_json_atomic(paths["metrics"], metrics)

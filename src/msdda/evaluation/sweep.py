@@ -1,11 +1,19 @@
 """Resumable sweeps: methods x preference weights x prompts x seeds into an append-only results store.
 
-A run folder holds `config.json` (the resolved SweepConfig) and `results.jsonl` (one row per sample).
-Work is cut into units (method, weights, prompt, seed), each one sampler call on a batch; a unit's rows are
-appended in one write and fsynced. Rerunning the same command resumes: rows of an incomplete unit (a kill
-mid-write) are dropped and the unit is redone, so the store ends with no duplicate or missing rows. The
-generator of a unit depends only on (seed, prompt), never on the method, the weights or the order of work:
-methods are compared on common random numbers, and a resumed run equals an uninterrupted one.
+A run folder holds `config.json` (the resolved SweepConfig) and the results store, one row per sample:
+`results.jsonl` for a single process, `results.rank{r}.jsonl` for rank r of a multi-process run (each
+process appends only to its own file). Readers (`read_rows(run_dir)`, `read_run_rows`, the report) see the
+union of every results file in the folder. Work is cut into units (method, weights, prompt, seed), each one
+sampler call on a batch; a unit's rows are appended in one write and fsynced. Rerunning the same command
+resumes: rows of an incomplete unit (a kill mid-write) are dropped and the unit is redone, so the store ends
+with no duplicate or missing rows. A unit counts as done when any results file holds it complete, so a run
+can be resumed with another number of processes. The generator of a unit depends only on (seed, prompt),
+never on the method, the weights, the order of work or the process count: methods are compared on common
+random numbers, and a resumed or multi-process run equals an uninterrupted single-process one.
+
+Under `torchrun` / `accelerate launch` the units, in their fixed planned order, go round-robin to the ranks
+(unit i -> rank i % world_size); rank 0 alone creates the folder and writes config.json, the others wait at
+a barrier and then check it (see `msdda.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from msdda.core.fusion import exponents_from_preferences
+from msdda.distributed import DistContext, get_context
 from msdda.errors import MSDDAError
 from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, SingleModel, sample
 from msdda.tasks.bundle import TaskBundle
@@ -35,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTED_METHODS = ("msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "code", "rgg")
 FIXED_METHODS = ("base",)  # plus "single:<objective>"
-RESULTS_FILE = "results.jsonl"
+RESULTS_FILE = "results.jsonl"  # the store of a single-process run
+RANK_RESULTS_PATTERN = re.compile(r"^results\.rank(\d+)\.jsonl$")  # rank r of a multi-process run
 CONFIG_FILE = "config.json"
 
 
@@ -60,7 +71,7 @@ class SweepConfig:
     beta: float | None = None
     code_candidates: int = 4
     code_block: int = 5
-    rgg_scale: float = 1.0
+    rgg_scale: float | None = None  # None: the task's calibrated scale
     save_samples: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
 
@@ -197,14 +208,34 @@ def build_method(
     if method == "code":
         return [bundle.base], CoDe(rewards, w, num_candidates=cfg.code_candidates, block_size=cfg.code_block), None
     if method == "rgg":
-        return [bundle.base], RGG(rewards, w, scale=cfg.rgg_scale), None
+        scale = cfg.rgg_scale if cfg.rgg_scale is not None else bundle.rgg_scale
+        return [bundle.base], RGG(rewards, w, scale=scale), None
     raise SweepError(f"unknown method {method!r}")
 
 
 # ----- the results store -------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Every complete row of a results file (a torn last line from a kill is ignored)."""
-    rows = []
+def results_file(run_dir: Path | str, rank: int, world_size: int) -> Path:
+    """The file rank `rank` of a `world_size`-process run appends to: results.jsonl for one process,
+    else results.rank{rank}.jsonl."""
+    return Path(run_dir) / (RESULTS_FILE if world_size == 1 else f"results.rank{rank}.jsonl")
+
+
+def results_files(run_dir: Path | str) -> list[Path]:
+    """Every results file of a run folder: results.jsonl (if any) first, then results.rank{r}.jsonl by r."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    ranked = []
+    for p in run_dir.iterdir():
+        m = RANK_RESULTS_PATTERN.match(p.name)
+        if m and p.is_file():
+            ranked.append((int(m.group(1)), p))
+    single = [run_dir / RESULTS_FILE] if (run_dir / RESULTS_FILE).is_file() else []
+    return single + [p for _, p in sorted(ranked)]
+
+
+def _read_file_rows(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     with path.open() as f:
@@ -218,19 +249,60 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _repair_store(path: Path, batch_size: int) -> set[str]:
-    """Drop torn lines and incomplete units (atomic rewrite); return the keys of complete units."""
-    text = path.read_text()
-    rows = read_rows(path)
+def read_rows(path: Path | str) -> list[dict[str, Any]]:
+    """Every complete row of a results file, or of a whole run folder.
+
+    path: one results file (a torn last line from a kill is ignored), or a run folder, for the union of
+    its results files (`read_run_rows`): what a multi-process run wrote, as one store.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return read_run_rows(path)
+    return _read_file_rows(path)
+
+
+def read_run_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The union of every results file of a run folder, each (unit, index) once, in the sweep's planned
+    order (by `unit_index`, so the same whatever the process count; stores written before rows carried it
+    keep file order)."""
+    seen: set[tuple[str, int]] = set()
+    rows = []
+    for f in results_files(run_dir):
+        for r in _read_file_rows(f):
+            key = (r["unit"], r["index"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    if all("unit_index" in r for r in rows):
+        rows.sort(key=lambda r: (r["unit_index"], r["index"]))
+    return rows
+
+
+def _complete_units(rows: Sequence[dict[str, Any]], batch_size: int) -> set[str]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["unit"]] = counts.get(r["unit"], 0) + 1
-    complete = {k for k, c in counts.items() if c == batch_size}
+    return {k for k, c in counts.items() if c == batch_size}
+
+
+def _repair_store(path: Path, batch_size: int) -> set[str]:
+    """Drop torn lines and incomplete units (atomic rewrite); return the keys of complete units."""
+    text = path.read_text()
+    rows = _read_file_rows(path)
+    complete = _complete_units(rows, batch_size)
     kept = [r for r in rows if r["unit"] in complete]
     if len(kept) != text.count("\n") or (text and not text.endswith("\n")):
         _atomic_write_lines(path, [json.dumps(r) for r in kept])
-        logger.info("results store repaired: kept %d rows of %d complete units", len(kept), len(complete))
+        logger.info("results store %s repaired: kept %d rows of %d complete units", path, len(kept), len(complete))
     return complete
+
+
+def done_units(run_dir: Path | str, batch_size: int) -> set[str]:
+    """Keys of the units some results file of the folder holds complete (whichever rank wrote them)."""
+    done: set[str] = set()
+    for f in results_files(run_dir):
+        done |= _complete_units(_read_file_rows(f), batch_size)
+    return done
 
 
 def _atomic_write_lines(path: Path, lines: Sequence[str]) -> None:
@@ -254,6 +326,12 @@ def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
+def _config_diff(existing: Mapping[str, Any], cfg: SweepConfig) -> list[str]:
+    """Names of the config keys where `existing` (a config.json document) differs from `cfg`."""
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    return sorted(k for k in set(existing) | set(mine) if existing.get(k) != mine.get(k))
+
+
 def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
     """Create the run folder, or check that an existing one holds this very sweep (else refuse)."""
     config_path = run_dir / CONFIG_FILE
@@ -262,13 +340,9 @@ def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
             existing = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise SweepError(f"{config_path} is not valid JSON; pass --overwrite to start the run afresh") from exc
-        if existing != json.loads(json.dumps(cfg.to_dict())):
+        diff = _config_diff(existing, cfg)
+        if diff:
             if not overwrite:
-                diff = sorted(
-                    k
-                    for k in set(existing) | set(cfg.to_dict())
-                    if existing.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k)
-                )
                 raise SweepError(
                     f"{run_dir} holds a sweep with a different config (differs in {diff}); use another folder, "
                     f"the same settings to resume, or --overwrite to discard it"
@@ -286,12 +360,45 @@ def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
         os.replace(tmp, config_path)
 
 
+def _check_prepared_config(run_dir: Path, cfg: SweepConfig) -> str | None:
+    """On ranks other than 0, after rank 0 prepared the folder: None if config.json is this sweep, else why not."""
+    config_path = run_dir / CONFIG_FILE
+    try:
+        existing = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        return (
+            f"{config_path} is missing after rank 0 wrote it; the run folder must be on a file system every "
+            "process shares (on several machines: a shared mount at the same path)"
+        )
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"cannot read {config_path} written by rank 0: {exc}; check the shared file system"
+    diff = _config_diff(existing, cfg)
+    if diff:
+        return (
+            f"{config_path} (written by rank 0) differs from this process's sweep in {diff}; launch every "
+            "process with the same command and options"
+        )
+    return None
+
+
+def _prepare_shared_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool, ctx: DistContext) -> None:
+    """Rank 0 prepares the folder while the others wait; then every rank checks config.json. A refusal on
+    any rank ends every rank with the same SweepError (never a hang)."""
+    ctx.call_checked(lambda: prepare_run_dir(run_dir, cfg, overwrite) if ctx.is_main else None, SweepError)
+    ctx.check_all(None if ctx.is_main else _check_prepared_config(run_dir, cfg), SweepError)
+
+
 @dataclass
 class SweepResult:
+    """run_dir; units_total: units of the whole sweep; units_run: units sampled by this call (summed over
+    the ranks of a multi-process run); rows: rows in the folder's whole store afterwards."""
+
     run_dir: Path
     units_total: int
     units_run: int
     rows: int
+    rank: int = 0
+    world_size: int = 1
 
 
 def run_sweep(
@@ -301,10 +408,19 @@ def run_sweep(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     on_unit_done: Callable[[Unit], None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) a sweep into `run_dir`. `shard=(rank, world)` runs units rank, rank+world, ..."""
+    """Run (or resume) a sweep into `run_dir`; units i with i % world_size == rank are this process's share.
+
+    shard: None (default) takes (rank, world_size) from the launcher (`msdda.distributed.get_context()`: one
+    process unless started by torchrun / accelerate launch), and the ranks coordinate through collectives
+    (rank 0 prepares the folder, the others wait and check it). An explicit (rank, world_size) runs that
+    share without any communication, for callers that schedule the shares themselves (one after another,
+    or as independent jobs); each such call prepares and checks the folder on its own.
+    Each rank appends to `results_file(run_dir, rank, world_size)`; units complete in any results file of
+    the folder are skipped, so a run resumes under any process count without duplicate or missing units.
+    """
     run_dir = Path(run_dir)
     bundle = bundle_factory(cfg)
     objectives = list(cfg.objectives or bundle.objectives[:2])
@@ -330,25 +446,49 @@ def run_sweep(
     prompts = list(cfg.prompts) if cfg.prompts is not None else list(bundle.prompts)
     if not prompts:
         raise SweepError("no prompts; pass at least one prompt (condition)")
+    if shard is None:
+        ctx = get_context()
+        rank, world = ctx.rank, ctx.world_size
+    else:
+        rank, world = (int(x) for x in shard)
+        if world < 1 or not 0 <= rank < world:
+            raise SweepError(f"shard={shard!r}: need (rank, world_size) with world_size >= 1 and 0 <= rank < world")
+        ctx = DistContext()  # an explicit share: no communication with other processes
 
-    prepare_run_dir(run_dir, cfg, overwrite)
-    results = run_dir / RESULTS_FILE
-    done = _repair_store(results, cfg.batch_size) if results.exists() else set()
+    if ctx.distributed:
+        _prepare_shared_run_dir(run_dir, cfg, overwrite, ctx)
+    else:
+        prepare_run_dir(run_dir, cfg, overwrite)
+    results = results_file(run_dir, rank, world)
+    if results.exists():  # only this process appends to its file: repair it before appending
+        _repair_store(results, cfg.batch_size)
+    if rank == 0:  # files no current rank writes (left by a run with another process count)
+        current = {results_file(run_dir, r, world) for r in range(world)}
+        for f in results_files(run_dir):
+            if f not in current:
+                _repair_store(f, cfg.batch_size)
+    ctx.barrier()
+    done = done_units(run_dir, cfg.batch_size)
     units = plan_units(cfg, objectives, grid, len(prompts))
-    rank, world = shard
-    mine = [u for i, u in enumerate(units) if i % world == rank]
-    todo = [u for u in mine if u.key not in done]
+    mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
+    todo = [(i, u) for i, u in mine if u.key not in done]
+    logger.info("sweep rank %d of %d: %d of its %d units to run (%d units done in %s)", rank, world, len(todo),
+                len(mine), len(done), run_dir)
     samples_dir = run_dir / "samples"
     if cfg.save_samples:
         samples_dir.mkdir(exist_ok=True)
-    for unit in tqdm(todo, desc="sweep", disable=not progress):
+    show = progress and ctx.is_main  # under a launcher: one bar (rank 0's share), not N interleaved ones
+    for position, unit in tqdm(todo, desc="sweep" if world == 1 else f"sweep rank {rank}/{world}", disable=not show):
         rows, samples = run_unit(unit, bundle, cfg, objectives, prompts)
+        for row in rows:
+            row["unit_index"] = position  # the unit's place in the plan: readers order the union by it
         if cfg.save_samples:
             _save_samples(samples_dir, unit, samples)
         _append_rows(results, rows)
         if on_unit_done is not None:
             on_unit_done(unit)
-    return SweepResult(run_dir, len(units), len(todo), len(read_rows(results)))
+    units_run = int(ctx.all_sum(torch.tensor([float(len(todo))])).item())  # also waits for every rank
+    return SweepResult(run_dir, len(units), units_run, len(read_run_rows(run_dir)), rank, world)
 
 
 def _safe_name(key: str) -> str:

@@ -29,6 +29,7 @@ from msdda.alignment.io import (
     save_model_dir,
 )
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
+from msdda.distributed import get_context
 from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES, split_digits
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig
 
@@ -146,8 +147,10 @@ def align_digits(
     """Step-level DPO of the digits base model (default: shipped base) towards `reward`; saves to `out`.
 
     reward: a callable (x0 [B,1,8,8], cond [B]) -> [B]. The result directory holds model.safetensors,
-    config.json, train_log.jsonl, train_config.json and checkpoints/.
+    config.json, train_log.jsonl, train_config.json and checkpoints/. Under torchrun / accelerate launch
+    every process calls this; the batch is shared (see `train_dpo`) and rank 0 alone writes the directory.
     """
+    ctx = get_context()
     base_dir = Path(base) if base is not None else shipped_dir("base")
     reference, doc = load_digits_model(base_dir)
     arch = DigitsDenoiserConfig.from_dict(doc["architecture"])
@@ -170,7 +173,11 @@ def align_digits(
         resume=resume,
         progress=progress,
         throttle=throttle,
+        context=ctx,
     )
+    if not ctx.is_main:
+        ctx.barrier()  # return once rank 0 has written the model
+        return result
     save_model_dir(
         result.model,
         out,
@@ -189,4 +196,5 @@ def align_digits(
         },
     )
     atomic_write_json(out / "train_config.json", config.to_dict())
+    ctx.barrier()
     return result
