@@ -147,7 +147,7 @@ def sample(
     draw = getattr(rule, "draw", None)
     start = time.perf_counter()
     with PeakMemory(x.device) as memory, torch.no_grad():
-        for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=not progress, leave=False)):
+        for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=None if progress else True, leave=False)):
             prev_t = ks.prev_timestep(t)
             outputs = evaluate_all(x, t)
             kernels = [ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]

@@ -219,7 +219,7 @@ def _train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train classifier", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc="train classifier", disable=None if progress else True, leave=False)
     for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         loss_sum = 0.0
