@@ -298,7 +298,7 @@ def test_load_rejects_mismatched_config(tmp_path) -> None:
     cfg_path.write_text(json.dumps(doc))
     with pytest.raises(
         ClassifierLoadError,
-        match=r"shape mismatches .*conv3\.weight: config expects \(32, 8, 3, 3\), file has \(16, 8, 3, 3\)",
+        match=r"shape mismatches .*conv3\.weight: model \(32, 8, 3, 3\), file \(16, 8, 3, 3\)",
     ):
         load_classifier(tmp_path)
     doc["config"]["width"] = 3

@@ -148,7 +148,7 @@ def test_q_posterior_is_the_fixed_small_kernel_of_the_true_noise():
 def test_config_round_trip():
     cfg = KernelSchedulerConfig(kind="ddim", eta=0.3, prediction_type="v_prediction")
     assert KernelSchedulerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ScheduleError, match="unknown scheduler config keys \\['bogus'\\]"):
+    with pytest.raises(ScheduleError, match="unknown KernelSchedulerConfig keys \\['bogus'\\]"):
         KernelSchedulerConfig.from_dict({"bogus": 1})
 
 

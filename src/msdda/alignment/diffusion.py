@@ -17,7 +17,6 @@ All schedule math (x_t, posterior, kernel) goes through msdda.core.KernelSchedul
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from msdda.alignment.errors import AlignmentError
+from msdda.config import JSONConfig
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def training_scheduler_config(num_train_timesteps: int = 1000) -> KernelSchedule
 
 
 @dataclass
-class BaseTrainConfig:
+class BaseTrainConfig(JSONConfig):
     """Base (reference) model training. Round-trips through to_dict/from_dict.
 
     steps: optimiser steps; batch_size: images per step; lr: peak AdamW learning rate (linear warm-up over
@@ -61,6 +61,8 @@ class BaseTrainConfig:
     (0 disables); data_levels: number of grey levels of the data in [-1, 1] (17 for 8x8 digits), which
     sets the decoder's bin width 2 / (data_levels - 1).
     """
+
+    config_error = AlignmentError
 
     steps: int = 3000
     batch_size: int = 256
@@ -92,17 +94,6 @@ class BaseTrainConfig:
             raise AlignmentError(f"BaseTrainConfig.vlb_weight={self.vlb_weight!r} must be >= 0")
         if self.data_levels < 2:
             raise AlignmentError(f"BaseTrainConfig.data_levels={self.data_levels!r} must be >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BaseTrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise AlignmentError(f"unknown BaseTrainConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass

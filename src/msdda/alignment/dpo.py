@@ -46,6 +46,7 @@ from msdda.alignment.io import (
     replace_dir_atomic,
     tensors_to_bytes,
 )
+from msdda.config import JSONConfig
 from msdda.core.kernel import GaussianKernel
 from msdda.core.schedule import KernelScheduler
 from msdda.distributed import DistContext, get_context
@@ -63,7 +64,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(JSONConfig):
     """Step-level DPO. Round-trips through to_dict/from_dict; written beside every run.
 
     reward: the reward's name or "module:function" spec (recorded; the callable is passed separately).
@@ -78,6 +79,8 @@ class DPOConfig:
     rank d % world_size), so any process count dividing data_shards gives the same data. 1 (default) is the
     single-stream recipe the shipped weights were trained with; a run on N processes needs a multiple of N.
     """
+
+    config_error = AlignmentError
 
     reward: str = "ink"
     beta: float = 0.05
@@ -107,8 +110,17 @@ class DPOConfig:
     def validate(self) -> None:
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise AlignmentError(f"DPOConfig.beta={self.beta!r} must be a positive number, e.g. 0.05")
-        for name in ("steps", "trajectories", "states_per_trajectory", "checkpoint_every", "log_every",
-                     "eval_samples", "keep_checkpoints", "lora_rank", "data_shards"):
+        for name in (
+            "steps",
+            "trajectories",
+            "states_per_trajectory",
+            "checkpoint_every",
+            "log_every",
+            "eval_samples",
+            "keep_checkpoints",
+            "lora_rank",
+            "data_shards",
+        ):
             if int(getattr(self, name)) < 1:
                 raise AlignmentError(f"DPOConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.candidates < 2:
@@ -122,19 +134,6 @@ class DPOConfig:
                 f"DPOConfig.data_shards={self.data_shards!r} exceeds trajectories={self.trajectories!r}; every shard "
                 f"needs at least one trajectory: lower data_shards or raise trajectories"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DPOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise AlignmentError(f"unknown DPOConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -215,9 +214,17 @@ def evaluate_policy(
     cond = cond_sampler(config.eval_samples, gen)
     rule = _KLRecorder()
     out = sample(
-        [policy], scheduler, rule, shape=(config.eval_samples, *sample_shape), cond=cond, reference=reference,
-        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, null_cond=null_cond,
-        generator=gen, progress=False,
+        [policy],
+        scheduler,
+        rule,
+        shape=(config.eval_samples, *sample_shape),
+        cond=cond,
+        reference=reference,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        null_cond=null_cond,
+        generator=gen,
+        progress=False,
     )
     with torch.no_grad():
         r = check_reward_values(reward(out.samples.clamp(-1, 1), cond), config.eval_samples, config.reward)
@@ -250,8 +257,14 @@ def _as_shards(gen: torch.Generator | Mapping[int, torch.Generator]) -> Mapping[
 
 
 def _save_checkpoint(
-    ckpt_root: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer,
-    gen: torch.Generator | Mapping[int, torch.Generator], config: DPOConfig, elapsed: float, keep: int,
+    ckpt_root: Path,
+    step: int,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator | Mapping[int, torch.Generator],
+    config: DPOConfig,
+    elapsed: float,
+    keep: int,
 ) -> Path:
     """Write checkpoint `step` (atomically); gen: shard 0's generator, or {shard: generator} for every shard."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -271,10 +284,12 @@ def _save_checkpoint(
                 scalars.setdefault(str(pid), {})[key] = val
     (tmp / "optimizer.safetensors").write_bytes(tensors_to_bytes(tensors))
     (tmp / "rng.safetensors").write_bytes(
-        tensors_to_bytes({
-            **{_generator_key(d): g.get_state() for d, g in _as_shards(gen).items()},
-            "torch_global": torch.get_rng_state(),
-        })
+        tensors_to_bytes(
+            {
+                **{_generator_key(d): g.get_state() for d, g in _as_shards(gen).items()},
+                "torch_global": torch.get_rng_state(),
+            }
+        )
     )
     doc = {
         "step": step,
@@ -292,7 +307,10 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator | Mapping[int, torch.Generator],
+    path: Path,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator | Mapping[int, torch.Generator],
     config: DPOConfig,
 ) -> tuple[int, float]:
     """Restore weights, optimiser and generator states (gen: shard 0's, or {shard: generator} for the shards
@@ -308,8 +326,11 @@ def _load_checkpoint(
         if saved and f.name not in saved and f.default is not dataclasses.MISSING:
             saved[f.name] = f.default
     now = config.to_dict()
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-            if k not in _RESUMABLE_DIFFS and saved.get(k) != now.get(k)}
+    diff = {
+        k: (saved.get(k), now.get(k))
+        for k in sorted(set(saved) | set(now))
+        if k not in _RESUMABLE_DIFFS and saved.get(k) != now.get(k)
+    }
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(
@@ -343,8 +364,13 @@ def _load_checkpoint(
 def _wrap_lora(policy: nn.Module, config: DPOConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets),
-                      lora_dropout=0.0, bias="none")
+    lcfg = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
     try:
         return get_peft_model(policy, lcfg)
     except ValueError as exc:
@@ -493,9 +519,17 @@ def train_dpo(
         gen, n_traj = gens[shard], sizes[shard]
         cond = cond_sampler(n_traj, gen)
         traj = sample(
-            [module], ks, _SinglePolicy(), shape=(n_traj, *sample_shape), cond=cond,
-            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-            null_cond=null_cond, generator=gen, progress=False, return_trajectory=True,
+            [module],
+            ks,
+            _SinglePolicy(),
+            shape=(n_traj, *sample_shape),
+            cond=cond,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            null_cond=null_cond,
+            generator=gen,
+            progress=False,
+            return_trajectory=True,
         ).trajectory
         assert traj is not None
         idx = torch.randint(0, n_steps - 1, (n_traj, S), generator=gen)  # never the final (mean) step
@@ -525,8 +559,13 @@ def train_dpo(
     window: dict[str, float] = {}
     wcount = 0
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start_step, config.steps), desc=f"align {config.reward}", disable=not (progress and ctx.is_main),
-               initial=start_step, total=config.steps)
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc=f"align {config.reward}",
+        disable=not (progress and ctx.is_main),
+        initial=start_step,
+        total=config.steps,
+    )
     for step in bar:
         batches = [draw(d) for d in my_shards]
         lp_ws, lp_ls = [], []
@@ -553,10 +592,19 @@ def train_dpo(
         with torch.no_grad():
             margin = (lp_w - lr_w) - (lp_l - lr_l)
             if ctx.distributed:  # figures of the global batch
-                sums = ctx.all_sum(torch.stack([
-                    (per_pair * weight).sum(), ((margin > 0).double() * weight).sum(), weight.sum(), gap.sum(),
-                    (lp_w - lr_w).sum(), (lp_l - lr_l).sum(), torch.tensor(float(gap.numel()), dtype=torch.float64),
-                ]))
+                sums = ctx.all_sum(
+                    torch.stack(
+                        [
+                            (per_pair * weight).sum(),
+                            ((margin > 0).double() * weight).sum(),
+                            weight.sum(),
+                            gap.sum(),
+                            (lp_w - lr_w).sum(),
+                            (lp_l - lr_l).sum(),
+                            torch.tensor(float(gap.numel()), dtype=torch.float64),
+                        ]
+                    )
+                )
                 pairs, count = sums[2].clamp_min(1.0), sums[6]
                 stats = {
                     "loss": float(sums[0] / pairs),
@@ -580,8 +628,12 @@ def train_dpo(
         if throttle > 0:
             time.sleep(throttle)
         if ctx.is_main and (done % config.log_every == 0 or done == config.steps):
-            row = {"step": done, **{k: v / wcount for k, v in window.items()}, **eval_now(),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+            row = {
+                "step": done,
+                **{k: v / wcount for k, v in window.items()},
+                **eval_now(),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
             bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['eval_reward']:.3f}")
             logger.info("align step %d: %s", done, row)
             write_row(row)
@@ -595,8 +647,9 @@ def train_dpo(
                     for d, state in part.items():
                         all_gens[d] = torch.Generator()
                         all_gens[d].set_state(state)
-                _save_checkpoint(ckpt_root, done, module, opt, all_gens, config, time.perf_counter() - t0,
-                                 config.keep_checkpoints)
+                _save_checkpoint(
+                    ckpt_root, done, module, opt, all_gens, config, time.perf_counter() - t0, config.keep_checkpoints
+                )
     seconds = time.perf_counter() - t0
     if not ctx.is_main:
         final_eval: dict[str, float] = {}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from msdda.alignment.errors import CheckpointError
+from msdda.models.state import state_mismatches
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -145,20 +146,8 @@ def check_model_config(
 
 def check_state_matches(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> None:
     """CheckpointError naming missing/unexpected tensors and shape mismatches between `state` and `module`."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = {k: (expected[k], got[k]) for k in sorted(set(expected) & set(got)) if expected[k] != got[k]}
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:6]}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:6]}")
-        if wrong:
-            shown = ", ".join(f"{k}: model {e}, file {g}" for k, (e, g) in list(wrong.items())[:6])
-            parts.append("shape mismatches " + shown)
+    parts = state_mismatches(module, state)
+    if parts:
         raise CheckpointError(f"{source} does not match the model architecture: " + "; ".join(parts))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msdda.config import JSONConfig
 from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
 from msdda.core.kernel import ReverseKernel
 
@@ -56,8 +57,10 @@ def make_betas(
 
 
 @dataclass
-class KernelSchedulerConfig:
+class KernelSchedulerConfig(JSONConfig):
     """Everything that fixes the reverse kernel; mirrors the diffusers config keys of the same name."""
+
+    config_error = ScheduleError
 
     kind: str = "ddpm"  # "ddpm" | "ddim"
     num_train_timesteps: int = 1000
@@ -75,17 +78,6 @@ class KernelSchedulerConfig:
     steps_offset: int = 0
     set_alpha_to_one: bool = True  # DDIM only: alpha_prev at the last step is 1 (else alphas_cumprod[0])
     eta: float = 0.0  # DDIM only: 0 = deterministic, 1 = DDPM-like variance
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KernelSchedulerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ScheduleError(f"unknown scheduler config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
     def validate(self) -> None:
         checks = [

@@ -18,7 +18,6 @@ a barrier and then check it (see `msdda.distributed`).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from msdda.config import JSONConfig
 from msdda.core.fusion import exponents_from_preferences
 from msdda.distributed import DistContext, get_context
 from msdda.errors import MSDDAError
@@ -55,8 +55,10 @@ class SweepError(MSDDAError):
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(JSONConfig):
     """Everything that determines a sweep's results (written to the run folder as config.json)."""
+
+    config_error = SweepError
 
     task: str = "digits"
     objectives: list[str] | None = None  # default: the task's first two
@@ -74,17 +76,6 @@ class SweepConfig:
     rgg_scale: float | None = None  # None: the task's calibrated scale
     save_samples: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SweepError(f"unknown sweep config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**dict(d))
 
 
 def simplex_grid(objectives: Sequence[str], points_per_edge: int) -> list[dict[str, float]]:
@@ -472,8 +463,15 @@ def run_sweep(
     units = plan_units(cfg, objectives, grid, len(prompts))
     mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
     todo = [(i, u) for i, u in mine if u.key not in done]
-    logger.info("sweep rank %d of %d: %d of its %d units to run (%d units done in %s)", rank, world, len(todo),
-                len(mine), len(done), run_dir)
+    logger.info(
+        "sweep rank %d of %d: %d of its %d units to run (%d units done in %s)",
+        rank,
+        world,
+        len(todo),
+        len(mine),
+        len(done),
+        run_dir,
+    )
     samples_dir = run_dir / "samples"
     if cfg.save_samples:
         samples_dir.mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from msdda.config import JSONConfig
+from msdda.models.state import state_mismatches
 from msdda.tasks.digits.data import IMAGE_SHAPE, NUM_CLASSES, DigitsTaskError, split_digits
 
 logger = logging.getLogger(__name__)
@@ -41,13 +43,15 @@ class ClassifierLoadError(DigitsTaskError):
 
 
 @dataclass
-class DigitsClassifierConfig:
+class DigitsClassifierConfig(JSONConfig):
     """Architecture of :class:`DigitsClassifier`; round-trips through to_dict/from_dict.
 
     Attributes:
         channels: widths of the three conv layers (8x8, then 4x4, then 2x2 after strided convs).
         num_classes: number of output logits.
     """
+
+    config_error = DigitsTaskError
 
     channels: tuple[int, int, int] = (16, 32, 64)
     num_classes: int = NUM_CLASSES
@@ -58,24 +62,6 @@ class DigitsClassifierConfig:
             raise DigitsTaskError(f"DigitsClassifierConfig.channels must be three positive ints, got {self.channels!r}")
         if self.num_classes <= 1:
             raise DigitsTaskError(f"DigitsClassifierConfig.num_classes must be > 1, got {self.num_classes!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DigitsClassifierConfig:
-        """Inverse of to_dict; unknown keys raise DigitsTaskError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DigitsTaskError(f"unknown DigitsClassifierConfig keys {unknown}; valid keys are {sorted(known)}")
-        kwargs = dict(data)
-        if "channels" in kwargs:
-            kwargs["channels"] = tuple(kwargs["channels"])
-        return cls(**kwargs)
 
 
 class DigitsClassifier(nn.Module):
@@ -326,21 +312,8 @@ def load_classifier(directory: str | os.PathLike[str], map_location: str | torch
         raise ClassifierLoadError(f"classifier weights {weights_path} are corrupt or unreadable: {exc}") from exc
 
     model = DigitsClassifier(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = {k: (expected[k], got[k]) for k in sorted(set(expected) & set(got)) if expected[k] != got[k]}
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        if wrong:
-            parts.append(
-                "shape mismatches " + ", ".join(f"{k}: config expects {e}, file has {g}" for k, (e, g) in wrong.items())
-            )
+    parts = state_mismatches(model, state)
+    if parts:
         raise ClassifierLoadError(
             f"classifier weights {weights_path} do not match the architecture in {cfg_path}: " + "; ".join(parts)
         )

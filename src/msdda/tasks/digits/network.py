@@ -13,18 +13,18 @@ residual block as a per-channel bias.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from msdda.config import JSONConfig
 from msdda.tasks.digits.data import NUM_CLASSES, DigitsTaskError
 
 
 @dataclass
-class DigitsDenoiserConfig:
+class DigitsDenoiserConfig(JSONConfig):
     """Architecture of :class:`DigitsDenoiser`; round-trips through :meth:`to_dict`/:meth:`from_dict`.
 
     Attributes:
@@ -42,6 +42,8 @@ class DigitsDenoiserConfig:
         dropout: dropout probability inside residual blocks (training only).
         max_period: longest period of the sinusoidal timestep embedding, in timesteps.
     """
+
+    config_error = DigitsTaskError
 
     in_channels: int = 1
     image_size: int = 8
@@ -109,24 +111,6 @@ class DigitsDenoiserConfig:
     def null_class(self) -> int:
         """Index of the unconditional class (equal to num_classes)."""
         return self.num_classes
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DigitsDenoiserConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise DigitsTaskError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DigitsTaskError(f"unknown DigitsDenoiserConfig keys {unknown}; valid keys are {sorted(known)}")
-        kwargs = dict(data)
-        if "channel_mult" in kwargs:
-            kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
-        return cls(**kwargs)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
