@@ -165,7 +165,7 @@ def pareto_figure(metrics: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def image_grid_png(samples: np.ndarray, max_images: int = 16) -> bytes | None:
+def image_grid_png(samples: np.ndarray, max_images: int = 20) -> bytes | None:
     """PNG bytes of a grid of [N, C, H, W] samples in [-1, 1]; None if they are not images."""
     if samples.ndim != 4 or samples.shape[1] not in (1, 3):
         return None
@@ -176,16 +176,18 @@ def image_grid_png(samples: np.ndarray, max_images: int = 16) -> bytes | None:
 
     imgs = np.clip((samples[:max_images] + 1) / 2, 0, 1)
     n = imgs.shape[0]
-    cols = min(8, n)
+    cols = min(10, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False, gridspec_kw={"wspace": 0.08, "hspace": 0.08}
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, img in zip(axes.flat, imgs, strict=False):
-        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-    fig.tight_layout(pad=0.1)
+        pixels = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight", pad_inches=0.02)
     plt.close(fig)
     return buf.getvalue()
 
@@ -204,7 +206,9 @@ def _grids(run_dir: Path, rows: Sequence[dict[str, Any]], objectives: Sequence[s
         )
     out = {}
     for k, arrs in collected.items():
-        png = image_grid_png(np.concatenate(arrs))
+        # round-robin over units (prompts, seeds), so a grid shows every prompt rather than one prompt's batch
+        mixed = np.stack([a[i] for i in range(max(len(a) for a in arrs)) for a in arrs if i < len(a)])
+        png = image_grid_png(mixed)
         if png is not None:
             out[k] = png
     return out
