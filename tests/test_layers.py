@@ -8,6 +8,7 @@ import msdda
 LAYERS = {
     "errors": 0,
     "config": 0,
+    "atomic": 0,
     "distributed": 0,  # rank / world size and collectives (torch.distributed through accelerate)
     "core": 1,
     "models": 2,

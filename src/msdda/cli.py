@@ -83,7 +83,8 @@ def demo(
 
 
 def _gaussian_demo(out: Path, grid: list[float], samples: int, steps: int, seed: int, quiet: bool) -> None:
-    from msdda.evaluation.oracle import format_table, run_oracle_demo, write_json_atomic
+    from msdda.atomic import write_json_atomic
+    from msdda.evaluation.oracle import format_table, run_oracle_demo
 
     summary = run_oracle_demo(grid, samples=samples, steps=steps, seed=seed, progress=not quiet)
     write_json_atomic(out / "summary.json", summary)

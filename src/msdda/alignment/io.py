@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from msdda.alignment.errors import CheckpointError
+from msdda.atomic import write_bytes_atomic, write_json_atomic
 from msdda.models.state import state_mismatches
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,22 +32,12 @@ CONFIG_FILE = "config.json"
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """JSON (indented, sorted keys) written atomically."""
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_json_atomic(path, data, sort_keys=True)
 
 
 def tensors_to_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from msdda.alignment.diffusion import BaseTrainConfig
 from msdda.alignment.dpo import DPOConfig
+from msdda.atomic import write_json_atomic
 from msdda.core.fusion import exponents_from_preferences
 from msdda.evaluation.metrics import mean_ci
-from msdda.evaluation.oracle import write_json_atomic
 from msdda.rewards import get_reward
 from msdda.sampling import DBMPA, MSDDA, SingleModel, sample
 from msdda.tasks.digits.data import NULL_CLASS
@@ -106,14 +106,20 @@ def _save_pareto(path: Path, summary: dict[str, Any]) -> None:
 
 
 def train_demo_weights(
-    out: Path, objectives: Sequence[str], *, seed: int = 0, base_steps: int = 3000, align_steps: int | None = None,
+    out: Path,
+    objectives: Sequence[str],
+    *,
+    seed: int = 0,
+    base_steps: int = 3000,
+    align_steps: int | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Retrain the base and one aligned model per objective (the shipped recipe) into `out`/{base,aligned-*}."""
     out = Path(out)
     dirs = {"base": out / "base"}
-    train_digits_base(dirs["base"], BaseTrainConfig(steps=base_steps, seed=seed, warmup_steps=min(100, base_steps)),
-                      progress=progress)
+    train_digits_base(
+        dirs["base"], BaseTrainConfig(steps=base_steps, seed=seed, warmup_steps=min(100, base_steps)), progress=progress
+    )
     for name in objectives:
         d = out / f"aligned-{name}"
         cfg = recipe_config(name, seed=seed)
@@ -168,8 +174,14 @@ def run_digits_demo(
     cond = class_conditions(samples)
     null = torch.tensor([NULL_CLASS])
     out = Path(out)
-    common = dict(shape=(samples, 1, 8, 8), cond=cond, num_inference_steps=steps, guidance_scale=guidance_scale,
-                  null_cond=null, progress=progress)
+    common = dict(
+        shape=(samples, 1, 8, 8),
+        cond=cond,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        null_cond=null,
+        progress=progress,
+    )
 
     def run(method: str, models_: list, rule: Any, weights: dict[str, float]) -> tuple[dict[str, Any], Tensor]:
         start = time.perf_counter()
@@ -201,8 +213,11 @@ def run_digits_demo(
         m_row, m_x = run("msdda", aligned, MSDDA(a), weights)
         d_row, d_x = run("db-mpa", aligned, DBMPA(prefs), weights)
         results.extend([m_row, d_row])
-        _save_grid(out / f"samples_w{w:g}.png", {"base": base_x, "msdda": m_x, "db-mpa": d_x},
-                   f"w({objectives[0]})={w:g}, w({objectives[1]})={1 - w:g}")
+        _save_grid(
+            out / f"samples_w{w:g}.png",
+            {"base": base_x, "msdda": m_x, "db-mpa": d_x},
+            f"w({objectives[0]})={w:g}, w({objectives[1]})={1 - w:g}",
+        )
     summary = {"task": "digits", "objectives": list(objectives), "results": results}
     write_json_atomic(out / "summary.json", summary)
     _save_pareto(out / "pareto.png", summary)

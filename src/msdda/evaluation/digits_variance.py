@@ -36,9 +36,19 @@ def variance_statistics(
     models, sched = load_digits_models([base_dir, *(model_dirs[n] for n in names)])
     null = torch.tensor([NULL_CLASS])
     cond = class_conditions(samples)
-    traj = sample([models[0]], sched, SingleModel(), shape=(samples, 1, 8, 8), cond=cond, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, null_cond=null, seed=seed, progress=False,
-                  return_trajectory=True).trajectory
+    traj = sample(
+        [models[0]],
+        sched,
+        SingleModel(),
+        shape=(samples, 1, 8, 8),
+        cond=cond,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        null_cond=null,
+        seed=seed,
+        progress=False,
+        return_trajectory=True,
+    ).trajectory
     assert traj is not None
     ts = [int(t) for t in sched.timesteps]
     guided = [ClassifierFreeGuidance(m, guidance_scale, null) for m in models]
@@ -48,7 +58,7 @@ def variance_statistics(
         for k in keys:
             out["models"][n][k] = []
     out["models"]["base"] = {"mean_frac": []}
-    pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     for a, b in pair_names:
         out["pairs"][f"{a}|{b}"] = []
     with torch.no_grad():
@@ -71,8 +81,9 @@ def variance_statistics(
     return out
 
 
-def summarise_variance_statistics(stats: dict[str, Any], buckets: Sequence[tuple[int, int]] = ((999, 600),
-                                  (599, 200), (199, 0))) -> dict[str, Any]:
+def summarise_variance_statistics(
+    stats: dict[str, Any], buckets: Sequence[tuple[int, int]] = ((999, 600), (599, 200), (199, 0))
+) -> dict[str, Any]:
     """Average the per-step figures over timestep ranges (inclusive, descending), for a short table."""
     ts = stats["timesteps"]
     res: dict[str, Any] = {}

@@ -81,9 +81,7 @@ def _points(points: Any, name: str = "points", allow_empty: bool = True) -> np.n
 
 
 # ------------------------------------------------------------------------------------ mean and CI
-def mean_ci(
-    values: Any, *, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
+def mean_ci(values: Any, *, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Sample mean with a percentile-bootstrap confidence interval.
 
     values: shape (n,), finite. Returns (mean, lo, hi) in the units of `values`, lo <= mean <= hi.

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from msdda.errors import MSDDAError
 from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
 from msdda.evaluation.sweep import CONFIG_FILE, RESULTS_FILE, iter_units, read_run_rows, results_files, samples_path
@@ -323,8 +324,6 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ backgr
 
 def write_report(run_dir: Path | str, reference_point: Sequence[float] | None = None) -> dict[str, Path]:
     """Write metrics.json, pareto.png and report.html into the run folder (atomically); return the paths."""
-    from msdda.evaluation.oracle import write_json_atomic
-
     run_dir = Path(run_dir)
     metrics = compute_metrics(run_dir, reference_point)
     pareto_png = pareto_figure(metrics)
@@ -332,8 +331,6 @@ def write_report(run_dir: Path | str, reference_point: Sequence[float] | None = 
     page = render_html(metrics, pareto_png, grids)
     paths = {"metrics": run_dir / "metrics.json", "pareto": run_dir / "pareto.png", "html": run_dir / "report.html"}
     write_json_atomic(paths["metrics"], metrics)
-    for key, data in (("pareto", pareto_png), ("html", page.encode())):
-        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(paths[key])
+    write_bytes_atomic(paths["pareto"], pareto_png)
+    write_text_atomic(paths["html"], page)
     return paths

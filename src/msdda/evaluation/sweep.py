@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from msdda.config import JSONConfig
 from msdda.core.fusion import exponents_from_preferences
 from msdda.distributed import DistContext, get_context
@@ -283,7 +283,7 @@ def _repair_store(path: Path, batch_size: int) -> set[str]:
     complete = _complete_units(rows, batch_size)
     kept = [r for r in rows if r["unit"] in complete]
     if len(kept) != text.count("\n") or (text and not text.endswith("\n")):
-        _atomic_write_lines(path, [json.dumps(r) for r in kept])
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         logger.info("results store %s repaired: kept %d rows of %d complete units", path, len(kept), len(complete))
     return complete
 
@@ -294,19 +294,6 @@ def done_units(run_dir: Path | str, batch_size: int) -> set[str]:
     for f in results_files(run_dir):
         done |= _complete_units(_read_file_rows(f), batch_size)
     return done
-
-
-def _atomic_write_lines(path: Path, lines: Sequence[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(line + "\n" for line in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -345,10 +332,7 @@ def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config_path.exists():
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        os.replace(tmp, config_path)
+        write_json_atomic(config_path, cfg.to_dict())
 
 
 def _check_prepared_config(run_dir: Path, cfg: SweepConfig) -> str | None:
@@ -494,12 +478,10 @@ def _safe_name(key: str) -> str:
 
 
 def _save_samples(samples_dir: Path, unit: Unit, samples: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = samples_dir / f"{_safe_name(unit.key)}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({"samples": samples.detach().float().contiguous().cpu()}, str(tmp))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save({"samples": samples.detach().float().contiguous().cpu()}))
 
 
 def samples_path(run_dir: Path, unit_key: str) -> Path:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from msdda.atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +44,12 @@ def _parse_pairs(values: list[str], what: str, *, number: bool) -> dict[str, Any
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_image(path: Path, image: Any) -> None:
     import io
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def sample_command(
@@ -156,7 +144,7 @@ def sample_command(
         "nsfw_content_detected": result.nsfw_content_detected,
         "images": files,
     }
-    _atomic_write_bytes(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
     typer.echo(f"wrote {len(files)} image(s) and config.json to {out}")
 
 

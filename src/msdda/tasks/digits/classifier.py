@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from msdda.atomic import write_bytes_atomic
 from msdda.config import JSONConfig
 from msdda.models.state import state_mismatches
 from msdda.tasks.digits.data import IMAGE_SHAPE, NUM_CLASSES, DigitsTaskError, split_digits
@@ -226,20 +226,6 @@ def _train_loop(
     return model
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Write beside the target, then rename: a crash never leaves a half-written file under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600 files; saved weights (and the shipped ones) should be world-readable.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(
     model: DigitsClassifier, directory: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
 ) -> Path:
@@ -254,8 +240,8 @@ def save_classifier(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     doc = {"model_type": MODEL_TYPE, "config": model.config.to_dict(), "metadata": dict(metadata or {})}
-    _atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={"model_type": MODEL_TYPE}))
-    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(out / WEIGHTS_FILE, save(state, metadata={"model_type": MODEL_TYPE}))
+    write_bytes_atomic(out / CONFIG_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 
