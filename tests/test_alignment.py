@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY, tiny_model
 from msdda.alignment import (
     AlignmentError,
     BaseTrainConfig,
@@ -28,28 +29,10 @@ from msdda.alignment import (
 )
 from msdda.alignment.dpo import _load_checkpoint, _save_checkpoint, train_dpo
 from msdda.core import GaussianKernel, KernelScheduler
-from msdda.tasks.digits import DigitsDenoiser, DigitsDenoiserConfig
+from msdda.tasks.digits import DigitsDenoiserConfig
 from msdda.tasks.digits.training import MODEL_TYPE, align_digits, class_conditions, load_digits_model
 
-TINY = DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), time_embed_dim=16, num_groups=4)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny_model(seed: int = 0) -> DigitsDenoiser:
-    torch.manual_seed(seed)
-    m = DigitsDenoiser(TINY)
-    with torch.no_grad():  # non-trivial output (the last conv is zero-initialised)
-        m.conv_out.weight.normal_(0, 0.05)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_base")
-    sched = KernelScheduler(training_scheduler_config())
-    save_model_dir(_tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
-                   scheduler=sched.config.to_dict())
-    return d
 
 
 def _tiny_dpo(**kw) -> DPOConfig:
@@ -132,8 +115,8 @@ def test_train_diffusion_is_deterministic_and_config_round_trips():
     assert BaseTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     labels = torch.arange(16) % 10
-    a, _ = train_diffusion(_tiny_model(), images, labels, cfg, null_class=10, progress=False)
-    b, _ = train_diffusion(_tiny_model(), images, labels, cfg, null_class=10, progress=False)
+    a, _ = train_diffusion(tiny_model(), images, labels, cfg, null_class=10, progress=False)
+    b, _ = train_diffusion(tiny_model(), images, labels, cfg, null_class=10, progress=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     with pytest.raises(AlignmentError, match="label_dropout"):
@@ -207,7 +190,7 @@ def test_training_with_a_bad_reward_names_the_batch_index(tiny_base, tmp_path):
 
 # --------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
-    model = _tiny_model()
+    model = tiny_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])).square().mean().backward()
     opt.step()
@@ -217,7 +200,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = _save_checkpoint(tmp_path, 7, model, opt, gen, cfg, 1.5, keep=2)
     assert not list(tmp_path.glob(".tmp*"))
 
-    model2 = _tiny_model(seed=1)
+    model2 = tiny_model(seed=1)
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
     gen2 = torch.Generator().manual_seed(0)
     step, elapsed = _load_checkpoint(path, model2, opt2, gen2, cfg)
@@ -238,11 +221,11 @@ def test_loading_another_architecture_or_task_fails_clearly(tiny_base, tmp_path)
     with pytest.raises(CheckpointError, match="base_channels"):
         load_digits_model(tiny_base, expected_architecture=DigitsDenoiserConfig().to_dict())
     other = tmp_path / "other_task"
-    save_model_dir(_tiny_model(), other, model_type=MODEL_TYPE, task="faces", architecture=TINY.to_dict())
+    save_model_dir(tiny_model(), other, model_type=MODEL_TYPE, task="faces", architecture=TINY.to_dict())
     with pytest.raises(CheckpointError, match="task 'faces'"):
         load_digits_model(other)
     lying = tmp_path / "lying"  # config says default architecture, tensors are tiny
-    save_model_dir(_tiny_model(), lying, model_type=MODEL_TYPE, task="digits",
+    save_model_dir(tiny_model(), lying, model_type=MODEL_TYPE, task="digits",
                    architecture=DigitsDenoiserConfig().to_dict())
     with pytest.raises(CheckpointError, match="does not match the model architecture"):
         load_digits_model(lying)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from msdda.alignment import AlignmentError, DPOConfig, save_model_dir, training_scheduler_config
+from conftest import tiny_model
+from msdda.alignment import AlignmentError, DPOConfig, training_scheduler_config
 from msdda.alignment.dpo import shard_seed, shard_sizes, train_dpo
 from msdda.core import KernelScheduler
 from msdda.distributed import DistContext, DistributedError, get_context, launched_world_size
@@ -31,15 +32,13 @@ from msdda.evaluation.sweep import (
 )
 from msdda.evaluation.tasks import get_task_bundle
 from msdda.rewards import get_reward
-from msdda.tasks.digits import DigitsDenoiser, DigitsDenoiserConfig
-from msdda.tasks.digits.training import MODEL_TYPE, align_digits, class_conditions
+from msdda.tasks.digits.training import align_digits, class_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SWEEP_ARGS = ["--task", "gaussian", "--methods", "base,msdda,db-mpa", "--grid-points", "3", "--seeds", "0,1,2",
               "--batch-size", "4", "--steps", "6", "--quiet"]
 UNITS = 21  # (1 base + 3 weights x 2 weighted methods) x 3 seeds x 1 prompt
-TINY = DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), time_embed_dim=16, num_groups=4)
 
 
 def _sweep_cfg() -> SweepConfig:
@@ -205,23 +204,6 @@ def test_single_process_context_and_collectives(monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------- training
-def _tiny_model(seed: int = 0) -> DigitsDenoiser:
-    torch.manual_seed(seed)
-    m = DigitsDenoiser(TINY)
-    with torch.no_grad():  # non-trivial output (the last conv is zero-initialised)
-        m.conv_out.weight.normal_(0, 0.05)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_base")
-    sched = KernelScheduler(training_scheduler_config())
-    save_model_dir(_tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
-                   scheduler=sched.config.to_dict())
-    return d
-
-
 ALIGN = dict(reward="ink", beta=0.5, steps=4, lr=1e-3, trajectories=4, states_per_trajectory=2, candidates=3,
              checkpoint_every=2, log_every=2, eval_samples=4, data_shards=2)
 
@@ -256,7 +238,7 @@ def test_dpo_on_two_processes_matches_one(tiny_base, single_align, tmp_path):
     assert res.stdout.count("aligned to 'ink'") == 1  # rank 0 alone reports
     _assert_same_weights(single_align, out)
     moved = load_file(str(out / "model.safetensors"))
-    assert any(not torch.equal(moved[k], v) for k, v in _tiny_model().state_dict().items())  # it did train
+    assert any(not torch.equal(moved[k], v) for k, v in tiny_model().state_dict().items())  # it did train
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     log1 = [json.loads(x) for x in (single_align / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 2, 4]
@@ -287,7 +269,7 @@ def test_data_shards_are_checked_and_shard_streams_are_fixed(tiny_base, tmp_path
     assert shard_seed(7, 1) == shard_seed(7, 1) != shard_seed(7, 2) != shard_seed(8, 1)
     with pytest.raises(AlignmentError, match="data_shards=5 exceeds trajectories=4"):
         DPOConfig(**{**ALIGN, "data_shards": 5})
-    policy, reference = _tiny_model(), _tiny_model()
+    policy, reference = tiny_model(), tiny_model()
     with pytest.raises(AlignmentError, match="data_shards=3 cannot be shared by 2 processes.*--data-shards 2"):
         train_dpo(policy, reference, KernelScheduler(training_scheduler_config()), get_reward("ink"),
                   DPOConfig(**{**ALIGN, "data_shards": 3}), out=tmp_path, sample_shape=(1, 8, 8),

@@ -1,0 +1,31 @@
+"""Fixtures shared by test files: a tiny digits denoiser saved as a model folder."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msdda.alignment import save_model_dir, training_scheduler_config
+from msdda.core import KernelScheduler
+from msdda.tasks.digits import DigitsDenoiser, DigitsDenoiserConfig
+from msdda.tasks.digits.training import MODEL_TYPE
+
+TINY = DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), time_embed_dim=16, num_groups=4)
+
+
+def tiny_model(seed: int = 0) -> DigitsDenoiser:
+    """A tiny digits denoiser with a non-trivial output (the last conv is zero-initialised otherwise)."""
+    torch.manual_seed(seed)
+    m = DigitsDenoiser(TINY)
+    with torch.no_grad():
+        m.conv_out.weight.normal_(0, 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_base")
+    sched = KernelScheduler(training_scheduler_config())
+    save_model_dir(tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
+                   scheduler=sched.config.to_dict())
+    return d
