@@ -1,4 +1,4 @@
-"""Rewards: protocol, validation, registry, and the built-in digits rewards on hand-built images."""
+"""Rewards: protocol, validation, the differentiability default, registry, and the built-in digits rewards."""
 
 from __future__ import annotations
 
@@ -7,21 +7,27 @@ import textwrap
 import pytest
 import torch
 
-from msdda.errors import MSDDAError
-from msdda.rewards import (
-    AlignmentReward,
+import msdda
+import msdda.core
+import msdda.rewards
+from msdda.core.rewards import (
+    DEFAULT_DIFFERENTIABLE,
     CheckedReward,
-    InkReward,
+    FunctionReward,
     Reward,
     RewardError,
-    SymmetryReward,
-    available_rewards,
-    get_reward,
-    register_reward,
+    is_differentiable,
+    reward_name,
     validate_reward_output,
 )
-from msdda.rewards import base as reward_base
+from msdda.errors import MSDDAError
+from msdda.pipelines.errors import PipelineError, RewardModelError
+from msdda.sampling import RGG, CoDe, StepRuleError
+from msdda.tasks import rewards as reward_registry
 from msdda.tasks.digits import DigitsClassifier, split_digits
+from msdda.tasks.digits.rewards import AlignmentReward, InkReward, SymmetryReward
+from msdda.tasks.gaussian import GaussianTask, OracleDenoiser
+from msdda.tasks.rewards import available_rewards, get_reward, register_reward
 
 # ---------------------------------------------------------------------------------- hand-built images
 
@@ -177,7 +183,7 @@ def test_checked_reward_validates() -> None:
         out[1] = float("nan")
         return out
 
-    checked = get_reward(reward_base.FunctionReward(bad, name="bad", differentiable=False))
+    checked = get_reward(FunctionReward(bad, name="bad", differentiable=False))
     assert isinstance(checked, CheckedReward) and checked.name == "bad"
     with pytest.raises(RewardError, match="'bad'.*batch index 1"):
         checked(torch.zeros(3, 1, 8, 8), None)
@@ -226,7 +232,7 @@ def test_register_reward_and_errors() -> None:
         with pytest.raises(RewardError, match="cannot build reward"):
             get_reward(name, nonsense=1)
     finally:
-        reward_base._REGISTRY.pop(name, None)
+        reward_registry._REGISTRY.pop(name, None)
     with pytest.raises(RewardError, match="without ':'"):
         register_reward("mod:fn", Const)
 
@@ -244,6 +250,10 @@ def test_module_function_spec(tmp_path, monkeypatch) -> None:
                 return -(x0[..., 1:] - x0[..., :-1]).square().flatten(1).mean(1)
             smooth.differentiable = True
 
+            def count(x0, cond):
+                return (x0 > 0).flatten(1).float().sum(1)
+            count.differentiable = False
+
             def broken(x0, cond):
                 return torch.zeros(x0.shape[0], 2)
 
@@ -253,11 +263,14 @@ def test_module_function_spec(tmp_path, monkeypatch) -> None:
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     r = get_reward("my_user_rewards:brightness")
-    assert r.name == "my_user_rewards:brightness" and r.differentiable is False
+    # A plain function without the attribute gets the one default (msdda.core.rewards.is_differentiable).
+    assert r.name == "my_user_rewards:brightness" and r.differentiable is DEFAULT_DIFFERENTIABLE is True
     torch.testing.assert_close(r(_const(0.25, 2), None), torch.full((2,), 0.25))
     assert get_reward("my_user_rewards:smooth").differentiable is True
-    named = get_reward("my_user_rewards:brightness", name="bright", differentiable=True)
-    assert named.name == "bright" and named.differentiable is True
+    assert get_reward("my_user_rewards:count").differentiable is False
+    named = get_reward("my_user_rewards:brightness", name="bright", differentiable=False)
+    assert named.name == "bright" and named.differentiable is False
+    assert get_reward("my_user_rewards:count", differentiable=True).differentiable is True  # the option wins
     with pytest.raises(RewardError, match=r"returned shape \[2, 2\], expected \[2\]"):
         get_reward("my_user_rewards:broken")(_const(0.0), None)
     with pytest.raises(RewardError, match="has no attribute 'missing'"):
@@ -267,6 +280,105 @@ def test_module_function_spec(tmp_path, monkeypatch) -> None:
     with pytest.raises(RewardError, match="cannot import module 'no_such_module_xyz'"):
         get_reward("no_such_module_xyz:f")
     # A class in a spec is instantiated; built-ins are reachable this way too.
-    sym = get_reward("msdda.rewards.digits:SymmetryReward")
+    sym = get_reward("msdda.tasks.digits.rewards:SymmetryReward")
     assert sym.name == "symmetry"
     torch.testing.assert_close(sym(_const(1.0), None), torch.ones(2))
+
+
+# ------------------------------------------------------------------------------ one layer, one default
+
+
+def test_one_public_path_one_error_type() -> None:
+    # The user-facing path msdda.rewards re-exports the same objects; nothing is redefined there.
+    assert msdda.rewards.get_reward is get_reward and msdda.rewards.InkReward is InkReward
+    assert msdda.rewards.RewardError is msdda.core.RewardError is RewardError
+    assert msdda.rewards.validate_reward_output is msdda.core.validate_reward_output
+    # The pipelines' reward error is a RewardError too, and still a PipelineError for old callers.
+    assert issubclass(RewardModelError, RewardError) and issubclass(RewardModelError, PipelineError)
+
+
+class _Plain:
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return x0.flatten(1).sum(1)
+
+
+class _Declared(_Plain):
+    name = "declared"
+
+    def __init__(self, differentiable: object) -> None:
+        self.differentiable = differentiable
+
+
+def test_is_differentiable_has_one_default() -> None:
+    assert DEFAULT_DIFFERENTIABLE is True
+    assert is_differentiable(_Plain()) is True  # no attribute: the default
+    assert is_differentiable(lambda x0, cond: x0.sum(1)) is True
+    assert is_differentiable(_Declared(None)) is True  # None means "not declared"
+    assert is_differentiable(_Declared(False)) is False
+    assert is_differentiable(_Declared(True)) is True
+    # Every wrapper reads it the same way.
+    assert CheckedReward(_Plain()).differentiable is True
+    assert CheckedReward(_Declared(False)).differentiable is False
+    assert FunctionReward(_Plain(), name="p").differentiable is True
+    assert FunctionReward(_Declared(False), name="d").differentiable is False
+    assert FunctionReward(_Declared(False), name="d", differentiable=True).differentiable is True
+
+
+def test_reward_name() -> None:
+    assert reward_name(_Declared(True)) == "declared"
+    assert reward_name(_Plain(), "reward 1") == "reward 1"
+    assert reward_name(_Plain()) == "_Plain"
+    assert CheckedReward(_Plain()).name == "_Plain"
+    assert isinstance(_Plain(), Reward)  # the protocol needs only the call
+
+
+def test_validate_reward_output_error_subclass_and_messages() -> None:
+    class Custom(RewardError):
+        pass
+
+    with pytest.raises(Custom, match=r"reward 'r' returned shape \[3\], expected \[4\] for a batch of 4"):
+        validate_reward_output(torch.zeros(3), 4, "r", error=Custom)
+    values = torch.full((12,), float("nan"))
+    with pytest.raises(RewardError, match=r"index 7 \(nan\) and 4 more; check the samples") as info:
+        validate_reward_output(values, 12, "r")
+    assert "index 8" not in str(info.value)  # at most eight indices are listed
+
+
+TASK = GaussianTask.default(dim=2, num_objectives=2, seed=0)
+
+
+def _sample(rule: object) -> torch.Tensor:
+    return msdda.sample([OracleDenoiser(TASK, None)], TASK.scheduler, rule, shape=(8, 2), dtype=torch.float64,
+                        num_inference_steps=4, seed=0, progress=False).samples
+
+
+def _wrong_shape(x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+    return torch.zeros(x0.shape[0], 1, dtype=x0.dtype)
+
+
+def _nan_at_2(x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+    out = TASK.step_reward(0, x0).clone()
+    out[2] = float("nan")
+    return out
+
+
+def test_guided_rules_validate_rewards_with_the_one_validator() -> None:
+    # Same type and message as validate_reward_output, whichever rule calls the reward.
+    for rule in (CoDe([_wrong_shape], [1.0], num_candidates=2, block_size=1), RGG([_wrong_shape], [1.0])):
+        with pytest.raises(RewardError, match=r"reward 'reward 0' returned shape \[8, 1\], expected \[8\]"):
+            _sample(rule)
+    named = FunctionReward(_nan_at_2, name="nan-at-2")
+    with pytest.raises(RewardError, match=r"reward 'nan-at-2' returned non-finite values at batch index 2 \(nan\)"):
+        _sample(CoDe([named], [1.0], num_candidates=2, block_size=1))
+
+
+def test_rgg_default_is_safe_for_undeclared_non_differentiable_rewards() -> None:
+    def detached(x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return TASK.step_reward(0, x0.detach())
+
+    rule = RGG([detached], [1.0])  # no attribute: assumed differentiable, so it is accepted here ...
+    with pytest.raises(StepRuleError, match="no gradient w.r.t. x_t .* mark such a reward `differentiable = False`"):
+        _sample(rule)  # ... and refused with the cause at the first step
+    detached.differentiable = False  # type: ignore[attr-defined]
+    with pytest.raises(StepRuleError, match="RGG needs differentiable rewards; 'reward 0' is not"):
+        RGG([detached], [1.0])

@@ -1,4 +1,5 @@
-"""Layer 1, the math core: Gaussian kernels, their closed-form fusion, and reverse-kernel schedules.
+"""Layer 1, the math core: Gaussian kernels, their closed-form fusion, reverse-kernel schedules, and the
+Reward protocol with its output validation.
 
 Pure torch; diffusers is never imported here (its schedulers are read through their config).
 """
@@ -6,6 +7,15 @@ Pure torch; diffusers is never imported here (its schedulers are read through th
 from msdda.core.errors import FusionError, ScheduleError, UnsupportedSchedulerError
 from msdda.core.fusion import exponents_from_preferences, fuse_gaussians
 from msdda.core.kernel import GaussianKernel, ReverseKernel
+from msdda.core.rewards import (
+    CheckedReward,
+    FunctionReward,
+    Reward,
+    RewardError,
+    is_differentiable,
+    reward_name,
+    validate_reward_output,
+)
 from msdda.core.schedule import (
     KernelScheduler,
     KernelSchedulerConfig,
@@ -15,16 +25,23 @@ from msdda.core.schedule import (
 )
 
 __all__ = [
+    "CheckedReward",
+    "FunctionReward",
     "FusionError",
     "GaussianKernel",
     "KernelScheduler",
     "KernelSchedulerConfig",
     "ReverseKernel",
+    "Reward",
+    "RewardError",
     "ScheduleError",
     "UnsupportedSchedulerError",
     "as_kernel_scheduler",
     "exponents_from_preferences",
     "fuse_gaussians",
+    "is_differentiable",
     "make_betas",
     "reverse_kernel",
+    "reward_name",
+    "validate_reward_output",
 ]

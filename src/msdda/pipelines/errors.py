@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from msdda.core.rewards import RewardError
 from msdda.errors import MSDDAError
 
 
@@ -21,5 +22,6 @@ class AdapterError(PipelineError):
     """A LoRA adapter or full UNet cannot be used with this base model (e.g. trained for another base)."""
 
 
-class RewardModelError(PipelineError):
-    """A reward model (CLIP, aesthetic head) is missing files or cannot score the given input."""
+class RewardModelError(PipelineError, RewardError):
+    """A reward or reward model (CLIP, aesthetic head) is missing files, cannot score the given input or
+    returned bad values. Also a RewardError, the one type for reward mistakes at every entry point."""

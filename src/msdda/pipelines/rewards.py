@@ -9,7 +9,8 @@
   CLIPModel) or a number you give (CLIPScore uses 100 with w = 2.5 and clips at 0; we do not clip).
   ImageReward itself (a BLIP backbone) is not implemented.
 
-Both are callables `scorer(images, prompts) -> Tensor [B]` on images [B, 3, H, W] in [0, 1], fully
+Both are callables `scorer(images, prompts) -> Tensor [B]` on images [B, 3, H, W] in [0, 1] (the Reward
+protocol of msdda.core.rewards, with the prompts as cond; errors are RewardModelError, a RewardError), fully
 differentiable (the CLIP preprocessing is done in torch: bicubic resize of the short side, centre crop,
 normalisation), so they serve MSDDAPipeline's "code" and "rgg" methods with reward_input="image".
 Weights load only from local folders and safetensors files; pickled checkpoints are refused. To convert

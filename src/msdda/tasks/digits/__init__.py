@@ -1,4 +1,4 @@
-"""The embedded 8x8 digits task: data, a class-conditional denoiser network and a digit classifier.
+"""The embedded 8x8 digits task: data, a class-conditional denoiser network, a digit classifier and rewards.
 
 Images are [B, 1, 8, 8] float32 in [-1, 1]; classes are 0..9 and index 10 is the null (unconditional)
 class used by classifier-free guidance.
@@ -25,11 +25,19 @@ from msdda.tasks.digits.data import (
     split_digits,
 )
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, count_parameters
+from msdda.tasks.digits.rewards import (
+    AlignmentReward,
+    InkReward,
+    SymmetryReward,
+    clear_classifier_cache,
+    load_default_classifier,
+)
 
 __all__ = [
     "IMAGE_SHAPE",
     "NULL_CLASS",
     "NUM_CLASSES",
+    "AlignmentReward",
     "ClassifierLoadError",
     "DigitsClassifier",
     "DigitsClassifierConfig",
@@ -37,10 +45,14 @@ __all__ = [
     "DigitsDenoiserConfig",
     "DigitsSplit",
     "DigitsTaskError",
+    "InkReward",
+    "SymmetryReward",
     "accuracy",
+    "clear_classifier_cache",
     "count_parameters",
     "default_classifier_dir",
     "load_classifier",
+    "load_default_classifier",
     "load_digits_tensor",
     "save_classifier",
     "split_digits",

@@ -1,20 +1,21 @@
-"""Rewards: the Reward protocol, validation, a name registry and the built-in digits rewards.
+"""Public import path for rewards: a re-export, no logic of its own (layer 5, beside the tasks).
 
-Use ``get_reward("ink")`` (or "symmetry", "alignment", or a "package.module:function" spec) to build a
-reward; every reward maps x0 [B, ...] and cond [B] (or None) to a float tensor [B].
+The protocol and validation live in msdda.core.rewards, the registry in msdda.tasks.rewards and the
+digits rewards in msdda.tasks.digits.rewards. Use ``get_reward("ink")`` (or "symmetry", "alignment", or
+a "package.module:function" spec) to build a reward; every reward maps x0 [B, ...] and cond [B] (or
+None) to a float tensor [B].
 """
 
-from msdda.rewards.base import (
+from msdda.core.rewards import (
     CheckedReward,
     FunctionReward,
     Reward,
     RewardError,
-    available_rewards,
-    get_reward,
-    register_reward,
+    is_differentiable,
+    reward_name,
     validate_reward_output,
 )
-from msdda.rewards.digits import (
+from msdda.tasks.digits.rewards import (
     AlignmentReward,
     InkReward,
     SymmetryReward,
@@ -23,6 +24,7 @@ from msdda.rewards.digits import (
     load_default_classifier,
     train_and_save_default_classifier,
 )
+from msdda.tasks.rewards import available_rewards, get_reward, register_reward
 
 __all__ = [
     "AlignmentReward",
@@ -36,8 +38,10 @@ __all__ = [
     "clear_classifier_cache",
     "default_classifier_dir",
     "get_reward",
+    "is_differentiable",
     "load_default_classifier",
     "register_reward",
+    "reward_name",
     "train_and_save_default_classifier",
     "validate_reward_output",
 ]

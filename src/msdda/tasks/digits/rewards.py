@@ -3,7 +3,7 @@
 - ``alignment``: log-probability of the prompted class under the shipped DigitsClassifier (nats, <= 0).
 - ``ink``: mean intensity mapped to [0, 1] (0 = all background -1, 1 = all ink +1).
 - ``symmetry``: left-right mirror similarity in [0, 1] (1 = perfectly mirror-symmetric).
-All three are differentiable w.r.t. x0 and registered by name on import.
+All three are differentiable w.r.t. x0; msdda.tasks.rewards registers them by name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from msdda.rewards.base import RewardError, register_reward
+from msdda.core.rewards import RewardError
 from msdda.tasks.digits.classifier import (
     ClassifierLoadError,
     DigitsClassifier,
@@ -181,8 +181,3 @@ class SymmetryReward:
 
     def __repr__(self) -> str:
         return "SymmetryReward()"
-
-
-register_reward("alignment", AlignmentReward)
-register_reward("ink", InkReward)
-register_reward("symmetry", SymmetryReward)
