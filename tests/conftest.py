@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from msdda.alignment import save_model_dir, training_scheduler_config
+from msdda.alignment import training_scheduler_config
 from msdda.core import KernelScheduler
+from msdda.models.io import save_pretrained
 from msdda.tasks.digits import DigitsDenoiser, DigitsDenoiserConfig
 from msdda.tasks.digits.training import MODEL_TYPE
 
@@ -26,6 +27,6 @@ def tiny_model(seed: int = 0) -> DigitsDenoiser:
 def tiny_base(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_base")
     sched = KernelScheduler(training_scheduler_config())
-    save_model_dir(tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
+    save_pretrained(tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
                    scheduler=sched.config.to_dict())
     return d

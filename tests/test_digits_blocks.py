@@ -282,7 +282,7 @@ def test_load_errors_name_the_path(tmp_path) -> None:
     assert isinstance(info.value, MSDDAError)
 
     weights.unlink()
-    with pytest.raises(ClassifierLoadError, match=f"{weights}.*do not exist"):
+    with pytest.raises(ClassifierLoadError, match=f"{weights}.*does not exist"):
         load_classifier(tmp_path)
 
     (tmp_path / CONFIG_FILE).write_text("{not json")
@@ -294,14 +294,14 @@ def test_load_rejects_mismatched_config(tmp_path) -> None:
     save_classifier(DigitsClassifier(DigitsClassifierConfig(channels=(8, 8, 16))), tmp_path)
     cfg_path = tmp_path / CONFIG_FILE
     doc = json.loads(cfg_path.read_text())
-    doc["config"]["channels"] = [8, 8, 32]
+    doc["architecture"]["channels"] = [8, 8, 32]
     cfg_path.write_text(json.dumps(doc))
     with pytest.raises(
         ClassifierLoadError,
         match=r"shape mismatches .*conv3\.weight: model \(32, 8, 3, 3\), file \(16, 8, 3, 3\)",
     ):
         load_classifier(tmp_path)
-    doc["config"]["width"] = 3
+    doc["architecture"]["width"] = 3
     cfg_path.write_text(json.dumps(doc))
     with pytest.raises(ClassifierLoadError, match="unknown DigitsClassifierConfig keys"):
         load_classifier(tmp_path)
@@ -314,3 +314,19 @@ def test_load_rejects_mismatched_config(tmp_path) -> None:
 def test_classifier_rejects_bad_shape() -> None:
     with pytest.raises(DigitsTaskError, match=r"\[B, 1, 8, 8\]"):
         DigitsClassifier()(torch.zeros(2, 64))
+
+
+def test_classifier_folder_is_a_model_folder_and_the_earlier_layout_still_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DigitsClassifier(DigitsClassifierConfig(channels=(8, 8, 16)))
+    save_classifier(model, tmp_path, metadata={"note": "old"})
+    doc = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert doc["model_type"] == "msdda.digits_classifier" and doc["task"] == "digits"
+    assert doc["architecture"] == {"channels": [8, 8, 16], "num_classes": 10}
+    # the layout written before the one model-folder format
+    old = {"model_type": doc["model_type"], "config": doc["architecture"], "metadata": doc["metadata"]}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old))
+    back = load_classifier(tmp_path)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(back(x), model.eval()(x), rtol=0, atol=0)
+    assert read_classifier_metadata(tmp_path) == {"note": "old"}

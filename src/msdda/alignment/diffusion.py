@@ -12,6 +12,10 @@ Simplification (documented): at t = 0 the learned_range lower bound is the floor
 our KernelScheduler (diffusers' convention), not improved DDPM's 'clipped' log variance; the sampler
 returns the mean at that step, so only the decoder likelihood is affected.
 All schedule math (x_t, posterior, kernel) goes through msdda.core.KernelScheduler with batched timesteps.
+
+Optional checkpoints (`checkpoint_dir` and `checkpoint_every`) go through the one training checkpointer,
+msdda.models.checkpoint.Checkpointer (weights, EMA weights, optimiser, generator, global RNG, step and the
+running loss window); resuming from one continues bit for bit as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from msdda.alignment.errors import AlignmentError
+from msdda.alignment.errors import AlignmentError, CheckpointError
 from msdda.config import JSONConfig
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
+from msdda.models.checkpoint import Checkpoint, Checkpointer
 
 logger = logging.getLogger(__name__)
 _LN2 = math.log(2.0)
@@ -187,6 +193,10 @@ def train_diffusion(
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 100,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
+    resume: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a class-conditional eps + learned_range denoiser `model(x_t, t, cond)` with the hybrid loss.
 
@@ -194,8 +204,13 @@ def train_diffusion(
     `config.label_dropout`. Deterministic given `config.seed` (an explicit torch.Generator drives batches,
     timesteps, noise and label dropout). Returns (the EMA model, or `model` when ema_decay = 0; stats dict
     with final losses and seconds).
+    checkpoint_dir, checkpoint_every: when both are set (every > 0), write a checkpoint every that many
+    steps (the newest `keep_checkpoints` are kept; none at the last step). resume: continue from the newest
+    one (it must come from the same config and log_every); False removes old ones first.
     """
     config.validate()
+    if checkpoint_every < 0:
+        raise AlignmentError(f"checkpoint_every={checkpoint_every!r} must be >= 0 (0: no checkpoints)")
     sched = scheduler or KernelScheduler(training_scheduler_config(config.num_train_timesteps))
     gen = torch.Generator().manual_seed(int(config.seed))
     torch.manual_seed(int(config.seed))
@@ -211,10 +226,34 @@ def train_diffusion(
     n = images.shape[0]
     t_max = config.num_train_timesteps
     model.train()
-    start = time.perf_counter()
     stats: dict[str, Any] = {}
     running = {"loss": 0.0, "mse": 0.0, "vlb": 0.0}
-    bar = tqdm(range(config.steps), desc="train-base", disable=not progress)
+    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
+    run_doc = {"config": config.to_dict(), "log_every": int(log_every)}
+    checkpointer = None
+    start_step, elapsed = 0, 0.0
+    if checkpoint_dir is not None and checkpoint_every > 0:
+        checkpointer = Checkpointer(checkpoint_dir, keep=keep_checkpoints)
+
+        def same_run(ckpt: Checkpoint) -> None:
+            saved = {k: ckpt.state.get(k) for k in run_doc}
+            if saved != run_doc:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.path} was written by a run with another configuration ({saved}, now "
+                    f"{run_doc}); rerun with the same options, or pass resume=False to start over"
+                )
+
+        found = checkpointer.load_latest(modules, opt, {"generator": gen}, validate=same_run) if resume else None
+        if not resume:
+            checkpointer.clear()
+        if found is not None:
+            start_step, elapsed = found.step, float(found.state.get("elapsed_seconds", 0.0))
+            running, stats = dict(found.state["running"]), dict(found.state["stats"])
+            logger.info("train-base resuming from %s (step %d)", found.path, start_step)
+    start = time.perf_counter() - elapsed
+    bar = tqdm(
+        range(start_step, config.steps), desc="train-base", disable=not progress, initial=start_step, total=config.steps
+    )
     for step in bar:
         idx = torch.randint(0, n, (config.batch_size,), generator=gen)
         x0 = images[idx]
@@ -247,6 +286,10 @@ def train_diffusion(
                 on_log(row)
             stats = row
             running = dict.fromkeys(running, 0.0)
+        done = step + 1
+        if checkpointer is not None and done % checkpoint_every == 0 and done < config.steps:
+            state = {**run_doc, "running": running, "stats": stats, "elapsed_seconds": time.perf_counter() - start}
+            checkpointer.save(done, modules, opt, {"generator": gen}, state)
     stats["seconds"] = time.perf_counter() - start
     model.eval()
     if ema is not None:

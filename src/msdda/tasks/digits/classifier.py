@@ -4,12 +4,12 @@ Input: [B, 1, 8, 8] images in [-1, 1]; output: [B, 10] logits. Trained with ligh
 pixel noise and one-pixel shifts) so that it scores slightly imperfect generated samples sensibly, not
 only clean scans. SiLU activations keep its input gradients smooth for reward-gradient guidance.
 
-Weights are stored as ``model.safetensors`` plus ``config.json`` in one directory.
+Weights are stored in the one model-folder format (``model.safetensors`` plus ``config.json``, see
+msdda.models.io), like every model the package trains.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,22 +23,28 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from msdda.atomic import write_bytes_atomic
 from msdda.config import JSONConfig
-from msdda.models.state import state_mismatches
+from msdda.models.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,  # noqa: F401  (re-exported: the file names of a classifier folder)
+    CheckpointError,
+    from_pretrained,
+    read_config_document,
+    save_pretrained,
+)
 from msdda.tasks.digits.data import IMAGE_SHAPE, NUM_CLASSES, DigitsTaskError, split_digits
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 MODEL_TYPE = "msdda.digits_classifier"
+TASK = "digits"
+_CREATE_HINT = "save a classifier there with save_classifier() or create the default one with `msdda train-classifier`"
 DEFAULT_SPLIT_SEED = 0
 """The default classifier is trained on the train part of ``split_digits(seed=0)``; its held-out
 part is never seen in training, so tests and reports can measure accuracy on it."""
 
 
-class ClassifierLoadError(DigitsTaskError):
+class ClassifierLoadError(DigitsTaskError, CheckpointError):
     """Classifier files are missing, unreadable, corrupt or do not match their config."""
 
 
@@ -229,20 +235,14 @@ def _train_loop(
 def save_classifier(
     model: DigitsClassifier, directory: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Save weights (``model.safetensors``) and config (``config.json``) into ``directory``.
+    """Save the classifier as a model folder (``model.safetensors`` + ``config.json``, see msdda.models.io).
 
     ``metadata`` (JSON-serialisable) is stored in config.json under "metadata", e.g. the training seed
     and held-out accuracy. Each file is written to a temp file and renamed. Returns the directory.
     """
-    from safetensors.torch import save
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    doc = {"model_type": MODEL_TYPE, "config": model.config.to_dict(), "metadata": dict(metadata or {})}
-    write_bytes_atomic(out / WEIGHTS_FILE, save(state, metadata={"model_type": MODEL_TYPE}))
-    write_bytes_atomic(out / CONFIG_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    return out
+    return save_pretrained(
+        model, directory, model_type=MODEL_TYPE, task=TASK, architecture=model.config.to_dict(), metadata=metadata
+    )
 
 
 def read_classifier_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -250,62 +250,56 @@ def read_classifier_metadata(directory: str | os.PathLike[str]) -> dict[str, Any
     return dict(_read_config_doc(Path(directory)).get("metadata") or {})
 
 
+def _upgrade_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """Folders written before the one model-folder format held {"model_type", "config", "metadata"}; read
+    them as {"model_type", "task", "architecture", "scheduler", "metadata"} (the same classifier)."""
+    if "architecture" in doc or doc.get("model_type") != MODEL_TYPE or not isinstance(doc.get("config"), dict):
+        return doc
+    return {
+        "model_type": MODEL_TYPE,
+        "task": TASK,
+        "architecture": doc["config"],
+        "scheduler": {},
+        "metadata": doc.get("metadata") or {},
+    }
+
+
 def _read_config_doc(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise ClassifierLoadError(
-            f"classifier config {cfg_path} does not exist; save a classifier there with save_classifier() "
-            "or create the default one with `msdda train-classifier`"
-        )
     try:
-        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClassifierLoadError(f"classifier config {cfg_path} is unreadable or not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("model_type") != MODEL_TYPE or not isinstance(doc.get("config"), dict):
+        doc = _upgrade_legacy(read_config_document(directory))
+    except CheckpointError as exc:
+        raise ClassifierLoadError(f"classifier config: {exc}; {_CREATE_HINT}") from exc
+    if doc.get("model_type") != MODEL_TYPE or not isinstance(doc.get("architecture"), dict):
         raise ClassifierLoadError(
-            f"classifier config {cfg_path} is not a digits classifier config "
-            f"(expected a JSON object with model_type={MODEL_TYPE!r} and a 'config' object)"
+            f"classifier config {directory / CONFIG_FILE} is not a digits classifier config "
+            f"(expected a JSON object with model_type={MODEL_TYPE!r} and an 'architecture' object)"
         )
     return doc
 
 
+def _build(architecture: dict[str, Any]) -> DigitsClassifier:
+    return DigitsClassifier(DigitsClassifierConfig.from_dict(architecture))
+
+
 def load_classifier(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DigitsClassifier:
-    """Load a classifier saved by :func:`save_classifier`; returns it in eval mode.
+    """Load a classifier saved by :func:`save_classifier`; returns it in eval mode on `map_location`.
 
     Raises ClassifierLoadError (naming the path) if a file is missing, unreadable or corrupt, or if the
     stored tensors do not match the architecture in config.json. Only safetensors are read: never pickle.
+    Also reads folders in the layout used before the one model-folder format (a "config" object).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     doc = _read_config_doc(directory)
-    cfg_path = directory / CONFIG_FILE
     try:
-        config = DigitsClassifierConfig.from_dict(doc["config"])
-    except (DigitsTaskError, TypeError, ValueError) as exc:
-        raise ClassifierLoadError(f"classifier config {cfg_path} has an invalid 'config': {exc}") from exc
-
-    weights_path = directory / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ClassifierLoadError(
-            f"classifier weights {weights_path} do not exist; save a classifier there with save_classifier() "
-            "or create the default one with `msdda train-classifier`"
+        model, _ = from_pretrained(
+            directory, _build, model_type=MODEL_TYPE, task=TASK, document=doc, device=map_location, freeze=False
         )
-    try:
-        state = load_file(str(weights_path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ClassifierLoadError(f"classifier weights {weights_path} are corrupt or unreadable: {exc}") from exc
-
-    model = DigitsClassifier(config)
-    parts = state_mismatches(model, state)
-    if parts:
+    except CheckpointError as exc:
+        raise ClassifierLoadError(f"classifier weights: {exc}; {_CREATE_HINT}") from exc
+    except (DigitsTaskError, TypeError, ValueError) as exc:  # the architecture itself is invalid (keys, values)
         raise ClassifierLoadError(
-            f"classifier weights {weights_path} do not match the architecture in {cfg_path}: " + "; ".join(parts)
-        )
-    model.load_state_dict(state)
-    model.to(map_location)
-    model.eval()
+            f"classifier config {directory / CONFIG_FILE} has an invalid 'architecture': {exc}"
+        ) from exc
     return model
 
 
@@ -320,7 +314,7 @@ def train_and_save_default_classifier(
     """Train on the train part of ``split_digits(seed=0)`` and save to ``out_dir``.
 
     ``out_dir`` defaults to :func:`default_classifier_dir`. The held-out accuracy and seeds are recorded
-    in config.json's metadata (no timings, so reruns with the same seed write identical files).
+    in config.json's metadata (no timings, so reruns with the same seed write the same tensors and config).
     Returns the directory.
     """
     split = split_digits(seed=DEFAULT_SPLIT_SEED)
