@@ -23,12 +23,12 @@ from msdda.alignment import (
     check_reward_values,
     dpo_loss,
     hybrid_loss,
-    save_model_dir,
     train_diffusion,
     training_scheduler_config,
 )
-from msdda.alignment.dpo import _load_checkpoint, _save_checkpoint, train_dpo
+from msdda.alignment.dpo import DPOBatch, DPOTrainer, train_dpo
 from msdda.core import GaussianKernel, KernelScheduler
+from msdda.models.io import save_pretrained
 from msdda.tasks.digits import DigitsDenoiserConfig
 from msdda.tasks.digits.training import MODEL_TYPE, align_digits, class_conditions, load_digits_model
 
@@ -189,21 +189,25 @@ def test_training_with_a_bad_reward_names_the_batch_index(tiny_base, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- checkpoints
+def _trainer(tmp_path, policy, cfg) -> DPOTrainer:
+    return DPOTrainer(policy, tiny_model(), KernelScheduler(training_scheduler_config()), _ink, cfg, out=tmp_path,
+                      sample_shape=(1, 8, 8), cond_sampler=class_conditions, null_cond=torch.tensor([10]))
+
+
 def test_checkpoint_round_trip(tmp_path):
-    model = tiny_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cfg = _tiny_dpo()
+    trainer = _trainer(tmp_path, tiny_model(), cfg)
+    model, opt, gen = trainer.module, trainer.optimizer, trainer.generators[0]
     model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])).square().mean().backward()
     opt.step()
-    gen = torch.Generator().manual_seed(5)
     torch.randn(3, generator=gen)
-    cfg = _tiny_dpo()
-    path = _save_checkpoint(tmp_path, 7, model, opt, gen, cfg, 1.5, keep=2)
-    assert not list(tmp_path.glob(".tmp*"))
+    path = trainer.save_checkpoint(7, 1.5)
+    assert path == tmp_path / "checkpoints" / "step-000007"
+    assert not list(path.parent.glob(".tmp*"))
 
-    model2 = tiny_model(seed=1)
-    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
-    gen2 = torch.Generator().manual_seed(0)
-    step, elapsed = _load_checkpoint(path, model2, opt2, gen2, cfg)
+    trainer2 = _trainer(tmp_path, tiny_model(seed=1), cfg)
+    model2, opt2, gen2 = trainer2.module, trainer2.optimizer, trainer2.generators[0]
+    step, elapsed = trainer2.load_checkpoint(path)
     assert (step, elapsed) == (7, 1.5)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -214,19 +218,44 @@ def test_checkpoint_round_trip(tmp_path):
             assert torch.equal(torch.as_tensor(val), torch.as_tensor(s2["state"][pid][key]))
     assert torch.equal(torch.randn(4, generator=gen), torch.randn(4, generator=gen2))
     with pytest.raises(CheckpointError, match="beta"):
-        _load_checkpoint(path, model2, opt2, gen2, _tiny_dpo(beta=0.9))
+        _trainer(tmp_path, tiny_model(seed=1), _tiny_dpo(beta=0.9)).load_checkpoint(path)
+
+
+@pytest.mark.parametrize("labels", ["hard", "bt", "listwise"])
+def test_dpo_trainer_collects_pairs_and_a_finite_loss(tmp_path, labels):
+    trainer = _trainer(tmp_path, tiny_model(), _tiny_dpo(labels=labels))
+    batch = trainer.collect(0)
+    assert isinstance(batch, DPOBatch) and len(batch.states) == 4  # 2 trajectories x 2 states
+    assert batch.x_w.shape == batch.x_l.shape == (4, 1, 8, 8) and batch.logref_w.dtype == torch.float64
+    if labels != "hard":  # soft labels keep every candidate: 3 per state
+        assert batch.candidates.shape == (4, 3, 1, 8, 8) and batch.rewards.shape == batch.logref.shape == (4, 3)
+        rows = torch.arange(4)
+        assert torch.equal(batch.candidates[rows, batch.rewards.argmax(1)], batch.x_w)
+    trainer.train_guided = trainer.policy_guided  # what `train` builds (DDP-wrapped on several processes)
+    out = trainer.loss([batch])
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss.requires_grad
+    with torch.no_grad():  # as `train` calls it
+        stats = trainer.statistics(out)
+    assert set(stats) == {"loss", "pair_accuracy", "reward_gap", "logratio_w", "logratio_l", "calibration_slope"}
+    assert not any(tmp_path.iterdir())  # nothing is written before train()
+
+
+def test_dpo_label_rule_is_checked():
+    with pytest.raises(AlignmentError, match="labels='soft'.*bt"):
+        _tiny_dpo(labels="soft")
+    assert DPOConfig().labels == "bt" and DPOConfig.from_dict(DPOConfig(labels="hard").to_dict()).labels == "hard"
 
 
 def test_loading_another_architecture_or_task_fails_clearly(tiny_base, tmp_path):
     with pytest.raises(CheckpointError, match="base_channels"):
         load_digits_model(tiny_base, expected_architecture=DigitsDenoiserConfig().to_dict())
     other = tmp_path / "other_task"
-    save_model_dir(tiny_model(), other, model_type=MODEL_TYPE, task="faces", architecture=TINY.to_dict())
+    save_pretrained(tiny_model(), other, model_type=MODEL_TYPE, task="faces", architecture=TINY.to_dict())
     with pytest.raises(CheckpointError, match="task 'faces'"):
         load_digits_model(other)
     lying = tmp_path / "lying"  # config says default architecture, tensors are tiny
-    save_model_dir(tiny_model(), lying, model_type=MODEL_TYPE, task="digits",
-                   architecture=DigitsDenoiserConfig().to_dict())
+    save_pretrained(tiny_model(), lying, model_type=MODEL_TYPE, task="digits",
+                    architecture=DigitsDenoiserConfig().to_dict())
     with pytest.raises(CheckpointError, match="does not match the model architecture"):
         load_digits_model(lying)
     with pytest.raises(CheckpointError, match="not a model directory"):
