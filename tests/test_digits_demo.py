@@ -7,10 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from msdda.alignment import CheckpointError, save_model_dir, training_scheduler_config
+from msdda.alignment import CheckpointError, training_scheduler_config
 from msdda.cli import app
 from msdda.core import KernelScheduler
 from msdda.evaluation.digits_demo import run_digits_demo
+from msdda.models.io import save_pretrained
 from msdda.tasks.digits import DigitsDenoiser, DigitsDenoiserConfig
 from msdda.tasks.digits.training import MODEL_TYPE, shipped_dir
 
@@ -22,7 +23,7 @@ def _save(d: Path, seed: int, arch: DigitsDenoiserConfig = TINY, beta: float = 0
     m = DigitsDenoiser(arch)
     with torch.no_grad():
         m.conv_out.weight.normal_(0, 0.05)
-    save_model_dir(m, d, model_type=MODEL_TYPE, task="digits", architecture=arch.to_dict(),
+    save_pretrained(m, d, model_type=MODEL_TYPE, task="digits", architecture=arch.to_dict(),
                    scheduler=KernelScheduler(training_scheduler_config()).config.to_dict(),
                    metadata={"dpo_config": {"beta": beta}})
     return d

@@ -205,3 +205,117 @@ def test_db_mpa_ls_picks_models_from_the_generator():
 def test_sampler_errors(call, pattern):
     with pytest.raises(msdda.MSDDAError, match=pattern):
         call(LinearEps(0.1, 0.0))
+
+
+# ----- hooks: noise source, final step, step callback, the kernel on the context ---------------------------
+class CountingNoise(msdda.sampling.GaussianNoise):
+    """The default draws, counted: a custom noise source changes nothing but where z comes from."""
+
+    def __init__(self):
+        self.draws = 0
+
+    def randn(self, shape, generator, device, dtype):
+        self.draws += 1
+        return super().randn(shape, generator, device, dtype)
+
+
+def test_a_noise_source_is_the_only_randomness_and_the_default_is_torch_randn():
+    kw = dict(shape=(3, 1, 2, 2), num_inference_steps=6, seed=4, progress=False)
+    plain = msdda.sample([LinearEps(0.2, 0.0)], _ddpm(), SingleModel(), **kw)
+    noise = CountingNoise()
+    counted = msdda.sample([LinearEps(0.2, 0.0)], _ddpm(), SingleModel(), noise=noise, **kw)
+    assert torch.equal(plain.samples, counted.samples)
+    assert noise.draws == 1 + 5  # x_T, then every step but the last (which returns the mean)
+
+    class Zeros(msdda.sampling.GaussianNoise):
+        def randn(self, shape, generator, device, dtype):
+            return torch.zeros(shape, device=device, dtype=dtype)
+
+    x_T = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    zero = msdda.sample([LinearEps(0.2, 0.0)], _ddpm(), SingleModel(), x_T=x_T, noise=Zeros(), **{**kw, "shape": None})
+    means = msdda.sample(
+        [LinearEps(0.2, 0.0)],
+        _ddpm(),
+        SingleModel(),
+        x_T=x_T,
+        callback=lambda ctx, x: ctx.kernel.mean,  # replace every draw by its kernel's mean
+        **{**kw, "shape": None},
+    )
+    assert torch.equal(zero.samples, means.samples)
+
+
+def test_final_step_sample_draws_once_more():
+    kw = dict(shape=(2, 1, 2, 2), num_inference_steps=4, seed=0, progress=False)
+    noise = CountingNoise()
+    mean = msdda.sample([LinearEps(0.2, 0.0)], _ddpm(variance_type="fixed_large"), SingleModel(), **kw)
+    drawn = msdda.sample(
+        [LinearEps(0.2, 0.0)], _ddpm(variance_type="fixed_large"), SingleModel(), noise=noise, final_step="sample", **kw
+    )
+    assert noise.draws == 1 + 4 and not torch.equal(mean.samples, drawn.samples)
+    with pytest.raises(msdda.StepRuleError, match="final_step='last'"):
+        msdda.sample([LinearEps(0.2, 0.0)], _ddpm(), SingleModel(), final_step="last", **kw)
+
+
+def test_callback_sees_the_rules_kernel_can_replace_x_and_stop():
+    seen = []
+
+    def callback(ctx, x):
+        seen.append((ctx.index, ctx.kernel))
+        if ctx.index == 2:
+            ctx.stop = True
+        return torch.zeros_like(x) if ctx.index == 1 else None
+
+    rule = MSDDA([0.5, 0.5])
+    out = msdda.sample(
+        [LinearEps(0.2, 0.0, learned=True, v=-0.5), LinearEps(-0.1, 0.0, learned=True, v=0.5)],
+        _ddpm(variance_type="learned_range"),
+        rule,
+        shape=(2, 1, 2, 2),
+        num_inference_steps=10,
+        seed=0,
+        progress=False,
+        return_trajectory=True,
+    )
+    stopped = msdda.sample(
+        [LinearEps(0.2, 0.0, learned=True, v=-0.5), LinearEps(-0.1, 0.0, learned=True, v=0.5)],
+        _ddpm(variance_type="learned_range"),
+        rule,
+        shape=(2, 1, 2, 2),
+        num_inference_steps=10,
+        seed=0,
+        progress=False,
+        callback=callback,
+        return_trajectory=True,
+    )
+    assert [i for i, _ in seen] == [0, 1, 2] and stopped.interrupted and stopped.steps_run == 3
+    assert out.steps_run == 10 and not out.interrupted
+    assert torch.equal(stopped.trajectory[2], torch.zeros(2, 1, 2, 2))  # step 1's sample was replaced
+    assert torch.equal(stopped.trajectory[1], out.trajectory[1])
+    # the kernel on the context is the one the rule fused (per-element variance here)
+    assert seen[0][1].var.shape == (2, 1, 2, 2)
+    with pytest.raises(msdda.StepRuleError, match="the step callback returned"):
+        msdda.sample(
+            [LinearEps(0.2, 0.0)], _ddpm(), SingleModel(), shape=(2, 2), progress=False, callback=lambda c, x: x[:1]
+        )
+
+
+def test_sampler_refuses_inputs_that_would_fail_deep_inside_torch():
+    m = [LinearEps(0.2, 0.0)]
+    cases = [
+        (dict(shape=(2, 2), dtype=torch.int64), "dtype=torch.int64"),
+        (dict(shape=(0, 2)), r"shape=\(0, 2\)"),
+        (dict(shape=(2, 2), x_T=torch.zeros(3, 2)), r"shape=\(2, 2\) but x_T has shape \(3, 2\)"),
+        (dict(shape=(2, 2), guidance_scale=float("nan"), cond=torch.zeros(2)), "guidance_scale=nan"),
+        (dict(shape=(2, 2), num_inference_steps=0), "num_inference_steps=0"),
+        (dict(shape=(2, 2), device="nonsense"), "device='nonsense'"),
+        (dict(shape=("a", 2)), "shape="),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(shape=(2, 2), device="cuda"), "no usable CUDA"))
+    for kw, pattern in cases:
+        with pytest.raises(msdda.StepRuleError, match=pattern):
+            msdda.sample(m, _ddpm(), SingleModel(), progress=False, **kw)
+    with pytest.raises(msdda.StepRuleError, match="is not a step rule"):
+        msdda.sample(m, _ddpm(), "msdda", shape=(2, 2))
+    with pytest.raises(msdda.StepRuleError, match="sum to 0.4"):
+        DBMPA([0.2, 0.2])

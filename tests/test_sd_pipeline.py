@@ -32,7 +32,7 @@ from diffusers import (  # noqa: E402
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from msdda.core.errors import UnsupportedSchedulerError  # noqa: E402
+from msdda.core.errors import ScheduleError, UnsupportedSchedulerError  # noqa: E402
 from msdda.pipelines import (  # noqa: E402
     AdapterError,
     MissingDependencyError,
@@ -44,6 +44,7 @@ from msdda.pipelines import (  # noqa: E402
 )
 from msdda.pipelines.objectives import base_state_dict  # noqa: E402
 from msdda.pipelines.rewards import AestheticScorer, CLIPSimilarityScorer, clip_preprocess  # noqa: E402
+from msdda.sampling.methods import PlanError  # noqa: E402
 
 PROMPT = "a red cube"
 STEPS = 3
@@ -332,9 +333,12 @@ def test_kl_control_and_betas(tiny):
     pipe = tiny.pipeline("ddpm")
     half = run(pipe, {"aes": 0.5})  # reference takes 0.5
     assert half.config["exponents"] == {"aes": 0.5, "reference": 0.5}
-    # a_k = w_k beta_k / beta: beta_aes = 0.5 with weight 1 gives the same exponents
-    same = run(pipe, {"aes": 1.0}, betas={"aes": 0.5})
+    # a_k = w_k beta_k / beta: beta_aes = 0.5 with weight 1 and an explicit beta = 1 gives the same exponents
+    same = run(pipe, {"aes": 1.0}, betas={"aes": 0.5}, beta=1.0)
     assert torch.equal(half.images, same.images)
+    # the default target beta (sum_k w_k beta_k for weights summing to 1, as in `msdda sweep`) keeps sum a_k = 1
+    default = run(pipe, {"aes": 1.0}, betas={"aes": 0.5})
+    assert default.config["exponents"] == {"aes": 1.0} and default.config["beta"] == 0.5
 
 
 def test_prompt_embeds_equal_prompt(tiny):
@@ -377,7 +381,10 @@ def test_callback_on_step_end(tiny):
 
     out = run(pipe, {"aes": 0.5, "align": 0.5}, callback_on_step_end=callback)
     assert [i for i, _ in seen] == list(range(STEPS))
-    assert [t for _, t in seen] == [int(t) for t in pipe.base.scheduler.timesteps]
+    expected = copy.deepcopy(pipe.base.scheduler)
+    expected.set_timesteps(STEPS)
+    assert [t for _, t in seen] == [int(t) for t in expected.timesteps]
+    assert len(pipe.base.scheduler.timesteps) != STEPS  # the run set the timesteps of its own scheduler copy
     assert torch.equal(out.images, torch.zeros_like(out.images))
     with pytest.raises(PipelineError, match="prompt_embeds"):
         run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
@@ -518,14 +525,16 @@ def test_adapter_for_another_base_is_refused(tiny):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"weights": {"aes": 0.5, "aesthetic": 0.5}}, ObjectiveError, r"unknown objective\(s\) \['aesthetic'\]"),
-        ({"weights": {"aes": 0.5, "reference": 0.2}}, PipelineError, "must sum to 1"),
-        ({"weights": {"aes": 0.5}, "method": "soup"}, PipelineError, "unknown method 'soup'"),
-        ({"method": "single:nope"}, ObjectiveError, "unknown objective 'nope'"),
-        ({"weights": None}, PipelineError, "needs weights"),
-        ({"weights": {"aes": 0.5, "align": 0.8}, "method": "db-mpa-ls"}, PipelineError, "negative probability"),
-        ({"weights": {"aes": 1.0}, "eta": 0.5}, PipelineError, "eta=0.5 applies to DDIM only"),
-        ({"weights": {"x": 1.0}, "method": "code"}, PipelineError, "needs rewards"),
+        # the method planner's checks raise the same PlanError as in `msdda sweep`
+        ({"weights": {"aes": 0.5, "aesthetic": 0.5}}, PlanError, r"unknown objective\(s\) \['aesthetic'\]"),
+        ({"weights": {"aes": 0.5, "reference": 0.2}}, PlanError, "must sum to 1"),
+        ({"weights": {"aes": 0.5}, "method": "soup"}, PlanError, "unknown method 'soup'"),
+        ({"method": "single:nope"}, PlanError, "unknown objective 'nope'"),
+        ({"weights": None}, PlanError, "needs weights"),
+        ({"weights": {"aes": 0.5, "align": 0.8}, "method": "db-mpa-ls"}, PlanError, "negative probability"),
+        # the sampler's own check: the same ScheduleError as msdda.sample(..., eta=0.5) on a DDPM scheduler
+        ({"weights": {"aes": 1.0}, "eta": 0.5}, ScheduleError, r"eta applies to DDIM only \(got eta=0.5\)"),
+        ({"weights": {"x": 1.0}, "method": "code"}, PlanError, "needs rewards"),
         ({"weights": {"aes": 1.0}, "output_type": "jpg"}, PipelineError, "output_type"),
     ],
 )

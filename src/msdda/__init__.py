@@ -18,7 +18,20 @@ from msdda.core import (
 )
 from msdda.errors import MSDDAError
 from msdda.models import ClassifierFreeGuidance, Denoiser
-from msdda.sampling import DBMPA, DBMPALS, MSDDA, SampleOutput, SingleModel, StepRuleError, sample
+from msdda.sampling import (
+    DBMPA,
+    DBMPALS,
+    MSDDA,
+    MethodPlan,
+    ObjectiveSet,
+    PlanError,
+    SampleOutput,
+    SingleModel,
+    StepRuleError,
+    method_names,
+    plan_method,
+    sample,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +46,9 @@ __all__ = [
     "KernelScheduler",
     "KernelSchedulerConfig",
     "MSDDAError",
+    "MethodPlan",
+    "ObjectiveSet",
+    "PlanError",
     "ReverseKernel",
     "SampleOutput",
     "ScheduleError",
@@ -42,6 +58,8 @@ __all__ = [
     "__version__",
     "exponents_from_preferences",
     "fuse_gaussians",
+    "method_names",
+    "plan_method",
     "reverse_kernel",
     "sample",
 ]

@@ -8,9 +8,9 @@ rows are due to the method, not to the draw.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,27 +21,28 @@ from torch import Tensor
 
 from msdda.alignment.diffusion import BaseTrainConfig
 from msdda.alignment.dpo import DPOConfig
-from msdda.atomic import write_json_atomic
-from msdda.core.fusion import exponents_from_preferences
+from msdda.atomic import write_bytes_atomic, write_json_atomic
 from msdda.evaluation.metrics import mean_ci
-from msdda.rewards import get_reward
-from msdda.sampling import DBMPA, MSDDA, SingleModel, sample
-from msdda.tasks.digits.data import NULL_CLASS
+from msdda.sampling import DBMPA, MSDDA, sample
+from msdda.sampling.methods import BASE, plan_method
+from msdda.tasks.digits.bundle import digits_bundle
 from msdda.tasks.digits.training import (
     align_digits,
     class_conditions,
-    load_digits_models,
     shipped_dir,
     train_digits_base,
 )
+from msdda.tasks.rewards import get_reward
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES = ("alignment", "ink")
 DEFAULT_GUIDANCE = 2.0
 # The shipped recipe (docs/digits.md): DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) for every
-# reward; --from-scratch reruns it. Per-reward overrides would go here.
-RECIPE_ALIGN: dict[str, dict[str, Any]] = {}
+# reward; --from-scratch reruns it. Per-reward overrides would go here. The shipped aligned models were made
+# with best-vs-worst (hard) labels, before Bradley-Terry labels became DPOConfig's default, so the recipe pins
+# labels="hard" to keep --from-scratch reproducing those weights (and the demo's numbers).
+RECIPE_ALIGN: dict[str, dict[str, Any]] = {name: {"labels": "hard"} for name in ("alignment", "ink", "symmetry")}
 
 
 def _stats(values: Tensor, seed: int) -> dict[str, Any]:
@@ -67,10 +68,10 @@ def _save_grid(path: Path, rows: dict[str, Tensor], title: str, per_row: int = 2
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _save_pareto(path: Path, summary: dict[str, Any]) -> None:
@@ -81,7 +82,7 @@ def _save_pareto(path: Path, summary: dict[str, Any]) -> None:
 
     o1, o2 = summary["objectives"]
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    styles = {"msdda": ("tab:blue", "o-"), "db-mpa": ("tab:orange", "s--")}
+    styles = {MSDDA.name: ("tab:blue", "o-"), DBMPA.name: ("tab:orange", "s--")}
     for method, (color, fmt) in styles.items():
         rows = sorted((r for r in summary["results"] if r["method"] == method), key=lambda r: r["weights"][o1])
         if not rows:
@@ -92,17 +93,17 @@ def _save_pareto(path: Path, summary: dict[str, Any]) -> None:
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(f"{r['weights'][o1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for r in summary["results"]:
-        if r["method"] == "base":
-            ax.plot(r["rewards"][o1]["mean"], r["rewards"][o2]["mean"], "k*", markersize=11, label="base")
+        if r["method"] == BASE:
+            ax.plot(r["rewards"][o1]["mean"], r["rewards"][o2]["mean"], "k*", markersize=11, label=BASE)
     ax.set_xlabel(f"{o1} (mean reward)")
     ax.set_ylabel(f"{o2} (mean reward)")
     ax.set_title(f"digits: weight on {o1} annotated")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def train_demo_weights(
@@ -162,30 +163,23 @@ def run_digits_demo(
     dirs.setdefault("base", shipped_dir("base"))
     for name in objectives:
         dirs.setdefault(name, shipped_dir(f"aligned-{name}"))
-    models, sched = load_digits_models([dirs["base"], *(dirs[o] for o in objectives)])
-    base, aligned = models[0], models[1:]
-    from msdda.alignment.io import read_model_config
-
-    betas = []
-    for o in objectives:
-        meta = read_model_config(dirs[o]).get("metadata", {})
-        betas.append(float(meta.get("dpo_config", {}).get("beta", 1.0)))
-    rewards = [get_reward(o) for o in objectives]
+    bundle = digits_bundle(objectives, model_dirs=dirs, guidance_scale=guidance_scale)
+    rewards = [bundle.rewards[o] for o in objectives]
     cond = class_conditions(samples)
-    null = torch.tensor([NULL_CLASS])
     out = Path(out)
     common = dict(
-        shape=(samples, 1, 8, 8),
+        shape=(samples, *bundle.sample_shape),
         cond=cond,
         num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        null_cond=null,
+        guidance_scale=bundle.guidance_scale,
+        null_cond=bundle.null_cond,
         progress=progress,
     )
 
-    def run(method: str, models_: list, rule: Any, weights: dict[str, float]) -> tuple[dict[str, Any], Tensor]:
+    def run(method: str, weights: dict[str, float]) -> tuple[dict[str, Any], Tensor]:
+        plan = plan_method(method, bundle, weights or None)
         start = time.perf_counter()
-        res = sample(models_, sched, rule, seed=seed, reference=base, **common)
+        res = sample(plan.models, bundle.scheduler, plan.rule, seed=seed, reference=plan.reference, **common)
         x0 = res.samples.clamp(-1, 1)
         with torch.no_grad():
             vals = [r(x0, cond) for r in rewards]
@@ -201,21 +195,17 @@ def run_digits_demo(
 
     t_all = time.perf_counter()
     results: list[dict[str, Any]] = []
-    base_row, base_x = run("base", [base], SingleModel(), {})
+    base_row, base_x = run(BASE, {})
     results.append(base_row)
     for w in grid:
-        prefs = [float(w), 1.0 - float(w)]
-        weights = {objectives[0]: prefs[0], objectives[1]: prefs[1]}
-        # Common beta: exponents = preferences (a_0 = 0). Different betas: target beta = sum_k w_k beta_k
-        # keeps sum a_k = 1, i.e. the reference still drops out.
-        target_beta = sum(p * b for p, b in zip(prefs, betas, strict=True)) or 1.0
-        a = exponents_from_preferences(prefs, betas, target_beta)
-        m_row, m_x = run("msdda", aligned, MSDDA(a), weights)
-        d_row, d_x = run("db-mpa", aligned, DBMPA(prefs), weights)
+        weights = {objectives[0]: float(w), objectives[1]: 1.0 - float(w)}
+        # The planner's default target beta (sum_k w_k beta_k) keeps sum a_k = 1: the reference drops out.
+        m_row, m_x = run(MSDDA.name, weights)
+        d_row, d_x = run(DBMPA.name, weights)
         results.extend([m_row, d_row])
         _save_grid(
             out / f"samples_w{w:g}.png",
-            {"base": base_x, "msdda": m_x, "db-mpa": d_x},
+            {BASE: base_x, MSDDA.name: m_x, DBMPA.name: d_x},
             f"w({objectives[0]})={w:g}, w({objectives[1]})={1 - w:g}",
         )
     summary = {"task": "digits", "objectives": list(objectives), "results": results}

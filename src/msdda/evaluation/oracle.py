@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from msdda.core.kernel import GaussianKernel
 from msdda.evaluation.metrics import mean_ci
-from msdda.sampling import DBMPA, MSDDA, SingleModel, StepContext, sample
-from msdda.tasks.gaussian import GaussianTask, OracleDenoiser
+from msdda.sampling import DBMPA, MSDDA, StepContext, sample
+from msdda.sampling.methods import BASE, plan_method
+from msdda.tasks.gaussian import GaussianTask, gaussian_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -37,37 +37,35 @@ def run_oracle_demo(
     used), both at the state the rule visited (>= 0; 0 means step-optimal); `max_gap_to_optimum` is the
     largest |MSDDA kernel - exact optimum| seen (mean and var).
     """
-    task = GaussianTask.default(dim=2, num_objectives=2, seed=0)
-    objectives = ["objective_1", "objective_2"]
-    models = [OracleDenoiser(task, 0), OracleDenoiser(task, 1)]
+    bundle = gaussian_bundle(num_objectives=2, dim=2, seed=0)
+    task: GaussianTask = bundle.base.task
+    objectives = list(bundle.objectives)
     results: list[dict[str, Any]] = []
 
     def run(method: str, w: list[float]) -> None:
-        if method == "base":
-            rule: Any = SingleModel(0)
-            ms: list[Any] = [OracleDenoiser(task, None)]
-        elif method == "msdda":
-            rule, ms = MSDDA(task.exponents(w, beta)), models
-        else:
-            rule, ms = DBMPA(w), models
+        weights = dict(zip(objectives, w, strict=True))
+        # an explicit target beta: the step objective J below is the one with this beta
+        plan = plan_method(method, bundle, weights if method != BASE else None, beta=beta)
         regrets: list[float] = []
         gaps: list[float] = [0.0]
 
         def on_step(ctx: StepContext, _x: torch.Tensor) -> None:
             ref = task.reference_kernel(ctx.x_t, ctx.timestep, ctx.prev_timestep)
-            used: GaussianKernel = rule(ctx)  # re-apply the rule to score the kernel it sampled from
+            used = ctx.kernel  # the kernel the rule sampled from at this step
+            assert used is not None
             opt = task.optimal_kernel(ref, w, beta)
             regret = task.objective(opt, ref, w, beta) - task.objective(used, ref, w, beta)
             regrets.append(float(regret.mean()))
-            if method == "msdda":
+            if method == MSDDA.name:
                 gaps.append(float((used.mean - opt.mean).abs().max()))
                 gaps.append(float((torch.broadcast_to(used.var, opt.mean.shape) - opt.var).abs().max()))
 
         start = time.perf_counter()
         out = sample(
-            ms,
-            task.scheduler,
-            rule,
+            plan.models,
+            bundle.scheduler,
+            plan.rule,
+            reference=plan.reference,
             shape=(samples, 2),
             dtype=torch.float64,
             num_inference_steps=steps,
@@ -89,15 +87,14 @@ def run_oracle_demo(
             "seconds": seconds,
             "model_evals": out.model_evals,
         }
-        if method == "msdda":
+        if method == MSDDA.name:
             row["max_gap_to_optimum"] = max(gaps)
         results.append(row)
 
     for w1 in weights:
         w = [float(w1), 1.0 - float(w1)]
-        run("base", w)
-        run("msdda", w)
-        run("db-mpa", w)
+        for method in (BASE, MSDDA.name, DBMPA.name):
+            run(method, w)
     return {"task": "gaussian-oracle", "objectives": objectives, "beta": beta, "steps": steps, "results": results}
 
 

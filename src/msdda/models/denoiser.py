@@ -85,13 +85,14 @@ class ClassifierFreeGuidance:
 
 
 def combine_guidance(out_c: Tensor, out_u: Tensor, scale: float, channels: int) -> Tensor:
-    """Guided output uncond + scale * (cond - uncond) from the two passes, each [B, C or 2C, ...].
+    """Guided output uncond + scale * (cond - uncond) from the two passes, each [B, C, ...] or wider.
 
-    channels: C, the sample's channel count. A [B, 2C, ...] output carries a learned variance in its second
-    half, which is taken from the conditional pass unguided (improved-DDPM/GLIDE). Shared by
-    ClassifierFreeGuidance and the batched K-model path so both apply the very same arithmetic.
+    channels: C, the sample's channel count. Channels past the first C carry a learned variance (and kernel
+    offsets, see msdda.core.schedule.apply_kernel_offsets); they are taken from the conditional pass unguided
+    (improved-DDPM/GLIDE). Shared by ClassifierFreeGuidance and the batched K-model path so both apply the
+    very same arithmetic.
     """
-    if out_c.shape[1] == 2 * channels:
+    if out_c.shape[1] > channels:
         guided = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
         return torch.cat([guided, out_c[:, channels:]], dim=1)
     return out_u + scale * (out_c - out_u)

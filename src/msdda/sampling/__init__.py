@@ -2,8 +2,30 @@
 
 from msdda.sampling.cost import Cost, PeakMemory
 from msdda.sampling.guided import RGG, CoDe
-from msdda.sampling.rules import DBMPA, DBMPALS, MSDDA, SingleModel, StepContext, StepRule, StepRuleError
-from msdda.sampling.sampler import SampleOutput, make_generator, sample
+from msdda.sampling.methods import (
+    REFERENCE,
+    MethodPlan,
+    MethodSpec,
+    ObjectiveSet,
+    PlanError,
+    PlanRequest,
+    get_method,
+    method_names,
+    plan_method,
+    register_method,
+    resolve_exponents,
+)
+from msdda.sampling.rules import (
+    DBMPA,
+    DBMPALS,
+    MSDDA,
+    SingleModel,
+    StepContext,
+    StepRule,
+    StepRuleBase,
+    StepRuleError,
+)
+from msdda.sampling.sampler import GaussianNoise, SampleOutput, ScheduleAware, make_generator, sample
 
 __all__ = [
     "RGG",
@@ -13,7 +35,21 @@ __all__ = [
     "DBMPA",
     "DBMPALS",
     "MSDDA",
+    "REFERENCE",
+    "GaussianNoise",
+    "MethodPlan",
+    "MethodSpec",
+    "ObjectiveSet",
+    "PlanError",
+    "PlanRequest",
     "SampleOutput",
+    "ScheduleAware",
+    "StepRuleBase",
+    "get_method",
+    "method_names",
+    "plan_method",
+    "register_method",
+    "resolve_exponents",
     "SingleModel",
     "StepContext",
     "StepRule",

@@ -1,6 +1,7 @@
 """Step rules that call rewards at inference: CoDe (blockwise best-of-N) and RGG (reward gradients).
 
-Rewards are plain callables `(x0 [B, ...], cond) -> Tensor [B]` (see msdda.rewards); the scalarised reward
+Rewards are plain callables `(x0 [B, ...], cond) -> Tensor [B]` (the Reward protocol of msdda.core.rewards,
+whose validate_reward_output checks every value they return); the scalarised reward
 is sum_k w_k r_k. Both rules build on one model's kernel (`model`: an index into the sampler's models, or
 None for the reference), as the baselines in MSDDA.md §6 do with the base model.
 """
@@ -8,7 +9,7 @@ None for the reference), as the baselines in MSDDA.md §6 do with the base model
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 
 from msdda.core.kernel import GaussianKernel, ReverseKernel
-from msdda.sampling.rules import StepContext, StepRuleError, _check_weights
+from msdda.core.rewards import Reward, is_differentiable, reward_name, validate_reward_output
+from msdda.sampling.rules import StepContext, StepRuleBase, StepRuleError, _check_weights
 
-RewardFn = Callable[[Tensor, Any], Tensor]
 TEMPERING = ("constant", "sqrt_alpha_bar", "alpha_bar")
 
 
@@ -30,19 +31,17 @@ def _model_kernel(ctx: StepContext, model: int | None) -> ReverseKernel:
     return ctx.kernels[model]
 
 
-def _scalarised(rewards: Sequence[RewardFn], weights: Sequence[float], x0: Tensor, cond: Any) -> Tensor:
+def _scalarised(rewards: Sequence[Reward], weights: Sequence[float], x0: Tensor, cond: Any) -> Tensor:
     total = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-    for w, reward in zip(weights, rewards, strict=True):
+    for i, (w, reward) in enumerate(zip(weights, rewards, strict=True)):
         if w == 0.0:
             continue
-        values = reward(x0, cond)
-        if values.shape != (x0.shape[0],):
-            raise StepRuleError(f"reward returned shape {tuple(values.shape)}, expected ({x0.shape[0]},)")
+        values = validate_reward_output(reward(x0, cond), x0.shape[0], reward_name(reward, f"reward {i}"))
         total = total + w * values.to(x0.dtype)
     return total
 
 
-def _check_rewards(rule: str, rewards: Sequence[RewardFn], weights: Sequence[float]) -> None:
+def _check_rewards(rule: str, rewards: Sequence[Reward], weights: Sequence[float]) -> None:
     if len(rewards) != len(weights):
         raise StepRuleError(f"{rule}: {len(rewards)} rewards but {len(weights)} weights; pass one weight per reward")
     for i, r in enumerate(rewards):
@@ -51,14 +50,14 @@ def _check_rewards(rule: str, rewards: Sequence[RewardFn], weights: Sequence[flo
 
 
 @dataclass
-class CoDe:
+class CoDe(StepRuleBase):
     """Blockwise best-of-N: every `block_size` steps draw `num_candidates` x_prev from the kernel and keep,
     per sample, the one whose Tweedie x0_hat (from `model` at prev_t) has the highest sum_k w_k r_k.
 
     Extra cost per block: num_candidates model evaluations and num_candidates * K reward calls.
     """
 
-    rewards: Sequence[RewardFn]
+    rewards: Sequence[Reward]
     weights: Sequence[float]
     num_candidates: int = 4
     block_size: int = 5
@@ -86,9 +85,9 @@ class CoDe:
 
     def draw(self, ctx: StepContext, kernel: GaussianKernel) -> Tensor:
         if (ctx.index + 1) % self.block_size != 0 or self.num_candidates == 1:
-            return kernel.sample(ctx.generator)
+            return ctx.draw(kernel)
         assert ctx.evaluate is not None and ctx.cost is not None
-        candidates = torch.stack([kernel.sample(ctx.generator) for _ in range(self.num_candidates)])
+        candidates = torch.stack([ctx.draw(kernel) for _ in range(self.num_candidates)])
         scores = []
         for cand in candidates:
             out = ctx.evaluate(self.model, cand, ctx.prev_timestep)
@@ -101,7 +100,7 @@ class CoDe:
 
 
 @dataclass
-class RGG:
+class RGG(StepRuleBase):
     """Reward-gradient guidance: mean += lambda_t * var * grad_{x_t} sum_k w_k r_k(x0_hat(x_t)).
 
     lambda_t = scale * tempering(t): "constant" (1), "sqrt_alpha_bar" or "alpha_bar" (weaker at high
@@ -110,7 +109,7 @@ class RGG:
     K reward gradients.
     """
 
-    rewards: Sequence[RewardFn]
+    rewards: Sequence[Reward]
     weights: Sequence[float]
     scale: float = 1.0
     tempering: str = "sqrt_alpha_bar"
@@ -121,8 +120,8 @@ class RGG:
         self.weights = _check_weights(self.weights, "RGG")
         _check_rewards("RGG", self.rewards, self.weights)
         for i, r in enumerate(self.rewards):
-            if getattr(r, "differentiable", True) is False:
-                name = getattr(r, "name", f"reward {i}")
+            if not is_differentiable(r):
+                name = reward_name(r, f"reward {i}")
                 raise StepRuleError(
                     f"RGG needs differentiable rewards; {name!r} is not (use CoDe or MSDDA, which only "
                     f"evaluate rewards or need none)"
@@ -155,7 +154,11 @@ class RGG:
             x0 = ctx.scheduler.predict_x0(out, ctx.timestep, x)
             total = _scalarised(self.rewards, self.weights, x0, ctx.cond)
             if not total.requires_grad:
-                raise StepRuleError("RGG: the scalarised reward has no gradient w.r.t. x_t; use differentiable rewards")
+                raise StepRuleError(
+                    "RGG: the scalarised reward has no gradient w.r.t. x_t (a reward detaches x0 or is not a torch "
+                    "function of it); use differentiable rewards, or mark such a reward `differentiable = False` "
+                    "and use CoDe"
+                )
             (grad,) = torch.autograd.grad(total.sum(), x)
         ctx.cost.reward_grads += sum(1 for w in self.weights if w != 0.0)
         ctx.info["rgg_grad_norm"] = float(grad.flatten(1).norm(dim=1).mean())

@@ -48,13 +48,26 @@ class StepContext:
     evaluate: Callable[[int | None, Tensor, int], Tensor] | None = None
     cost: Cost | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # draws x_prev from a kernel with the run's noise source and generator (the sampler sets it)
+    drawer: Callable[[GaussianKernel], Tensor] | None = None
+    # the kernel the rule returned at this step (set by the sampler before the draw and the callback)
+    kernel: GaussianKernel | None = None
+    # a step callback sets this to end the run after the current step (the sample so far is returned)
+    stop: bool = False
+
+    def draw(self, kernel: GaussianKernel) -> Tensor:
+        """A plain draw mean + sqrt(var) * z from `kernel`, with z from the run's noise source."""
+        if self.drawer is None:
+            return kernel.sample(self.generator)
+        return self.drawer(kernel)
 
 
 class StepRule(Protocol):
     """A reverse-step rule. `uses_reference`: the sampler must also evaluate the reference model.
 
-    A rule may also define `draw(ctx, kernel) -> x_prev` to replace the plain Gaussian draw (CoDe does:
-    it branches candidates and keeps the best); the final step always returns the kernel mean.
+    `draw(ctx, kernel) -> x_prev` turns the rule's kernel into the next sample at every step but the last;
+    `StepRuleBase.draw` is the plain Gaussian draw, CoDe replaces it (it branches candidates and keeps the
+    best). What the last step returns is the sampler's choice (`final_step`).
     """
 
     name: str
@@ -63,6 +76,15 @@ class StepRule(Protocol):
     def check(self, num_models: int) -> None: ...
 
     def __call__(self, ctx: StepContext) -> GaussianKernel: ...
+
+    def draw(self, ctx: StepContext, kernel: GaussianKernel) -> Tensor: ...
+
+
+class StepRuleBase:
+    """What every step rule shares: the plain draw from the kernel through the run's noise source."""
+
+    def draw(self, ctx: StepContext, kernel: GaussianKernel) -> Tensor:
+        return ctx.draw(kernel)
 
 
 def _check_weights(weights: Sequence[float], what: str) -> list[float]:
@@ -81,7 +103,7 @@ def _check_count(rule: str, weights: Sequence[float], num_models: int) -> None:
 
 
 @dataclass
-class SingleModel:
+class SingleModel(StepRuleBase):
     """Sample from one model's own kernel (the plain sampler; Base when the model is the reference)."""
 
     index: int = 0
@@ -97,7 +119,7 @@ class SingleModel:
 
 
 @dataclass
-class MSDDA:
+class MSDDA(StepRuleBase):
     """Exact fusion of the models' kernels, mean and variance (MSDDA.md §4).
 
     exponents: a_k per model. When they do not sum to 1 the reference takes a_0 = 1 - sum a_k and the
@@ -134,40 +156,79 @@ class MSDDA:
         return GaussianKernel(mean, var)
 
 
-@dataclass
-class DBMPA:
-    """Diffusion Blend (DB-MPA): eps_w = sum_k w_k eps_k, then an ordinary scheduler step.
+def _check_mixture(rule: str, weights: list[float], reference_weight: float) -> float:
+    """Mixture weights (the reference's included) must sum to 1: eps_w = sum_k w_k eps_k is a noise estimate only
+    then; weights summing to 0.4 would shrink every prediction and blow the samples up."""
+    if not math.isfinite(reference_weight):
+        raise StepRuleError(f"{rule}: reference_weight is {reference_weight}; it must be finite")
+    total = math.fsum(weights) + reference_weight
+    if not math.isclose(total, 1.0, rel_tol=SUM_TO_ONE_RTOL):
+        raise StepRuleError(
+            f"{rule}: weights {weights} (reference {reference_weight:g}) sum to {total:.6g}; mixture weights must "
+            f"sum to 1 (give the reference the remainder with reference_weight={1 - math.fsum(weights):.6g})"
+        )
+    return float(reference_weight)
 
-    The learned-variance half of the outputs, if any, is averaged with the same weights.
+
+@dataclass
+class DBMPA(StepRuleBase):
+    """Diffusion Blend (DB-MPA): eps_w = sum_k w_k eps_k (+ w_0 eps_ref), then an ordinary scheduler step.
+
+    weights (and reference_weight, 0 by default) must sum to 1. The learned-variance half of the outputs,
+    if any, is averaged with the same weights.
     """
 
     weights: Sequence[float]
+    reference_weight: float = 0.0
     name: str = "db-mpa"
-    uses_reference: bool = False
 
     def __post_init__(self) -> None:
         self.weights = _check_weights(self.weights, "DB-MPA")
+        self.reference_weight = _check_mixture("DB-MPA", self.weights, float(self.reference_weight))
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.reference_weight != 0.0
 
     def check(self, num_models: int) -> None:
         _check_count("DB-MPA", self.weights, num_models)
 
     def __call__(self, ctx: StepContext) -> GaussianKernel:
-        blended = sum(w * out for w, out in zip(self.weights, ctx.outputs, strict=True))
+        outputs = list(ctx.outputs)
+        weights = list(self.weights)
+        if self.uses_reference:
+            if ctx.reference_output is None:
+                raise StepRuleError("DB-MPA with a reference weight needs the reference; pass `reference=`")
+            outputs.append(ctx.reference_output)
+            weights.append(self.reference_weight)
+        blended = sum(w * out for w, out in zip(weights, outputs, strict=True))
         return ctx.scheduler.kernel(blended, ctx.timestep, ctx.x_t, prev_timestep=ctx.prev_timestep)
 
 
 @dataclass
-class DBMPALS:
-    """DB-MPA-LS: at each step use one model's kernel, drawn with probability w_k (caller's generator)."""
+class DBMPALS(StepRuleBase):
+    """DB-MPA-LS: at each step use one model's kernel, drawn with probability w_k (caller's generator).
+
+    reference_weight: the probability of the reference's kernel (drawn as model K, after the K models).
+    """
 
     weights: Sequence[float]
+    reference_weight: float = 0.0
     name: str = "db-mpa-ls"
-    uses_reference: bool = False
 
     def __post_init__(self) -> None:
         self.weights = _check_weights(self.weights, "DB-MPA-LS")
-        if any(w < 0 for w in self.weights) or math.fsum(self.weights) <= 0:
-            raise StepRuleError(f"DB-MPA-LS: weights {self.weights} must be >= 0 with a positive sum")
+        probs = [*self.weights, float(self.reference_weight)]
+        if any(not math.isfinite(w) or w < 0 for w in probs) or math.fsum(probs) <= 0:
+            raise StepRuleError(
+                f"DB-MPA-LS: weights {self.weights} (reference {self.reference_weight:g}) must be >= 0 with "
+                "a positive sum (they are probabilities)"
+            )
+        self.reference_weight = float(self.reference_weight)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.reference_weight != 0.0
 
     def check(self, num_models: int) -> None:
         _check_count("DB-MPA-LS", self.weights, num_models)
@@ -175,7 +236,12 @@ class DBMPALS:
     def __call__(self, ctx: StepContext) -> GaussianKernel:
         # on the generator's device, so one generator serves the noise and the draw (CPU or GPU)
         device = ctx.generator.device if ctx.generator is not None else ctx.x_t.device
-        probs = torch.tensor(self.weights, dtype=torch.float64, device=device)
+        weights = [*self.weights, self.reference_weight] if self.uses_reference else list(self.weights)
+        probs = torch.tensor(weights, dtype=torch.float64, device=device)
         choice = int(torch.multinomial(probs, 1, generator=ctx.generator).item())
         ctx.info["chosen_model"] = choice
+        if choice == len(self.weights):
+            if ctx.reference_kernel is None:
+                raise StepRuleError("DB-MPA-LS with a reference weight needs the reference; pass `reference=`")
+            return ctx.reference_kernel
         return ctx.kernels[choice]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,16 +23,50 @@ from msdda.sampling.rules import StepContext, StepRule, StepRuleError
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[StepContext, Tensor], None]
+# callback(ctx, x_prev) after every step: return None to keep x_prev or a tensor of its shape to replace it;
+# set ctx.stop = True to end the run there. ctx.kernel is the kernel the rule returned.
+StepCallback = Callable[[StepContext, Tensor], "Tensor | None"]
+FINAL_STEPS = ("mean", "sample")
+
+
+@runtime_checkable
+class ScheduleAware(Protocol):
+    """A denoiser whose output depends on the run's step grid (the exact oracle's models do: their output
+    encodes the kernel of the step t -> prev_t). The sampler binds its own scheduler copy before the loop."""
+
+    def bind_schedule(self, scheduler: KernelScheduler) -> None: ...
+
+
+class GaussianNoise:
+    """The default noise source: z ~ N(0, I) from torch.randn on the run's generator.
+
+    Subclass it to draw like another library (the SD pipeline draws with diffusers' randn_tensor, so a CPU
+    generator serves a GPU run and samples match diffusers') or to skip draws for point masses.
+    """
+
+    def randn(
+        self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def draw(self, kernel: GaussianKernel, generator: torch.Generator) -> Tensor:
+        """mean + sqrt(var) * z with z from `randn`: every drawn step, and the last with final_step='sample'."""
+        mean = kernel.mean
+        return kernel.sample(noise=self.randn(tuple(mean.shape), generator, mean.device, mean.dtype))
 
 
 @dataclass
 class SampleOutput:
-    """samples [B, C, ...]; trajectory [x_T, ..., x_0] when requested; what the run cost."""
+    """samples [B, C, ...]; trajectory [x_T, ..., x_0] when requested; what the run cost.
+
+    interrupted: a step callback set ctx.stop; `samples` is then the sample after that step.
+    """
 
     samples: Tensor
     trajectory: list[Tensor] | None
     cost: Cost
+    interrupted: bool = False
+    steps_run: int = 0
 
     @property
     def model_evals(self) -> int:
@@ -50,6 +86,67 @@ def make_generator(generator: torch.Generator | None, seed: int | None, device: 
     g = torch.Generator(device=device)
     g.manual_seed(0 if seed is None else int(seed))
     return g
+
+
+def _own_scheduler(scheduler: Any, num_inference_steps: int | None, eta: float | None) -> KernelScheduler:
+    """A KernelScheduler of our own for this run: the caller's scheduler object is never changed."""
+    if isinstance(scheduler, KernelScheduler):
+        ks = copy.deepcopy(as_kernel_scheduler(scheduler, eta=eta))
+        if num_inference_steps is not None:
+            ks.set_timesteps(num_inference_steps)
+        return ks
+    scheduler = copy.deepcopy(scheduler)
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps)
+    return as_kernel_scheduler(scheduler, eta=eta)
+
+
+def _check_inputs(
+    shape: Sequence[int] | None,
+    x_T: Tensor | None,
+    guidance_scale: float | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    final_step: str,
+    num_inference_steps: int | None,
+) -> torch.device:
+    """Refuse what would fail deep inside torch, or silently do something else, before any work."""
+    if final_step not in FINAL_STEPS:
+        raise StepRuleError(f"final_step={final_step!r}; choose one of {FINAL_STEPS}")
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
+        raise StepRuleError(f"num_inference_steps={num_inference_steps!r}; it must be an integer >= 1 (or None)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise StepRuleError(f"dtype={dtype!r}; sample in a real floating dtype such as torch.float32 or torch.float64")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StepRuleError(f"device={device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StepRuleError(f"device={device!r} but this torch build has no usable CUDA device; pass device='cpu'")
+    if guidance_scale is not None:
+        try:
+            g = float(guidance_scale)
+        except (TypeError, ValueError) as exc:
+            raise StepRuleError(f"guidance_scale={guidance_scale!r} is not a number") from exc
+        if not math.isfinite(g):
+            raise StepRuleError(f"guidance_scale={guidance_scale!r}; it must be finite (None disables guidance)")
+    if x_T is not None:
+        if not isinstance(x_T, Tensor):
+            raise StepRuleError(f"x_T is a {type(x_T).__name__}; pass a tensor [B, ...] or `shape`")
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise StepRuleError(f"shape={tuple(shape)} but x_T has shape {tuple(x_T.shape)}; pass one of them")
+        if x_T.dim() == 0 or x_T.shape[0] == 0 or x_T.numel() == 0:
+            raise StepRuleError(f"x_T has shape {tuple(x_T.shape)}; it needs a batch of at least one sample")
+    elif shape is not None:
+        try:
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError) as exc:
+            raise StepRuleError(f"shape={shape!r}; pass a tuple of positive integers, e.g. (8, 1, 8, 8)") from exc
+        if not dims or any(d < 1 for d in dims):
+            raise StepRuleError(f"shape={tuple(shape)}; every dimension must be >= 1 (batch first)")
+    return dev
 
 
 def sample(
@@ -73,15 +170,22 @@ def sample(
     callback: StepCallback | None = None,
     return_trajectory: bool = False,
     batch_models: bool | None = None,
+    noise: GaussianNoise | None = None,
+    final_step: str = "mean",
 ) -> SampleOutput:
     """Run the reverse process with K models under one step rule.
 
     models: K denoisers evaluated at the same x_t each step. scheduler: a KernelScheduler or a diffusers
-    DDPM/DDIM scheduler (its timesteps are set to `num_inference_steps`; None keeps the current ones).
+    DDPM/DDIM scheduler; the run works on its own copy (timesteps set to `num_inference_steps`; None keeps
+    the current ones), so the caller's scheduler is never changed.
     rule: SingleModel, MSDDA, DBMPA, ... ; `reference` is evaluated only when `rule.uses_reference`.
     shape or x_T: the batch to start from (x_T ~ N(0, I) drawn from the generator when not given).
     cond, guidance_scale, null_cond: classifier-free guidance per model when a scale is given.
-    The last step returns the kernel mean; every other step draws mean + sqrt(var) * z.
+    Hooks: `noise` (a GaussianNoise: where the standard-normal draws come from), `final_step` ("mean":
+    the last step returns the kernel mean; "sample": it draws, as diffusers' DDIM step with eta > 0 does),
+    `callback(ctx, x_prev)` after every step (may return a replacement x_prev, or set ctx.stop = True to
+    end the run; ctx.kernel is the kernel the rule returned). Every step but the last draws with
+    `rule.draw(ctx, kernel)`.
     batch_models: evaluate the K models in one vmapped call (msdda.models.batched) when they are
     nn.Modules of one architecture: None (auto) batches when they can be stacked and sit on an accelerator
     (on CPU one by one is faster), else evaluates them one by one; True requires it (BatchingError says why
@@ -90,29 +194,31 @@ def sample(
     """
     if not models:
         raise StepRuleError("no models given; pass at least one denoiser")
+    if isinstance(rule, str) or not callable(rule) or not hasattr(rule, "check"):
+        raise StepRuleError(
+            f"rule={rule!r} is not a step rule; pass e.g. msdda.MSDDA(exponents) (msdda.plan_method turns a "
+            "method name and weights into one)"
+        )
+    dev = _check_inputs(shape, x_T, guidance_scale, dtype, device, final_step, num_inference_steps)
     models = [as_denoiser(m) for m in models]
     rule.check(len(models))
     if rule.uses_reference and reference is None:
         raise StepRuleError(
             f"rule {rule.name!r} gives the reference a non-zero exponent; pass `reference=` (the base model)"
         )
-    ks: KernelScheduler
-    if isinstance(scheduler, KernelScheduler):
-        ks = as_kernel_scheduler(scheduler, eta=eta)
-        if num_inference_steps is not None:
-            ks.set_timesteps(num_inference_steps)
-    else:
-        if num_inference_steps is not None:
-            scheduler.set_timesteps(num_inference_steps)
-        ks = as_kernel_scheduler(scheduler, eta=eta)
+    ks = _own_scheduler(scheduler, num_inference_steps, eta)
+    for m in [*models, reference]:
+        if isinstance(m, ScheduleAware):
+            m.bind_schedule(ks)
+    noise = noise if noise is not None else GaussianNoise()
 
-    gen = make_generator(generator, seed, device)
+    gen = make_generator(generator, seed, dev)
     if x_T is None:
         if shape is None:
             raise StepRuleError("pass `shape` or `x_T` to say what to sample")
-        x = torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+        x = noise.randn(tuple(int(d) for d in shape), gen, dev, dtype)
     else:
-        x = x_T.to(device)
+        x = x_T.to(dev)
     # Built from the unguided models: the batched evaluator applies guidance itself, on the stacked outputs.
     batched = stack_for_sampling(models, batch_models, guidance_scale=guidance_scale, null_cond=null_cond)
     if guidance_scale is not None:
@@ -144,7 +250,11 @@ def sample(
         t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
         return batched(x_in, t_in, cond)
 
-    draw = getattr(rule, "draw", None)
+    def drawer(kernel_: GaussianKernel) -> Tensor:
+        return noise.draw(kernel_, gen)
+
+    interrupted = False
+    steps_run = 0
     start = time.perf_counter()
     with PeakMemory(x.device) as memory, torch.no_grad():
         for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=None if progress else True, leave=False)):
@@ -164,20 +274,35 @@ def sample(
                 cond=cond,
                 evaluate=evaluate,
                 cost=cost,
+                drawer=drawer,
             )
             if rule.uses_reference:
                 ctx.reference_output = evaluate(None, x, t)
                 ctx.reference_kernel = ks.kernel(ctx.reference_output, t, x, prev_timestep=prev_t)
             kernel: GaussianKernel = rule(ctx)
-            if ctx.is_last:
-                x = kernel.mean
+            ctx.kernel = kernel
+            if not ctx.is_last:
+                x = rule.draw(ctx, kernel)
+            elif final_step == "sample":
+                x = noise.draw(kernel, gen)
             else:
-                x = draw(ctx, kernel) if draw is not None else kernel.sample(gen)
+                x = kernel.mean
+            steps_run = i + 1
+            if callback is not None:
+                replaced = callback(ctx, x)
+                if replaced is not None:
+                    if not isinstance(replaced, Tensor) or replaced.shape != x.shape:
+                        got = tuple(replaced.shape) if isinstance(replaced, Tensor) else type(replaced).__name__
+                        raise StepRuleError(
+                            f"the step callback returned {got}; return None or a tensor of shape {tuple(x.shape)}"
+                        )
+                    x = replaced
             if trajectory is not None:
                 trajectory.append(x)
-            if callback is not None:
-                callback(ctx, x)
+            if ctx.stop:
+                interrupted = not ctx.is_last
+                break
     cost.seconds = time.perf_counter() - start
     cost.peak_memory_bytes = memory.peak_bytes
     logger.debug("sampled %s with %s: %s", tuple(x.shape), rule.name, cost)
-    return SampleOutput(samples=x, trajectory=trajectory, cost=cost)
+    return SampleOutput(samples=x, trajectory=trajectory, cost=cost, interrupted=interrupted, steps_run=steps_run)

@@ -1,4 +1,7 @@
-"""What a task hands to sweeps and demos: its models, scheduler, rewards and conditions, in one object."""
+"""What a task hands to sweeps and demos: its models, scheduler, rewards and conditions, in one object.
+
+A TaskBundle is an `msdda.sampling.ObjectiveSet`, so `msdda.sampling.plan_method` plans every method on it.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ class TaskBundle:
     soup: builds the Rewarded-Soups model for preference weights {objective: w} (None: not supported).
     rgg_scale: the RGG guidance scale calibrated for this task (reward gradients differ in size by task).
     prompt_label: a printable name for a prompt (used in results and reports).
+    step_reward: the per-step reward r_t (MSDDA.md §3) as `(objective, x_prev [B, ...], prev_t, cond) -> [B]`,
+      when the task defines it exactly (the Gaussian oracle); None: the reward of the reference's Tweedie
+      estimate x0_hat(x_prev) at prev_t (of x_prev itself at the final step, prev_t = -1).
     """
 
     name: str
@@ -42,6 +48,12 @@ class TaskBundle:
     dtype: torch.dtype = torch.float32
     prompt_label: Callable[[Any], str] = str
     rgg_scale: float = 1.0
+    step_reward: Callable[[str, torch.Tensor, int, Any], torch.Tensor] | None = None
+
+    @property
+    def reference(self) -> Denoiser:
+        """The base model (the ObjectiveSet name for it)."""
+        return self.base
 
     def beta_of(self, objective: str) -> float:
         return float(self.betas.get(objective, 1.0))
