@@ -21,15 +21,8 @@ from msdda.alignment.dpo import shard_seed, shard_sizes, train_dpo
 from msdda.core import KernelScheduler
 from msdda.distributed import DistContext, DistributedError, get_context, launched_world_size
 from msdda.evaluation.report import compute_metrics
-from msdda.evaluation.sweep import (
-    SweepConfig,
-    SweepError,
-    _check_prepared_config,
-    done_units,
-    read_rows,
-    results_files,
-    run_sweep,
-)
+from msdda.evaluation.store import SweepError, _check_prepared_config, done_units, read_rows, results_files
+from msdda.evaluation.sweep import SweepConfig, run_sweep
 from msdda.evaluation.tasks import get_task_bundle
 from msdda.rewards import get_reward
 from msdda.tasks.digits.training import align_digits, class_conditions

@@ -22,6 +22,9 @@ from msdda.evaluation import (
     win_rate,
 )
 
+# Property tests draw reference points that no point dominates; the warning for that case is tested on its own.
+pytestmark = pytest.mark.filterwarnings("ignore::msdda.evaluation.metrics.MetricsWarning")
+
 FAST = settings(max_examples=150, deadline=None)
 
 

@@ -9,14 +9,8 @@ import time
 
 import pytest
 
-from msdda.evaluation.sweep import (
-    SweepConfig,
-    SweepError,
-    read_rows,
-    run_sweep,
-    simplex_grid,
-    validate_weights,
-)
+from msdda.evaluation.store import SweepError, read_rows
+from msdda.evaluation.sweep import SweepConfig, run_sweep, simplex_grid, validate_weights
 from msdda.evaluation.tasks import UnknownTaskError, get_task_bundle
 
 

@@ -6,13 +6,17 @@ pi_w  ∝  p_ref^{a_0} * prod_k p_k^{a_k},   a_0 = 1 - sum_k a_k      (MSDDA.md 
 
 Zero variances (DDIM with eta = 0, or a clamped last step) are treated as the limit in which every
 zero-variance kernel has the same infinitesimal variance: they dominate, the fused kernel is a point mass
-at their exponent-weighted mean, and the result never divides by zero.
+at their exponent-weighted mean, and the result never divides by zero. Tiny positive variances (down to
+subnormal ones) are fused with precisions rescaled by the smallest variance, so 1/var never overflows.
+Inputs are checked first: means and variances must be real, finite tensors or numbers (variances >= 0),
+weights real numbers; anything else (None, complex, strings, a dict) raises FusionError.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +27,24 @@ from msdda.core.errors import FusionError
 SUM_TO_ONE_RTOL = 1e-6
 
 VarianceLike = float | Tensor
+
+
+def _real(value: object, what: str) -> float:
+    """`value` as a float if it is a real number (or a one-element real tensor), else FusionError."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FusionError(f"{what} is {value!r:.80} ({type(value).__name__}); it must be a real number")
+    return float(value)
+
+
+def _real_list(values: object, what: str) -> list[float]:
+    """A sequence of real numbers as floats (a str or a dict is refused, not iterated)."""
+    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Sequence | Tensor):
+        raise FusionError(
+            f"{what} is {values!r:.80} ({type(values).__name__}); pass a list of numbers, one per objective"
+        )
+    return [_real(x, f"{what}[{i}]") for i, x in enumerate(values)]
 
 
 def exponents_from_preferences(
@@ -36,10 +58,14 @@ def exponents_from_preferences(
       weights on the simplex the exponents are the weights and the reference drops out (a_0 = 0);
       otherwise the reference kernel takes a_0 = 1 - sum_k a_k.
     """
-    w = [float(x) for x in preferences]
+    w = _real_list(preferences, "preferences")
     if not w:
         raise FusionError("no preference weights given (K = 0); pass one weight per objective")
-    b = [float(betas)] * len(w) if isinstance(betas, int | float) else [float(x) for x in betas]
+    if isinstance(betas, numbers.Real) and not isinstance(betas, bool):
+        b = [float(betas)] * len(w)
+    else:
+        b = _real_list(betas, "betas")
+    beta = _real(beta, "target beta")
     if len(b) != len(w):
         raise FusionError(f"{len(w)} preference weights but {len(b)} betas; pass one beta per objective")
     for name, values in (("preference weight", w), ("beta_k", b)):
@@ -58,14 +84,33 @@ def _as_weights(weights: Sequence[float] | Tensor) -> list[float]:
     if isinstance(weights, Tensor):
         if weights.dim() > 1:
             raise FusionError(f"weights must be 1-D (one exponent per kernel), got shape {tuple(weights.shape)}")
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise FusionError(f"weights have dtype {weights.dtype}; exponents must be real numbers")
         return [float(x) for x in weights.detach().cpu().double().reshape(-1)]
-    return [float(x) for x in weights]
+    return _real_list(weights, "weights")
 
 
-def _as_variance(v: VarianceLike, device: torch.device) -> Tensor:
+def _as_mean(m: object, what: str) -> Tensor:
+    """A mean as a real floating or integer tensor (numbers and nested lists are converted)."""
+    if m is None:
+        raise FusionError(f"{what} is None; pass a tensor (the kernel's mean)")
+    try:
+        t = m if isinstance(m, Tensor) else torch.as_tensor(m)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise FusionError(f"{what} is {m!r:.80} ({type(m).__name__}), not a tensor: {exc}") from None
+    if t.is_complex() or t.dtype == torch.bool:
+        raise FusionError(f"{what} has dtype {t.dtype}; kernels must be real-valued (a float tensor)")
+    return t
+
+
+def _as_variance(v: VarianceLike, device: torch.device, what: str = "variance") -> Tensor:
     # Python floats stay float64: a float32 round trip would cost the variance 7 digits.
     if isinstance(v, Tensor):
+        if v.is_complex() or v.dtype == torch.bool:
+            raise FusionError(f"{what} has dtype {v.dtype}; variances must be real (a float tensor or number)")
         return v.to(device)
+    if v is None or isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise FusionError(f"{what} is {v!r:.80} ({type(v).__name__}); pass a float or a tensor >= 0")
     return torch.tensor(float(v), dtype=torch.float64, device=device)
 
 
@@ -78,6 +123,11 @@ def _check_tensor(t: Tensor, what: str, *, variance: bool) -> None:
         bad = t[~torch.isfinite(t)].reshape(-1)[0].item()
         raise FusionError(f"{what} contains a non-finite value ({bad}); kernels must be finite")
     raise FusionError(f"{what} has a negative value (smallest {t.min().item():.6g}); variances must be >= 0")
+
+
+def _rescale_below(cdt: torch.dtype) -> float:
+    """Variances below this are fused with rescaled precisions: 1/var and 1/var * mean could overflow."""
+    return math.sqrt(torch.finfo(cdt).tiny)
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype:
@@ -103,6 +153,10 @@ def fuse_gaussians(
       when every variance is a scalar, else the broadcast shape. Raises FusionError on invalid input or
       when the fused precision is not positive everywhere (the product is then not a Gaussian).
     """
+    if isinstance(means, Tensor | str | Mapping) or not isinstance(means, Sequence):
+        raise FusionError(f"means is a {type(means).__name__}; pass a list of K tensors, one per kernel")
+    if isinstance(variances, str | Mapping) or not isinstance(variances, Sequence):
+        raise FusionError(f"variances is a {type(variances).__name__}; pass a list of K floats or tensors")
     k = len(means)
     if k == 0:
         raise FusionError("no kernels to fuse (K = 0); pass at least one mean/variance pair")
@@ -128,15 +182,15 @@ def fuse_gaussians(
     if not use_ref:
         a0 = 0.0
 
-    mus = [torch.as_tensor(m) for m in means]
+    mus = [_as_mean(m, f"mean of kernel {i}") for i, m in enumerate(means)]
     out_dtype = mus[0].dtype if mus[0].is_floating_point() else torch.get_default_dtype()
     for m in mus[1:]:
         out_dtype = torch.promote_types(out_dtype, m.dtype)
     device = mus[0].device
-    vars_ = [_as_variance(v, device) for v in variances]
+    vars_ = [_as_variance(v, device, f"variance of kernel {i}") for i, v in enumerate(variances)]
     if use_ref:
-        mus.append(torch.as_tensor(ref_mean, device=device))
-        vars_.append(_as_variance(ref_var, device))
+        mus.append(_as_mean(ref_mean, "ref_mean").to(device))
+        vars_.append(_as_variance(ref_var, device, "ref_var"))
         a.append(a0)
     try:
         out_shape = torch.broadcast_shapes(*(m.shape for m in mus), *(v.shape for v in vars_))
@@ -179,6 +233,18 @@ def _fuse_scalar_variances(
             )
         coeffs = [a[i] / mass if i in zero else 0.0 for i in range(len(a))]
         var = 0.0
+    elif min(vs) < _rescale_below(cdt):
+        # precisions relative to the smallest variance (each scale/v in (0, 1]): no overflow, same fusion
+        scale = min(vs)
+        rel = [ai * (scale / v) for ai, v in zip(a, vs, strict=True)]
+        rel_precision = math.fsum(rel)
+        if not rel_precision > 0:
+            raise FusionError(
+                f"fused precision must be > 0 everywhere; it is {rel_precision / scale:.6g} for weights "
+                f"{a} and variances {vs}; reduce the extrapolation (negative reference exponent)"
+            )
+        var = scale / rel_precision
+        coeffs = [r / rel_precision for r in rel]
     else:
         precision = math.fsum(ai / v for ai, v in zip(a, vs, strict=True))
         if not precision > 0:
@@ -203,19 +269,30 @@ def _fuse_tensor_variances(
     out_dtype: torch.dtype,
     cdt: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Per-element variances (learned-variance models): precision-weighted sums element by element."""
-    if all(bool((v > 0).all()) for v in vars_):
+    """Per-element variances (learned-variance models): precision-weighted sums element by element.
+
+    With zero or tiny variances somewhere, precisions are taken relative to the smallest positive variance
+    at each element (scale / var in (0, 1]), so nothing divides by zero or overflows.
+    """
+    threshold = _rescale_below(cdt)
+    if all(bool((v >= threshold).all()) for v in vars_):
         return _fuse_positive_variances(mus, vars_, a, out_dtype, cdt)
     var_shape = torch.broadcast_shapes(*(v.shape for v in vars_))
-    precision = torch.zeros(var_shape, dtype=cdt, device=mus[0].device)
-    zero_mass = torch.zeros(var_shape, dtype=cdt, device=mus[0].device)
-    any_zero = torch.zeros(var_shape, dtype=torch.bool, device=mus[0].device)
-    num = torch.zeros(out_shape, dtype=cdt, device=mus[0].device)
-    zero_num = torch.zeros(out_shape, dtype=cdt, device=mus[0].device)
+    device = mus[0].device
+    scale = torch.full(var_shape, math.inf, dtype=cdt, device=device)
+    for v in vars_:
+        v = v.to(cdt)
+        scale = torch.minimum(scale, torch.where(v > 0, v, torch.full_like(v, math.inf)))
+    scale = torch.where(torch.isinf(scale), torch.ones_like(scale), scale)  # no positive variance: any scale
+    precision = torch.zeros(var_shape, dtype=cdt, device=device)  # relative: the precision times scale
+    zero_mass = torch.zeros(var_shape, dtype=cdt, device=device)
+    any_zero = torch.zeros(var_shape, dtype=torch.bool, device=device)
+    num = torch.zeros(out_shape, dtype=cdt, device=device)
+    zero_num = torch.zeros(out_shape, dtype=cdt, device=device)
     for ai, m, v in zip(a, mus, vars_, strict=True):
         v = v.to(cdt)
         is_zero = v == 0
-        inv = torch.where(is_zero, torch.zeros_like(v), 1.0 / torch.where(is_zero, torch.ones_like(v), v))
+        inv = torch.where(is_zero, torch.zeros_like(v), scale / torch.where(is_zero, torch.ones_like(v), v))
         precision = precision + ai * inv
         num = num + (ai * inv) * m.to(cdt)
         zero_mass = zero_mass + ai * is_zero.to(cdt)
@@ -230,13 +307,14 @@ def _fuse_tensor_variances(
             )
     finite_part = precision[~any_zero]
     if finite_part.numel() and not (finite_part > 0).all():
+        smallest = (finite_part / torch.broadcast_to(scale, var_shape)[~any_zero]).min().item()
         raise FusionError(
-            f"fused precision must be > 0 everywhere; smallest value is {finite_part.min().item():.6g} "
+            f"fused precision must be > 0 everywhere; smallest value is {smallest:.6g} "
             f"for weights {a}; reduce the extrapolation (negative reference exponent)"
         )
     safe_precision = torch.where(any_zero, torch.ones_like(precision), precision)
     safe_mass = torch.where(any_zero, zero_mass, torch.ones_like(zero_mass))
-    var = torch.where(any_zero, torch.zeros_like(precision), 1.0 / safe_precision)
+    var = torch.where(any_zero, torch.zeros_like(precision), scale / safe_precision)
     mean = torch.where(any_zero, zero_num / safe_mass, num / safe_precision)
     return mean.to(out_dtype), var.to(out_dtype)
 

@@ -71,6 +71,11 @@ class ReverseKernel(GaussianKernel):
     pred_original_sample: the model's clean estimate x0_hat (after clipping/thresholding), shape of mean.
     pred_epsilon: the noise estimate the mean was built from, shape of mean.
     timestep, prev_timestep: the step t -> prev_t this kernel describes (prev_t = -1 at the last step).
+
+    At the last step (prev_t = -1) the kernel is the model's Gaussian over x_{-1} = the final sample, with the
+    variance its schedule defines: for DDPM `fixed_large` that is beta_0 > 0, although diffusers' `step()`
+    adds no noise there and returns the mean. Samplers return `mean` at the last step, so samples agree
+    with `step()`; `var` is what `log_prob`, `kl` and the fusion see at that step.
     """
 
     pred_original_sample: Tensor | None = None

@@ -6,6 +6,7 @@ Pure numpy. Every objective is MAXIMISED (rewards: larger is better). Points are
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from msdda.errors import MSDDAError
 
 __all__ = [
     "MetricsError",
+    "MetricsWarning",
     "default_reference_point",
     "hypervolume",
     "mean_ci",
@@ -30,6 +32,10 @@ _BOOT_BLOCK_ELEMENTS = 1 << 22
 
 class MetricsError(MSDDAError):
     """Bad input to a metric: empty or non-finite values, wrong shapes, invalid options."""
+
+
+class MetricsWarning(UserWarning):
+    """A metric is computable but probably not what was meant (e.g. a hypervolume of 0 from a bad reference)."""
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -172,6 +178,15 @@ def hypervolume(points: Any, reference_point: Any) -> float:
     d = pts - ref  # distances above the reference; boxes become [0, d]
     d = d[np.all(d > 0.0, axis=1)]
     if d.shape[0] == 0:
+        # Not an error (a method may really be dominated), but a reference at or above every point is
+        # usually a mistake: say so rather than report 0 silently.
+        warnings.warn(
+            f"hypervolume is 0: no point strictly dominates reference_point {ref.tolist()} (the points reach at "
+            f"most {pts.max(axis=0).tolist()} per objective); choose a reference point below the points, e.g. "
+            "default_reference_point(...)",
+            MetricsWarning,
+            stacklevel=2,
+        )
         return 0.0
     if d.shape[1] >= 3:
         d = d[pareto_front(d)]  # dominated boxes add nothing; dropping them shrinks the recursion

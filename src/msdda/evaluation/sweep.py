@@ -18,13 +18,11 @@ a barrier and then check it (see `msdda.distributed`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
-import json
 import logging
 import math
-import os
-import re
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,25 +31,39 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from msdda.atomic import write_bytes_atomic
 from msdda.config import JSONConfig
-from msdda.core.fusion import exponents_from_preferences
+from msdda.core.rewards import is_differentiable
 from msdda.distributed import DistContext, get_context
 from msdda.errors import MSDDAError
-from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, SingleModel, sample
+from msdda.evaluation.store import (
+    SweepError,
+    _append_rows,
+    _prepare_shared_run_dir,
+    _repair_store,
+    done_units,
+    lock_and_prepare,
+    read_run_rows,
+    results_file,
+    results_files,
+)
+from msdda.sampling import DBMPA, MSDDA, RGG, CoDe, sample
+from msdda.sampling.methods import (
+    BASE,
+    MethodPlan,
+    PlanError,
+    get_method,
+    is_weighted,
+    method_names,
+    plan_method,
+    registered_methods,
+)
 from msdda.tasks.bundle import TaskBundle
 
 logger = logging.getLogger(__name__)
 
-WEIGHTED_METHODS = ("msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "code", "rgg")
-FIXED_METHODS = ("base",)  # plus "single:<objective>"
-RESULTS_FILE = "results.jsonl"  # the store of a single-process run
-RANK_RESULTS_PATTERN = re.compile(r"^results\.rank(\d+)\.jsonl$")  # rank r of a multi-process run
-CONFIG_FILE = "config.json"
-
-
-class SweepError(MSDDAError):
-    """A sweep is misconfigured, or its run folder holds a different sweep."""
+# Largest sweep seed: unit_seed(seed, prompt) = seed * 1_000_003 + prompt must fit torch.Generator's 64 bits.
+MAX_SEED = (2**63 - 1) // 1_000_003 - 1
 
 
 @dataclass
@@ -62,7 +74,7 @@ class SweepConfig(JSONConfig):
 
     task: str = "digits"
     objectives: list[str] | None = None  # default: the task's first two
-    methods: list[str] = field(default_factory=lambda: ["base", "msdda", "db-mpa"])
+    methods: list[str] = field(default_factory=lambda: [BASE, MSDDA.name, DBMPA.name])
     weights: list[dict[str, float]] | None = None  # explicit grid; default: grid_points per edge
     grid_points: int = 5
     prompts: list[Any] | None = None  # default: the task's prompts
@@ -104,6 +116,9 @@ def validate_weights(grid: Sequence[Mapping[str, float]], objectives: Sequence[s
         unknown = sorted(set(w) - set(objectives))
         if unknown:
             raise SweepError(f"weight grid entry {i} names unknown objectives {unknown}; valid: {list(objectives)}")
+        bad = [(o, v) for o, v in w.items() if isinstance(v, bool) or not hasattr(v, "__float__")]
+        if bad:
+            raise SweepError(f"weight grid entry {i}: weight {bad[0][1]!r:.40} for {bad[0][0]!r} is not a number")
         full = {o: float(w.get(o, 0.0)) for o in objectives}
         for o, v in full.items():
             if not math.isfinite(v) or v < 0:
@@ -115,23 +130,35 @@ def validate_weights(grid: Sequence[Mapping[str, float]], objectives: Sequence[s
     return out
 
 
+def supported_methods(bundle: TaskBundle) -> list[str]:
+    """Every registered method (but the per-objective `single:<objective>`) this task can run, in registry order."""
+    out = []
+    for spec in registered_methods():
+        if spec.takes_argument or (spec.needs_soup and bundle.soup is None):
+            continue
+        if spec.needs_gradients and not all(is_differentiable(r) for r in bundle.rewards.values()):
+            continue
+        out.append(spec.name)
+    return out
+
+
 def _check_methods(methods: Sequence[str], objectives: Sequence[str], bundle: TaskBundle) -> None:
+    """Every method is registered and runnable on this task (the planner's registry says what each needs)."""
     if not methods:
-        raise SweepError(f"no methods given; choose from {[*FIXED_METHODS, *WEIGHTED_METHODS, 'single:<objective>']}")
+        raise SweepError(f"no methods given; choose from {method_names()}")
     for m in methods:
-        if m.startswith("single:"):
-            if m[7:] not in objectives:
-                raise SweepError(f"method {m!r}: unknown objective {m[7:]!r}; valid: {list(objectives)}")
-        elif m not in FIXED_METHODS + WEIGHTED_METHODS:
-            raise SweepError(
-                f"unknown method {m!r}; choose from {[*FIXED_METHODS, *WEIGHTED_METHODS, 'single:<objective>']}"
-            )
-        if m == "rewarded-soup" and bundle.soup is None:
-            raise SweepError(f"task {bundle.name!r} has no parameterised models, so rewarded-soup is not available")
-        if m == "rgg":
+        try:
+            spec, argument = get_method(m)
+        except PlanError as exc:
+            raise SweepError(str(exc)) from exc
+        if argument is not None and argument not in objectives:
+            raise SweepError(f"method {m!r}: unknown objective {argument!r}; valid: {list(objectives)}")
+        if spec.needs_soup and bundle.soup is None:
+            raise SweepError(f"task {bundle.name!r} has no parameterised models, so {m} is not available")
+        if spec.needs_gradients:
             for o in objectives:
-                if getattr(bundle.rewards[o], "differentiable", True) is False:
-                    raise SweepError(f"rgg needs differentiable rewards; {o!r} is not (drop rgg or that objective)")
+                if not is_differentiable(bundle.rewards[o]):
+                    raise SweepError(f"{m} needs differentiable rewards; {o!r} is not (drop {m} or that objective)")
 
 
 @dataclass(frozen=True)
@@ -156,7 +183,7 @@ def plan_units(
     units = []
     for method in cfg.methods:
         weight_list: list[tuple[tuple[str, float], ...] | None]
-        if method in WEIGHTED_METHODS:
+        if is_weighted(method):
             weight_list = [tuple((o, w[o]) for o in objectives) for w in grid]
         else:
             weight_list = [None]
@@ -172,195 +199,22 @@ def unit_seed(seed: int, prompt_index: int) -> int:
     return int(seed) * 1_000_003 + int(prompt_index)
 
 
+def method_options(method: str, cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep's settings for a method, as the planner's options (CoDe's N and B, RGG's scale)."""
+    name = get_method(method)[0].name
+    if name == CoDe.name:
+        return {"num_candidates": cfg.code_candidates, "block_size": cfg.code_block}
+    if name == RGG.name and cfg.rgg_scale is not None:
+        return {"scale": cfg.rgg_scale}
+    return {}
+
+
 def build_method(
     method: str, bundle: TaskBundle, weights: Mapping[str, float] | None, cfg: SweepConfig, objectives: Sequence[str]
-) -> tuple[list[Any], Any, Any]:
-    """(models, step rule, reference) for one method at one weight vector."""
-    if method == "base":
-        return [bundle.base], SingleModel(), None
-    if method.startswith("single:"):
-        return [bundle.aligned[method[7:]]], SingleModel(), None
-    assert weights is not None
-    w = [weights[o] for o in objectives]
-    aligned = [bundle.aligned[o] for o in objectives]
-    rewards = [bundle.rewards[o] for o in objectives]
-    if method == "msdda":
-        betas = [bundle.beta_of(o) for o in objectives]
-        beta = cfg.beta if cfg.beta is not None else math.fsum(wk * bk for wk, bk in zip(w, betas, strict=True))
-        a = exponents_from_preferences(w, betas, beta)
-        return aligned, MSDDA(a), bundle.base
-    if method == "db-mpa":
-        return aligned, DBMPA(w), None
-    if method == "db-mpa-ls":
-        return aligned, DBMPALS(w), None
-    if method == "rewarded-soup":
-        assert bundle.soup is not None
-        return [bundle.soup(dict(weights))], SingleModel(), None
-    if method == "code":
-        return [bundle.base], CoDe(rewards, w, num_candidates=cfg.code_candidates, block_size=cfg.code_block), None
-    if method == "rgg":
-        scale = cfg.rgg_scale if cfg.rgg_scale is not None else bundle.rgg_scale
-        return [bundle.base], RGG(rewards, w, scale=scale), None
-    raise SweepError(f"unknown method {method!r}")
-
-
-# ----- the results store -------------------------------------------------------------------------------
-def results_file(run_dir: Path | str, rank: int, world_size: int) -> Path:
-    """The file rank `rank` of a `world_size`-process run appends to: results.jsonl for one process,
-    else results.rank{rank}.jsonl."""
-    return Path(run_dir) / (RESULTS_FILE if world_size == 1 else f"results.rank{rank}.jsonl")
-
-
-def results_files(run_dir: Path | str) -> list[Path]:
-    """Every results file of a run folder: results.jsonl (if any) first, then results.rank{r}.jsonl by r."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    ranked = []
-    for p in run_dir.iterdir():
-        m = RANK_RESULTS_PATTERN.match(p.name)
-        if m and p.is_file():
-            ranked.append((int(m.group(1)), p))
-    single = [run_dir / RESULTS_FILE] if (run_dir / RESULTS_FILE).is_file() else []
-    return single + [p for _, p in sorted(ranked)]
-
-
-def _read_file_rows(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    with path.open() as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn write
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
-def read_rows(path: Path | str) -> list[dict[str, Any]]:
-    """Every complete row of a results file, or of a whole run folder.
-
-    path: one results file (a torn last line from a kill is ignored), or a run folder, for the union of
-    its results files (`read_run_rows`): what a multi-process run wrote, as one store.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return read_run_rows(path)
-    return _read_file_rows(path)
-
-
-def read_run_rows(run_dir: Path | str) -> list[dict[str, Any]]:
-    """The union of every results file of a run folder, each (unit, index) once, in the sweep's planned
-    order (by `unit_index`, so the same whatever the process count; stores written before rows carried it
-    keep file order)."""
-    seen: set[tuple[str, int]] = set()
-    rows = []
-    for f in results_files(run_dir):
-        for r in _read_file_rows(f):
-            key = (r["unit"], r["index"])
-            if key not in seen:
-                seen.add(key)
-                rows.append(r)
-    if all("unit_index" in r for r in rows):
-        rows.sort(key=lambda r: (r["unit_index"], r["index"]))
-    return rows
-
-
-def _complete_units(rows: Sequence[dict[str, Any]], batch_size: int) -> set[str]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["unit"]] = counts.get(r["unit"], 0) + 1
-    return {k for k, c in counts.items() if c == batch_size}
-
-
-def _repair_store(path: Path, batch_size: int) -> set[str]:
-    """Drop torn lines and incomplete units (atomic rewrite); return the keys of complete units."""
-    text = path.read_text()
-    rows = _read_file_rows(path)
-    complete = _complete_units(rows, batch_size)
-    kept = [r for r in rows if r["unit"] in complete]
-    if len(kept) != text.count("\n") or (text and not text.endswith("\n")):
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-        logger.info("results store %s repaired: kept %d rows of %d complete units", path, len(kept), len(complete))
-    return complete
-
-
-def done_units(run_dir: Path | str, batch_size: int) -> set[str]:
-    """Keys of the units some results file of the folder holds complete (whichever rank wrote them)."""
-    done: set[str] = set()
-    for f in results_files(run_dir):
-        done |= _complete_units(_read_file_rows(f), batch_size)
-    return done
-
-
-def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    with path.open("a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _config_diff(existing: Mapping[str, Any], cfg: SweepConfig) -> list[str]:
-    """Names of the config keys where `existing` (a config.json document) differs from `cfg`."""
-    mine = json.loads(json.dumps(cfg.to_dict()))
-    return sorted(k for k in set(existing) | set(mine) if existing.get(k) != mine.get(k))
-
-
-def prepare_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool) -> None:
-    """Create the run folder, or check that an existing one holds this very sweep (else refuse)."""
-    config_path = run_dir / CONFIG_FILE
-    if config_path.exists():
-        try:
-            existing = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SweepError(f"{config_path} is not valid JSON; pass --overwrite to start the run afresh") from exc
-        diff = _config_diff(existing, cfg)
-        if diff:
-            if not overwrite:
-                raise SweepError(
-                    f"{run_dir} holds a sweep with a different config (differs in {diff}); use another folder, "
-                    f"the same settings to resume, or --overwrite to discard it"
-                )
-            shutil.rmtree(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise SweepError(f"{run_dir} exists and is not a sweep folder; use another folder or --overwrite")
-    elif run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not config_path.exists():
-        write_json_atomic(config_path, cfg.to_dict())
-
-
-def _check_prepared_config(run_dir: Path, cfg: SweepConfig) -> str | None:
-    """On ranks other than 0, after rank 0 prepared the folder: None if config.json is this sweep, else why not."""
-    config_path = run_dir / CONFIG_FILE
-    try:
-        existing = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        return (
-            f"{config_path} is missing after rank 0 wrote it; the run folder must be on a file system every "
-            "process shares (on several machines: a shared mount at the same path)"
-        )
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"cannot read {config_path} written by rank 0: {exc}; check the shared file system"
-    diff = _config_diff(existing, cfg)
-    if diff:
-        return (
-            f"{config_path} (written by rank 0) differs from this process's sweep in {diff}; launch every "
-            "process with the same command and options"
-        )
-    return None
-
-
-def _prepare_shared_run_dir(run_dir: Path, cfg: SweepConfig, overwrite: bool, ctx: DistContext) -> None:
-    """Rank 0 prepares the folder while the others wait; then every rank checks config.json. A refusal on
-    any rank ends every rank with the same SweepError (never a hang)."""
-    ctx.call_checked(lambda: prepare_run_dir(run_dir, cfg, overwrite) if ctx.is_main else None, SweepError)
-    ctx.check_all(None if ctx.is_main else _check_prepared_config(run_dir, cfg), SweepError)
+) -> MethodPlan:
+    """The plan of one method at one weight vector (`msdda.sampling.plan_method` with the sweep's settings)."""
+    w = None if weights is None else {o: weights[o] for o in objectives}
+    return plan_method(method, bundle, w, beta=cfg.beta, options=method_options(method, cfg))
 
 
 @dataclass
@@ -374,6 +228,40 @@ class SweepResult:
     rows: int
     rank: int = 0
     world_size: int = 1
+
+
+def _normalised_config(cfg: SweepConfig) -> SweepConfig:
+    """The config with its field types checked (SweepError naming the field) and repeated methods and seeds
+    given once (in first-seen order): a repeat would only write the same rows twice. Objectives must not
+    repeat (each names one aligned model and one reward axis)."""
+    for name in ("batch_size", "steps", "grid_points", "code_candidates", "code_block"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SweepError(f"{name}={value!r:.40} must be an integer, not a {type(value).__name__}")
+    for name in ("beta", "rgg_scale"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise SweepError(f"{name}={value!r:.40} must be a number or None, not a {type(value).__name__}")
+    if not isinstance(cfg.save_samples, bool):
+        raise SweepError(f"save_samples={cfg.save_samples!r:.40} must be True or False")
+    for name, value in (("methods", cfg.methods), ("seeds", cfg.seeds), ("objectives", cfg.objectives or [])):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise SweepError(f"{name}={value!r:.80} must be a list (e.g. {name}=[...]), not a {type(value).__name__}")
+    bad = [m for m in [*cfg.methods, *(cfg.objectives or [])] if not isinstance(m, str)]
+    if bad:
+        raise SweepError(f"methods and objectives are names (strings); got {bad[0]!r:.60}")
+    if cfg.objectives is not None:
+        repeated = sorted({o for o in cfg.objectives if list(cfg.objectives).count(o) > 1})
+        if repeated:
+            raise SweepError(f"objectives {list(cfg.objectives)} name {repeated} more than once; give each once")
+    for s in cfg.seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+            raise SweepError(f"seed {s!r} must be an integer in [0, {MAX_SEED}] (it seeds a torch.Generator)")
+    methods, seeds = list(dict.fromkeys(cfg.methods)), list(dict.fromkeys(cfg.seeds))
+    if methods == list(cfg.methods) and seeds == list(cfg.seeds):
+        return cfg
+    logger.warning("repeated methods or seeds given once: methods %s, seeds %s", methods, seeds)
+    return dataclasses.replace(cfg, methods=methods, seeds=seeds)
 
 
 def run_sweep(
@@ -397,6 +285,7 @@ def run_sweep(
     the folder are skipped, so a run resumes under any process count without duplicate or missing units.
     """
     run_dir = Path(run_dir)
+    cfg = _normalised_config(cfg)
     bundle = bundle_factory(cfg)
     objectives = list(cfg.objectives or bundle.objectives[:2])
     unknown = sorted(set(objectives) - set(bundle.objectives))
@@ -411,9 +300,10 @@ def run_sweep(
     grid = validate_weights(
         cfg.weights if cfg.weights is not None else simplex_grid(objectives, cfg.grid_points), objectives
     )
+    grid = list({tuple(w.items()): w for w in grid}.values())  # a repeated weight vector is one set of units
     _check_methods(cfg.methods, objectives, bundle)
     for m in cfg.methods:  # build every rule once up front: bad settings fail before any sampling
-        if m in WEIGHTED_METHODS and m != "rewarded-soup":
+        if is_weighted(m) and not get_method(m)[0].needs_soup:
             try:
                 build_method(m, bundle, grid[0], cfg, objectives)
             except MSDDAError as exc:
@@ -430,47 +320,51 @@ def run_sweep(
             raise SweepError(f"shard={shard!r}: need (rank, world_size) with world_size >= 1 and 0 <= rank < world")
         ctx = DistContext()  # an explicit share: no communication with other processes
 
-    if ctx.distributed:
-        _prepare_shared_run_dir(run_dir, cfg, overwrite, ctx)
-    else:
-        prepare_run_dir(run_dir, cfg, overwrite)
-    results = results_file(run_dir, rank, world)
-    if results.exists():  # only this process appends to its file: repair it before appending
-        _repair_store(results, cfg.batch_size)
-    if rank == 0:  # files no current rank writes (left by a run with another process count)
-        current = {results_file(run_dir, r, world) for r in range(world)}
-        for f in results_files(run_dir):
-            if f not in current:
-                _repair_store(f, cfg.batch_size)
-    ctx.barrier()
-    done = done_units(run_dir, cfg.batch_size)
-    units = plan_units(cfg, objectives, grid, len(prompts))
-    mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
-    todo = [(i, u) for i, u in mine if u.key not in done]
-    logger.info(
-        "sweep rank %d of %d: %d of its %d units to run (%d units done in %s)",
-        rank,
-        world,
-        len(todo),
-        len(mine),
-        len(done),
-        run_dir,
-    )
-    samples_dir = run_dir / "samples"
-    if cfg.save_samples:
-        samples_dir.mkdir(exist_ok=True)
-    show = progress and ctx.is_main  # under a launcher: one bar (rank 0's share), not N interleaved ones
-    for position, unit in tqdm(todo, desc="sweep" if world == 1 else f"sweep rank {rank}/{world}", disable=not show):
-        rows, samples = run_unit(unit, bundle, cfg, objectives, prompts)
-        for row in rows:
-            row["unit_index"] = position  # the unit's place in the plan: readers order the union by it
+    # One sweep writes a folder at a time (a second is refused, never interleaved); the lock is released
+    # when the run ends in any way, a SIGKILL included.
+    with contextlib.ExitStack() as held:
+        if ctx.distributed:
+            _prepare_shared_run_dir(run_dir, cfg, overwrite, ctx, held)
+        else:
+            lock_and_prepare(run_dir, cfg, overwrite, held, shard=None if shard is None else (rank, world))
+        results = results_file(run_dir, rank, world)
+        if results.exists():  # only this process appends to its file: repair it before appending
+            _repair_store(results, cfg.batch_size)
+        if rank == 0:  # files no current rank writes (left by a run with another process count)
+            current = {results_file(run_dir, r, world) for r in range(world)}
+            for f in results_files(run_dir):
+                if f not in current:
+                    _repair_store(f, cfg.batch_size)
+        ctx.barrier()
+        done = done_units(run_dir, cfg.batch_size)
+        units = plan_units(cfg, objectives, grid, len(prompts))
+        mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
+        todo = [(i, u) for i, u in mine if u.key not in done]
+        logger.info(
+            "sweep rank %d of %d: %d of its %d units to run (%d units done in %s)",
+            rank,
+            world,
+            len(todo),
+            len(mine),
+            len(done),
+            run_dir,
+        )
+        samples_dir = run_dir / "samples"
         if cfg.save_samples:
-            _save_samples(samples_dir, unit, samples)
-        _append_rows(results, rows)
-        if on_unit_done is not None:
-            on_unit_done(unit)
-    units_run = int(ctx.all_sum(torch.tensor([float(len(todo))])).item())  # also waits for every rank
-    return SweepResult(run_dir, len(units), units_run, len(read_run_rows(run_dir)), rank, world)
+            samples_dir.mkdir(exist_ok=True)
+        show = progress and ctx.is_main  # under a launcher: one bar (rank 0's share), not N interleaved ones
+        desc = "sweep" if world == 1 else f"sweep rank {rank}/{world}"
+        for position, unit in tqdm(todo, desc=desc, disable=not show):
+            rows, samples = run_unit(unit, bundle, cfg, objectives, prompts)
+            for row in rows:
+                row["unit_index"] = position  # the unit's place in the plan: readers order the union by it
+            if cfg.save_samples:
+                _save_samples(samples_dir, unit, samples)
+            _append_rows(results, rows)
+            if on_unit_done is not None:
+                on_unit_done(unit)
+        units_run = int(ctx.all_sum(torch.tensor([float(len(todo))])).item())  # also waits for every rank
+        return SweepResult(run_dir, len(units), units_run, len(read_run_rows(run_dir)), rank, world)
 
 
 def _safe_name(key: str) -> str:
@@ -493,16 +387,16 @@ def run_unit(
 ) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Sample one unit and score it: one row per sample with every objective's reward and the unit's cost."""
     weights = None if unit.weights is None else dict(unit.weights)
-    models, rule, reference = build_method(unit.method, bundle, weights, cfg, objectives)
+    plan = build_method(unit.method, bundle, weights, cfg, objectives)
     prompt = prompts[unit.prompt_index]
     cond = bundle.make_cond(prompt, cfg.batch_size)
     out = sample(
-        models,
+        plan.models,
         bundle.scheduler,
-        rule,
+        plan.rule,
         shape=(cfg.batch_size, *bundle.sample_shape),
         cond=cond,
-        reference=reference,
+        reference=plan.reference,
         num_inference_steps=cfg.steps,
         guidance_scale=bundle.guidance_scale,
         null_cond=bundle.null_cond if bundle.guidance_scale is not None else None,
