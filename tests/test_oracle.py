@@ -153,3 +153,35 @@ def test_oracle_errors():
         )
     with pytest.raises(OracleError, match="objective 5 out of range"):
         OracleDenoiser(GaussianTask.default(), 5)
+
+
+def test_oracle_policy_starts_at_the_reference_and_can_represent_the_optimum():
+    """Kernel offsets reach the step optimum exactly: mean affine in x_t, variance independent of x_t."""
+    from msdda.tasks.gaussian import OraclePolicy
+
+    task = GaussianTask.default(dim=2, num_objectives=2, seed=0)
+    sched = task.scheduler
+    sched.set_timesteps(10)
+    policy = OraclePolicy(task)
+    policy.bind_schedule(sched)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for t in (int(sched.timesteps[0]), int(sched.timesteps[5]), int(sched.timesteps[-1])):
+        prev = sched.prev_timestep(t)
+        tt = torch.full((5,), t)
+        ref = task.reference_kernel(x, t, prev)
+        fresh = sched.kernel(policy(x, tt), tt, x, prev_timestep=torch.full((5,), prev))
+        assert torch.allclose(fresh.mean, ref.mean, atol=1e-10) and torch.allclose(fresh.var, ref.var, rtol=1e-10)
+        # the optimum's offsets in closed form: mean* = s * mean_ref + d, var* = s * var_ref
+        opt = task.aligned_kernel(0, ref)
+        unit = (1 - float(sched.alpha_bar(t)) / float(sched.alpha_bar(prev))) ** 0.5
+        s = opt.var[0] / ref.var[0]
+        # mean_ref is affine in x: mean_ref = g * x + h (fit from two points)
+        g = (ref.mean[1] - ref.mean[0]) / (x[1] - x[0])
+        h = ref.mean[0] - g * x[0]
+        d = opt.mean[0] - s * ref.mean[0]
+        with torch.no_grad():
+            policy.scale[t] = (s - 1) * g / unit
+            policy.shift[t] = ((s - 1) * h + d) / unit
+            policy.log_var[t] = torch.log(s)
+        moved = sched.kernel(policy(x, tt), tt, x, prev_timestep=torch.full((5,), prev))
+        assert torch.allclose(moved.mean, opt.mean, atol=1e-9) and torch.allclose(moved.var, opt.var, rtol=1e-9)

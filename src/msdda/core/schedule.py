@@ -4,13 +4,19 @@ diffusers' `step()` hides the Gaussian it samples from; this module exposes it. 
 own small schedule object (no diffusers import), and `reverse_kernel` also accepts diffusers'
 DDPMScheduler / DDIMScheduler by reading their config, so the math is the same on both paths.
 For every supported configuration `mean + sqrt(var) * z` equals the `prev_sample` that diffusers'
-`step()` returns with the same noise z (tested at every timestep). Coefficients are computed in float64.
+`step()` returns with the same noise z (tested at every timestep), except at the final DDPM step
+(t -> -1): there `step()` adds no noise and returns the mean, while the kernel keeps the variance its
+variance_type defines (beta_0 for fixed_large, ~0 for fixed_small); the sampler returns the mean at the
+last step too, so samples agree. Coefficients are computed in float64.
+Timesteps are checked: an integer in [0, num_train_timesteps) (prev_timestep may be -1), and a DDIM
+schedule must have its inference timesteps set (`set_timesteps`) before a kernel steps back from t.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,10 +149,17 @@ class KernelScheduler:
 
     def prev_timestep(self, timestep: int) -> int:
         """The timestep the kernel at `timestep` moves to (-1 after the last step)."""
+        _check_timestep(timestep, self.config.num_train_timesteps)
         t = int(timestep)
         if self.config.kind == "ddim":
-            # diffusers' DDIM steps back by T // n whatever the spacing; we match it.
-            n = self.num_inference_steps or self.config.num_train_timesteps
+            # diffusers' DDIM steps back by T // n whatever the spacing; we match it. Without n the step
+            # size is unknown: guessing n = T (1000 steps) would silently give a different sampler.
+            n = self.num_inference_steps
+            if not n:
+                raise ScheduleError(
+                    "this DDIM schedule has no inference timesteps; call scheduler.set_timesteps(num_inference_steps) "
+                    "first (or pass prev_timestep), so the kernel knows how far each step goes back"
+                )
             return t - self.config.num_train_timesteps // n
         idx = (self.timesteps == t).nonzero()
         if idx.numel() == 0:
@@ -160,13 +173,13 @@ class KernelScheduler:
     def alpha_bar(self, timestep: int | Tensor) -> Tensor:
         """alpha-bar at `timestep` (float64); -1 means 'before the first noise' and gives the final value."""
         if isinstance(timestep, Tensor) and timestep.dim() > 0:
+            _check_timestep(timestep, self.config.num_train_timesteps, lowest=-math.inf)
             t = timestep.to("cpu", torch.long)
             final = self._final_alpha_bar()
             out = self.alphas_cumprod[t.clamp_min(0)]
             return torch.where(t >= 0, out, torch.full_like(out, final))
+        _check_timestep(timestep, self.config.num_train_timesteps, lowest=-math.inf)
         t = int(timestep)
-        if t >= self.config.num_train_timesteps:
-            raise ScheduleError(f"timestep {t} >= num_train_timesteps {self.config.num_train_timesteps}")
         if t >= 0:
             return self.alphas_cumprod[t]
         return torch.tensor(self._final_alpha_bar(), dtype=self.alphas_cumprod.dtype)
@@ -179,6 +192,7 @@ class KernelScheduler:
     # ----- forward process -------------------------------------------------------------------------
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; timesteps [B] (long)."""
+        _check_timestep(timesteps, self.config.num_train_timesteps, "timesteps")
         ab = _bc(self.alpha_bar(timesteps), x0)
         return (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).to(x0.dtype)
 
@@ -186,6 +200,7 @@ class KernelScheduler:
         self, x0: Tensor, x_t: Tensor, timestep: int | Tensor, prev_timestep: int | Tensor
     ) -> tuple[Tensor, Tensor]:
         """The true posterior q(x_prev | x_t, x0) = N(mean, var); var broadcastable (float64 math)."""
+        _check_timestep(timestep, self.config.num_train_timesteps)
         a_t = _bc(self.alpha_bar(timestep), x_t)
         a_p = _bc(self.alpha_bar(prev_timestep), x_t)
         beta_t = 1 - a_t / a_p
@@ -208,13 +223,31 @@ class KernelScheduler:
     ) -> ReverseKernel:
         """p(x_prev | x_t = sample) for the model output at `timestep`.
 
-        model_output: [B, C, ...] (or [B, 2C, ...] for learned variance: prediction then variance value).
+        model_output: [B, C, ...] (or [B, 2C, ...] for learned variance: prediction then variance value; a
+          further 2C channels are kernel offsets, see `apply_kernel_offsets`).
         timestep: an int, or a LongTensor [B] with one timestep per sample (training); then pass
           `prev_timestep` [B] too (default t - 1).
         Returns a ReverseKernel whose mean has the shape and dtype of `sample` and whose var is 0-dim
-        (fixed variance) or per element (learned variance).
+        (fixed variance) or per element (learned variance). At the final step (prev_timestep -1) var is
+        what the variance type defines there (DDPM fixed_large: beta_0 > 0), although diffusers' `step()`
+        adds no noise at that step; the sampler returns the mean at the last step, so samples agree, and
+        the variance is the one log_prob / kl use. Raises ScheduleError for a timestep outside
+        [0, num_train_timesteps) (prev_timestep may be -1) and for a DDIM schedule without set_timesteps.
         """
         cfg = self.config
+        _check_timestep(timestep, cfg.num_train_timesteps)
+        if prev_timestep is not None:
+            _check_timestep(prev_timestep, cfg.num_train_timesteps, "prev_timestep", lowest=-math.inf)
+        if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
+            raise ScheduleError(
+                f"model_output and sample must be tensors, got {type(model_output).__name__} and "
+                f"{type(sample).__name__}"
+            )
+        if sample.dim() < 2 or not sample.is_floating_point() or not model_output.is_floating_point():
+            raise ScheduleError(
+                f"sample {tuple(sample.shape)} ({sample.dtype}) and model_output ({model_output.dtype}) must be "
+                "floating-point tensors [B, C, ...]"
+            )
         if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[2:]:
             raise ScheduleError(
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
@@ -222,13 +255,20 @@ class KernelScheduler:
         c = sample.shape[1]
         learned = cfg.kind == "ddpm" and cfg.variance_type in LEARNED_VARIANCE_TYPES
         predicted_variance = None
+        offsets = None
+        if model_output.shape[1] in (3 * c, 4 * c):
+            # Kernel offsets (aligned models that must reach the step optimum): the last 2C channels move the
+            # mean past x0 clipping and the variance out of [beta_tilde_t, beta_t]; see `apply_kernel_offsets`.
+            split = model_output.shape[1] - 2 * c
+            model_output, offsets = model_output[:, :split], model_output[:, split:]
         if model_output.shape[1] == 2 * c:
             # A learned-variance model: the second half is the variance; fixed-variance kernels ignore it,
             # as diffusers pipelines do before calling DDIM.
             model_output, predicted_variance = model_output[:, :c], model_output[:, c:]
         elif model_output.shape[1] != c:
             raise ScheduleError(
-                f"model_output has {model_output.shape[1]} channels; expected {c} or {2 * c} for sample channels {c}"
+                f"model_output has {model_output.shape[1]} channels; expected {c} or {2 * c} (or {3 * c} / {4 * c} "
+                f"with kernel offsets) for sample channels {c}"
             )
         if learned and predicted_variance is None:
             raise ScheduleError(
@@ -271,6 +311,8 @@ class KernelScheduler:
             mean = _bc(x0_coeff, x) * x0 + _bc(x_coeff, x) * x
             var = self._ddpm_variance(a_t, a_p, predicted_variance, x)
 
+        if offsets is not None:
+            mean, var = apply_kernel_offsets(mean, var, offsets.double(), 1 - a_t / a_p)
         dtype = sample.dtype
         return ReverseKernel(
             mean=mean.to(dtype),
@@ -310,8 +352,9 @@ class KernelScheduler:
 
     def predict_x0(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor) -> Tensor:
         """Tweedie's one-step clean estimate x0_hat (unclipped), shape and dtype of `sample`."""
+        _check_timestep(timestep, self.config.num_train_timesteps)
         c = sample.shape[1]
-        out = model_output[:, :c] if model_output.shape[1] == 2 * c else model_output
+        out = model_output[:, :c] if model_output.shape[1] > c else model_output  # the prediction comes first
         a_t = self.alpha_bar(timestep)
         x0, _ = _predict_x0_eps(out.double(), sample.double(), a_t, self.config.prediction_type)
         return x0.to(sample.dtype)
@@ -340,6 +383,48 @@ class KernelScheduler:
             timesteps=scheduler.timesteps.detach().to("cpu", torch.long).clone(),
             num_inference_steps=scheduler.num_inference_steps,
         )
+
+
+def _check_timestep(timestep: Any, num_train_timesteps: int, what: str = "timestep", lowest: float = 0) -> None:
+    """An integer timestep (or an integer tensor of them) in [lowest, num_train_timesteps), else ScheduleError.
+
+    A previous timestep may be negative (lowest=-inf): any value < 0 means 'after the last step'."""
+    if isinstance(timestep, Tensor):
+        integral = not (timestep.is_complex() or timestep.dtype == torch.bool) and (
+            not timestep.is_floating_point() or bool((timestep == timestep.round()).all())
+        )
+        if not integral:
+            raise ScheduleError(f"{what} has dtype {timestep.dtype}; pass integer timesteps (a LongTensor)")
+        if timestep.numel() == 0:
+            raise ScheduleError(f"{what} is an empty tensor; pass one timestep per sample")
+        lo, hi = int(timestep.min()), int(timestep.max())
+    elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool) and float(timestep).is_integer():
+        lo = hi = int(timestep)  # ints, numpy integers, and floats with an integer value (999.0)
+    else:
+        raise ScheduleError(f"{what} is {timestep!r:.60} ({type(timestep).__name__}); pass an integer timestep")
+    if hi >= num_train_timesteps:
+        raise ScheduleError(f"{what} {hi} >= num_train_timesteps {num_train_timesteps}")
+    if lo < lowest:
+        raise ScheduleError(
+            f"{what} {lo} is negative; timesteps run from 0 to {num_train_timesteps - 1}"
+            + " (a negative value only as the previous timestep of the last step)"
+        )
+
+
+def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor, step_var: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel-offset parametrisation of aligned models: mean + sqrt(step_var) * d_mean, var * exp(d_logvar).
+
+    offsets: [B, 2C, ...] = (d_mean, d_logvar); step_var: 1 - alpha_bar_t / alpha_bar_prev (> 0 at every step,
+    also where the kernel's own variance is 0), so d_mean is in units of the forward step's noise. Both are 0
+    for a fresh copy of the reference (zero-initialised head), which then has the reference's kernel exactly.
+    Unlike the scheduler's own parametrisation, this reaches any Gaussian kernel: the mean is not capped by
+    x0 clipping and the variance is not confined to [beta_tilde_t, beta_t].
+    """
+    c = offsets.shape[1] // 2
+    d_mean, d_logvar = offsets[:, :c], offsets[:, c:]
+    mean = mean + _bc(step_var.double() ** 0.5, mean) * d_mean
+    var = torch.broadcast_to(var, mean.shape) * torch.exp(d_logvar)
+    return mean, var
 
 
 def _bc(value: Tensor, like: Tensor) -> Tensor:
@@ -372,7 +457,10 @@ def as_kernel_scheduler(scheduler: Any, *, eta: float | None = None) -> KernelSc
     """Our KernelScheduler as is (eta overridden if given), or a diffusers DDPM/DDIM scheduler mirrored."""
     ks = scheduler if isinstance(scheduler, KernelScheduler) else KernelScheduler.from_diffusers(scheduler)
     if eta is not None and ks.config.kind != "ddim":
-        raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
+        raise ScheduleError(
+            f"eta applies to DDIM only (got eta={eta}); a DDPM kernel's variance is set by variance_type "
+            "(pass eta=0 or None)"
+        )
     if isinstance(scheduler, KernelScheduler):
         if eta is None:
             return scheduler
@@ -394,6 +482,10 @@ def reverse_kernel(
     use_clipped_model_output: bool = False,
 ) -> ReverseKernel:
     """The Gaussian reverse kernel p(x_prev | x_t) that `scheduler.step()` would sample from.
+
+    At the final step (t -> -1) `step()` adds no noise and returns the mean, while this kernel keeps the
+    variance of the scheduler's variance type (DDPM fixed_large: beta_0); the sampler returns the mean there,
+    so samples agree. Negative timesteps, and a DDIM scheduler without `set_timesteps`, raise ScheduleError.
 
     scheduler: a KernelScheduler, or diffusers' DDPMScheduler / DDIMScheduler after `set_timesteps`.
     eta: DDIM only (default: the KernelScheduler's config, 0 for diffusers as in its `step()`).

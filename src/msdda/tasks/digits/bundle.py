@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from msdda.alignment.io import read_model_config
+from msdda.models.io import read_model_config
 from msdda.models.soups import rewarded_soup
-from msdda.rewards import get_reward
 from msdda.tasks.bundle import TaskBundle
 from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES
 from msdda.tasks.digits.training import load_digits_models, shipped_dir
+from msdda.tasks.rewards import get_reward
 
 OBJECTIVES = ("alignment", "ink", "symmetry")
 DEFAULT_GUIDANCE = 2.0

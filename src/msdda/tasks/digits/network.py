@@ -36,6 +36,9 @@ class DigitsDenoiserConfig(JSONConfig):
         num_mid_blocks: extra residual blocks at the lowest resolution, between the two paths.
         num_classes: number of real classes; index ``num_classes`` is the null (unconditional) class.
         learned_variance: if True the output has 2 channels (epsilon, v), else 1 (epsilon).
+        kernel_offsets: if True two more channels (d_mean, d_logvar) from a zero-initialised head move the
+            kernel past what the scheduler's parametrisation reaches (msdda.core.schedule.apply_kernel_offsets):
+            aligned models that must reach the step optimum use it; a fresh head leaves the kernel unchanged.
         time_embed_dim: width of the time/class embedding.
         time_freq_dim: width of the sinusoidal timestep features fed to the time MLP (even).
         num_groups: GroupNorm groups (each width must be divisible by it).
@@ -57,6 +60,7 @@ class DigitsDenoiserConfig(JSONConfig):
     num_mid_blocks: int = 0
     num_classes: int = NUM_CLASSES
     learned_variance: bool = True
+    kernel_offsets: bool = False
     time_embed_dim: int = 128
     time_freq_dim: int = 64
     num_groups: int = 8
@@ -104,8 +108,9 @@ class DigitsDenoiserConfig(JSONConfig):
 
     @property
     def out_channels(self) -> int:
-        """Output channels: 2 (epsilon, v) with learned variance, else 1."""
-        return 2 * self.in_channels if self.learned_variance else self.in_channels
+        """Output channels: 2 (epsilon, v) with learned variance, else 1; 2 more with kernel offsets."""
+        base = 2 * self.in_channels if self.learned_variance else self.in_channels
+        return base + (2 * self.in_channels if self.kernel_offsets else 0)
 
     @property
     def null_class(self) -> int:
@@ -207,10 +212,16 @@ class DigitsDenoiser(nn.Module):
             self.up_blocks.append(blocks)
 
         self.norm_out = nn.GroupNorm(g, ch)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
-        # Zero-init: an untrained model predicts eps = 0 and v = 0.
+        offsets = 2 * cfg.in_channels if cfg.kernel_offsets else 0
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels - offsets, 3, padding=1)
+        # Zero-init: an untrained model predicts eps = 0 and v = 0 (and no kernel offsets).
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # A head of its own, so the base model's weights load unchanged into an aligned model with offsets.
+        self.offset_out = nn.Conv2d(ch, offsets, 3, padding=1) if offsets else None
+        if self.offset_out is not None:
+            nn.init.zeros_(self.offset_out.weight)
+            nn.init.zeros_(self.offset_out.bias)
 
     def _check_inputs(self, x_t: Tensor, t: Tensor | float | int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -276,7 +287,22 @@ class DigitsDenoiser(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = F.silu(self.norm_out(h))
+        if self.offset_out is None:
+            return self.conv_out(h)
+        return torch.cat([self.conv_out(h), self.offset_out(h)], dim=1)
+
+
+def with_kernel_offsets(model: DigitsDenoiser) -> DigitsDenoiser:
+    """A copy of `model` with a zero-initialised kernel-offset head: the same kernel until trained."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.config, kernel_offsets=True)
+    out = DigitsDenoiser(cfg).to(next(model.parameters()).dtype)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("offset_out.") for k in missing):
+        raise DigitsTaskError(f"cannot add kernel offsets: unexpected {unexpected}, missing {missing}")
+    return out
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,20 +18,13 @@ import torch
 from torch import Tensor
 
 from msdda.alignment.diffusion import BaseTrainConfig, train_diffusion, training_scheduler_config
-from msdda.alignment.dpo import DPOConfig, DPOResult, train_dpo
-from msdda.alignment.io import (
-    WEIGHTS_FILE,
-    atomic_write_json,
-    check_model_config,
-    check_state_matches,
-    load_tensors,
-    read_model_config,
-    save_model_dir,
-)
+from msdda.alignment.dpo import DPOConfig, DPOResult, DPOTrainer
+from msdda.atomic import write_json_atomic
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
 from msdda.distributed import get_context
+from msdda.models.io import from_pretrained, save_pretrained
 from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES, split_digits
-from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig
+from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, with_kernel_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +53,13 @@ def train_digits_base(
     config: BaseTrainConfig | None = None,
     architecture: DigitsDenoiserConfig | None = None,
     progress: bool = True,
+    checkpoint_every: int = 0,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train the class-conditional base denoiser on the train split and save it (EMA weights) to `out`.
 
-    Returns the stats (final losses, seconds). Deterministic given config.seed.
+    Returns the stats (final losses, seconds). Deterministic given config.seed. checkpoint_every > 0:
+    write resumable checkpoints to out/checkpoints every that many steps (resume: continue from the newest).
     """
     cfg = config or BaseTrainConfig()
     arch = architecture or DigitsDenoiserConfig()
@@ -72,9 +68,18 @@ def train_digits_base(
     split = split_digits(seed=0)
     sched = digits_scheduler(cfg.num_train_timesteps)
     trained, stats = train_diffusion(
-        model, split.train_images, split.train_labels, cfg, null_class=NULL_CLASS, scheduler=sched, progress=progress
+        model,
+        split.train_images,
+        split.train_labels,
+        cfg,
+        null_class=NULL_CLASS,
+        scheduler=sched,
+        progress=progress,
+        checkpoint_dir=Path(out) / "checkpoints" if checkpoint_every > 0 else None,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
-    save_model_dir(
+    save_pretrained(
         trained,
         Path(out),
         model_type=MODEL_TYPE,
@@ -100,16 +105,13 @@ def load_digits_model(
     Raises CheckpointError before building anything if the directory is for another model type or task,
     or (when `expected_architecture` is given) another architecture; and if the tensors do not match.
     """
-    directory = Path(directory)
-    doc = read_model_config(directory)
-    check_model_config(doc, directory, model_type=MODEL_TYPE, task=TASK, architecture=expected_architecture)
-    arch = DigitsDenoiserConfig.from_dict(doc["architecture"])
-    model = DigitsDenoiser(arch)
-    state = load_tensors(directory / WEIGHTS_FILE)
-    check_state_matches(model, state, directory / WEIGHTS_FILE)
-    model.load_state_dict(state)
-    model.eval().requires_grad_(False)
-    return model, doc
+    return from_pretrained(
+        directory,
+        lambda arch: DigitsDenoiser(DigitsDenoiserConfig.from_dict(arch)),
+        model_type=MODEL_TYPE,
+        task=TASK,
+        architecture=expected_architecture,
+    )
 
 
 def load_digits_models(
@@ -135,6 +137,22 @@ def class_conditions(n: int, generator: torch.Generator | None = None) -> Tensor
     return torch.randint(0, NUM_CLASSES, (n,), generator=generator)
 
 
+DIGITS_TRAIN_DEFAULTS: dict[str, Any] = {"beta": 0.05}  # the rest: the config dataclasses' own defaults
+
+
+def digits_train_config(
+    trainer: str = "bt", reward: str = "ink", *, beta: float | None = None, **overrides: Any
+) -> Any:
+    """The config of `trainer` on digits: a DPOConfig with labels=trainer ("bt", "listwise", "hard") or a
+    StepRLConfig ("step-rl"), beta 0.05 unless given; `overrides` replace any field (e.g. steps=100)."""
+    from msdda.alignment.step_rl import StepRLConfig
+
+    fields = {**DIGITS_TRAIN_DEFAULTS, "reward": reward, **({"beta": beta} if beta is not None else {}), **overrides}
+    if trainer == "step-rl":
+        return StepRLConfig(**fields)
+    return DPOConfig(**{**fields, "labels": trainer})
+
+
 def align_digits(
     reward: Any,
     out: str | os.PathLike[str],
@@ -143,8 +161,16 @@ def align_digits(
     resume: bool = True,
     progress: bool = True,
     throttle: float = 0.0,
+    kernel_offsets: bool = False,
 ) -> DPOResult:
-    """Step-level DPO of the digits base model (default: shipped base) towards `reward`; saves to `out`.
+    """Step-level training of the digits base model (default: shipped base) towards `reward`; saves to `out`.
+
+    config: a DPOConfig (step-level DPO, `labels` picks the rule) or a StepRLConfig (direct step-level RL);
+    `digits_train_config(trainer, reward, ...)` builds either with the digits defaults.
+
+    kernel_offsets: give the aligned model a zero-initialised kernel-offset head (DigitsDenoiserConfig), so
+    its kernel can reach the step optimum (the scheduler's parametrisation caps the mean by x0 clipping
+    and confines the variance to [beta_tilde_t, beta_t]); the reference stays as it is.
 
     reward: a callable (x0 [B,1,8,8], cond [B]) -> [B]. The result directory holds model.safetensors,
     config.json, train_log.jsonl, train_config.json and checkpoints/. Under torchrun / accelerate launch
@@ -154,13 +180,21 @@ def align_digits(
     base_dir = Path(base) if base is not None else shipped_dir("base")
     reference, doc = load_digits_model(base_dir)
     arch = DigitsDenoiserConfig.from_dict(doc["architecture"])
-    sched = KernelScheduler(KernelSchedulerConfig.from_dict(doc["scheduler"])) if doc.get("scheduler") else (
-        digits_scheduler()
+    sched = (
+        KernelScheduler(KernelSchedulerConfig.from_dict(doc["scheduler"]))
+        if doc.get("scheduler")
+        else (digits_scheduler())
     )
     policy = DigitsDenoiser(arch)
     policy.load_state_dict(reference.state_dict())
+    if kernel_offsets:
+        policy = with_kernel_offsets(policy)
+        arch = policy.config
     out = Path(out)
-    result = train_dpo(
+    from msdda.alignment.step_rl import StepRLConfig, StepRLTrainer
+
+    trainer_class = StepRLTrainer if isinstance(config, StepRLConfig) else DPOTrainer
+    result = trainer_class(
         policy,
         reference,
         sched,
@@ -170,15 +204,12 @@ def align_digits(
         sample_shape=(1, 8, 8),
         cond_sampler=class_conditions,
         null_cond=torch.tensor([NULL_CLASS]),
-        resume=resume,
-        progress=progress,
-        throttle=throttle,
         context=ctx,
-    )
+    ).train(resume=resume, progress=progress, throttle=throttle)
     if not ctx.is_main:
         ctx.barrier()  # return once rank 0 has written the model
         return result
-    save_model_dir(
+    save_pretrained(
         result.model,
         out,
         model_type=MODEL_TYPE,
@@ -189,12 +220,13 @@ def align_digits(
             "kind": "aligned",
             "reward": config.reward,
             "base": str(base_dir.name if base is None else base_dir),
-            "dpo_config": config.to_dict(),
+            "dpo_config": config.to_dict(),  # the trainer's config (the key predates the step-RL trainer)
+            "trainer": "step-rl" if isinstance(config, StepRLConfig) else config.labels,
             "train_seconds": round(result.seconds, 1),
             "final_eval": result.final_eval,
             "torch_threads": torch.get_num_threads(),
         },
     )
-    atomic_write_json(out / "train_config.json", config.to_dict())
+    write_json_atomic(out / "train_config.json", config.to_dict(), sort_keys=True)
     ctx.barrier()
     return result

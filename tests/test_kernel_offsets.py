@@ -1,0 +1,85 @@
+"""Kernel offsets: a parametrisation of aligned models that reaches any Gaussian kernel (MSDDA.md §5)."""
+
+import math
+
+import pytest
+import torch
+
+from msdda import KernelScheduler, KernelSchedulerConfig
+from msdda.models import ClassifierFreeGuidance
+from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, with_kernel_offsets
+
+
+def _sched(**kw):
+    s = KernelScheduler(KernelSchedulerConfig(**kw))
+    s.set_timesteps(20)
+    return s
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(kind="ddpm", variance_type="learned_range"), dict(kind="ddpm"), dict(kind="ddim", eta=0.5)],
+)
+def test_offsets_move_mean_and_variance_by_the_documented_formula(cfg):
+    s = _sched(**cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    base_channels = 4 if cfg.get("variance_type") == "learned_range" else 2
+    base_out = torch.randn(3, base_channels, 4, 4, generator=g).clamp(-0.9, 0.9)
+    d = torch.randn(3, 4, 4, 4, generator=g) * 0.3
+    for t in (int(s.timesteps[0]), int(s.timesteps[10]), int(s.timesteps[-1])):
+        plain = s.kernel(base_out, t, x)
+        zero = s.kernel(torch.cat([base_out, torch.zeros_like(d)], 1), t, x)
+        assert torch.allclose(zero.mean, plain.mean, atol=0) and torch.allclose(
+            zero.var, torch.broadcast_to(plain.var, zero.var.shape), atol=0
+        )
+        moved = s.kernel(torch.cat([base_out, d], 1), t, x)
+        prev = s.prev_timestep(t)
+        unit = math.sqrt(1 - float(s.alpha_bar(t)) / float(s.alpha_bar(prev)))
+        assert torch.allclose(moved.mean, plain.mean + unit * d[:, :2], atol=1e-5)
+        assert torch.allclose(moved.var, plain.var * torch.exp(d[:, 2:]), rtol=1e-5)
+        assert torch.equal(moved.pred_original_sample, plain.pred_original_sample)
+
+
+def test_offsets_pass_x0_clipping():
+    """With clip_sample the scheduler's mean is capped at |x0| <= 1; an offset is not."""
+    s = _sched(kind="ddpm", variance_type="learned_range", clip_sample=True)
+    x = torch.zeros(1, 1, 2, 2)
+    t = int(s.timesteps[0])
+    huge = torch.full((1, 1, 2, 2), -50.0)  # eps far out: x0_hat is clipped to +1
+    capped = s.kernel(torch.cat([huge, torch.zeros(1, 1, 2, 2)], 1), t, x).mean
+    more = s.kernel(torch.cat([huge * 10, torch.zeros(1, 1, 2, 2)], 1), t, x).mean
+    assert torch.equal(capped, more)  # the cap binds
+    moved = s.kernel(
+        torch.cat([huge, torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)], 1), t, x
+    )
+    assert (moved.mean > capped).all()
+
+
+def test_guidance_guides_the_prediction_and_keeps_the_conditional_offsets():
+    class Net(torch.nn.Module):
+        def forward(self, x, t, cond):
+            c = cond.float().reshape(-1, 1, 1, 1)
+            return torch.cat([x * 0 + c, x * 0 + 2 * c, x * 0 + 3 * c], dim=1)
+
+    guided = ClassifierFreeGuidance(Net(), 3.0, torch.tensor([0]))(
+        torch.zeros(2, 1, 2, 2), torch.tensor([5, 5]), torch.tensor([1, 1])
+    )
+    assert torch.equal(guided[:, 0], torch.full((2, 2, 2), 3.0))  # 0 + 3 * (1 - 0)
+    assert torch.equal(guided[:, 1:], torch.cat([torch.full((2, 1, 2, 2), 2.0), torch.full((2, 1, 2, 2), 3.0)], 1))
+
+
+def test_digits_model_with_a_fresh_offset_head_has_the_base_kernel():
+    torch.manual_seed(0)
+    base = DigitsDenoiser(DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), num_groups=4)).double()
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    aligned = with_kernel_offsets(base)
+    assert aligned.config.kernel_offsets and aligned.config.out_channels == 4
+    x, t, c = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([900, 500, 20]), torch.tensor([1, 2, 3])
+    s = _sched(kind="ddpm", variance_type="learned_range")
+    k_base = s.kernel(base(x, t, c), t, x, prev_timestep=t - 50)
+    k_aligned = s.kernel(aligned(x, t, c), t, x, prev_timestep=t - 50)
+    assert torch.equal(k_base.mean, k_aligned.mean) and torch.equal(k_base.var, k_aligned.var)
+    assert set(base.state_dict()) < set(aligned.state_dict())
+    assert {k for k in aligned.state_dict() if k not in base.state_dict()} == {"offset_out.weight", "offset_out.bias"}
