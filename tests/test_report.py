@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from msdda.evaluation.report import ReportError, compute_metrics, write_report
-from msdda.evaluation.sweep import SweepConfig, read_rows, run_sweep
+from msdda.evaluation.store import read_rows
+from msdda.evaluation.sweep import SweepConfig, run_sweep
 from msdda.evaluation.tasks import get_task_bundle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -137,3 +138,18 @@ def test_html_numbers_match_metrics_json_in_headless_chromium(run_dir, tmp_path)
     assert seen["hypervolume"] == len(metrics["methods"])
     assert seen["mean"] == 3 * len(metrics["methods"]) * 2  # 3 weights x methods x 2 objectives
     assert seen["win_rate"] == 3 * 3 and seen["reference_point"] == 1
+
+
+def test_report_shows_the_diagnostic_when_present(run_dir, tmp_path):
+    import shutil as sh
+
+    from msdda.evaluation.diagnose import run_diagnose
+    from msdda.evaluation.report import write_report
+
+    copy = tmp_path / "with-diagnose"
+    sh.copytree(run_dir, copy)
+    run_diagnose(get_task_bundle("gaussian"), timesteps=[500, 20], draws=64, kernel_draws=16, out_dir=copy, progress=False)
+    page = write_report(copy)["html"].read_text()
+    assert "Step-optimality diagnostic" in page and "J* - J" in page
+    (copy / "diagnose.json").write_text("{not json")
+    assert "Step-optimality diagnostic" not in write_report(copy)["html"].read_text()  # a warning, not a crash

@@ -1,13 +1,149 @@
-"""The `msdda` command line (layer 7): a thin face over the library."""
+"""The `msdda` command line (layer 7): a thin face over the library.
+
+Every argument is checked before any work and any file (a bad value is one `error: ...` line, exit 2), and
+so is every output folder (an existing file or a read-only place is refused before training or sampling).
+`entry` turns every msdda error and every OSError into one line on stderr and exit code 2; pass --debug
+(or set MSDDA_DEBUG=1) for the full traceback.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from msdda.atomic import check_output_dir, incomplete_marker
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-objective denoising-time alignment.")
+
+SEED_MAX = 2**63 - 1  # a torch.Generator seed is 64 bits; the sweep's unit seeds need more room (see sweep)
+_debug = False  # set by --debug: entry() then shows full tracebacks
+
+
+def _seed(value: int) -> int:
+    """typer callback of a --seed option: an integer in [0, 2**63 - 1], named in the error otherwise."""
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise typer.BadParameter(f"seed {value} is outside [0, {SEED_MAX}] (it seeds a torch.Generator)")
+    return value
+
+
+def _finite(value: float, option: str, *, positive: bool = False) -> float:
+    """`value` if finite (and > 0 with `positive`), else BadParameter naming the option and the value."""
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise typer.BadParameter(f"{option} {value} must be {need}")
+    return value
+
+
+def _parse_seeds(text: str, option: str = "--seeds", maximum: int = SEED_MAX) -> list[int]:
+    """Comma-separated integer seeds in [0, maximum]; a repeat is given once."""
+    items = _split(text) or []
+    if not items:
+        raise typer.BadParameter(f"{option} {text!r} holds no seed; pass e.g. 0,1,2")
+    seeds = []
+    for item in items:
+        if not re.fullmatch(r"[0-9]+", item):  # ASCII digits only: int() takes '²' or '٣' differently
+            raise typer.BadParameter(f"{option} {text!r} must be comma-separated integers; {item!r} is not one")
+        value = int(item)
+        if value > maximum:
+            raise typer.BadParameter(f"{option}: seed {value} is larger than {maximum}, the largest seed allowed")
+        seeds.append(value)
+    return list(dict.fromkeys(seeds))
+
+
+def _parse_names(text: str | None, option: str) -> list[str] | None:
+    """Comma-separated names, each given once (None stays None: the default)."""
+    names = _split(text)
+    if names is None:
+        return None
+    if not names:
+        raise typer.BadParameter(f"{option} {text!r} names nothing; pass comma-separated names")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise typer.BadParameter(f"{option} {text!r} names {repeated} more than once; give each once")
+    return names
+
+
+def _parse_digit_prompts(text: str) -> list[int]:
+    """Digits prompts: comma-separated classes 0-9."""
+    items = _split(text) or []
+    if not items or not all(re.fullmatch(r"[0-9]", p) for p in items):
+        raise typer.BadParameter(f"--prompts {text!r}: digits prompts are classes 0-9, e.g. 3,7")
+    return [int(p) for p in items]
+
+
+def _load_weight_grid(path: Path) -> list[dict[str, float]]:
+    """A JSON list of {objective: weight} objects from `path` (never unpickled; numbers checked here)."""
+    example = '[{"ink": 0.5, "symmetry": 0.5}]'
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read a weight grid from {path}: {exc.strerror or exc}") from None
+    if raw[:1] == b"\x80":
+        raise typer.BadParameter(f"--weights {path} looks like a pickle; msdda reads only JSON here, e.g. {example}")
+    try:
+        grid = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read a weight grid from {path}: not JSON ({exc}); e.g. {example}") from None
+    if isinstance(grid, dict):
+        raise typer.BadParameter(
+            f"--weights {path} holds one JSON object; a list of weight vectors is expected: wrap it in [ ], {example}"
+        )
+    if not isinstance(grid, list) or not grid:
+        raise typer.BadParameter(f"--weights {path} must hold a non-empty JSON list of objects, e.g. {example}")
+    for i, w in enumerate(grid):
+        if not isinstance(w, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in w.values()
+        ):
+            raise typer.BadParameter(f"--weights {path}: entry {i} is {w!r:.80}; each maps objectives to numbers")
+    return grid
+
+
+def _check_reward_spec(spec: str) -> None:
+    """A 'module:function' reward must name a Python callable taking (x0, cond), checked before any work
+    (a built-in like os:system is refused rather than called). Registered names are left to the registry."""
+    import importlib
+    import inspect
+
+    if ":" not in spec:
+        return
+    module_name, _, attr = spec.strip().partition(":")
+    if not module_name or not attr:
+        raise typer.BadParameter(f"--reward {spec!r} must look like 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any failure while importing is the named module's
+        raise typer.BadParameter(
+            f"--reward {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise typer.BadParameter(f"--reward {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    fn = obj.__call__ if inspect.isclass(obj) else obj
+    what = f"--reward {spec!r} names {type(obj).__name__} {getattr(obj, '__qualname__', obj)!s:.60}"
+    shape = "a reward is a Python function fn(x0, cond) -> Tensor[B] (or a Reward class or object)"
+    if not callable(obj) or inspect.isbuiltin(obj) or inspect.isbuiltin(fn) or inspect.ismodule(obj):
+        raise typer.BadParameter(f"{what}, not a reward; {shape}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{what}, whose signature cannot be read; {shape}") from None
+    try:
+        if inspect.isclass(obj):
+            inspect.signature(obj).bind()  # get_reward builds a reward class without arguments here
+            sig.bind(None, None, None)  # self, x0, cond
+        else:
+            sig.bind(None, None)
+    except TypeError:
+        raise typer.BadParameter(f"{what}{sig}, which does not take (x0, cond); {shape}") from None
 
 
 def _parse_weights(text: str) -> list[float]:
@@ -30,7 +166,7 @@ def demo(
     weights: str = typer.Option("0,0.25,0.5,0.75,1", help="Weights on objective 1, comma-separated."),
     samples: int = typer.Option(None, min=1, help="Samples per method and weight (digits 200, gaussian 2000)."),
     steps: int = typer.Option(50, min=1, max=1000, help="Reverse steps."),
-    seed: int = typer.Option(0, help="Seed of the sampler's generator."),
+    seed: int = typer.Option(0, callback=_seed, help="Seed of the sampler's generator."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Retrain base and aligned models first."),
     train_steps_base: int = typer.Option(3000, min=1, hidden=True),
     train_steps_align: int = typer.Option(None, min=1, hidden=True),
@@ -47,11 +183,12 @@ def demo(
 
     torch.set_num_threads(threads)
     grid = _parse_weights(weights)
+    if task not in ("digits", "gaussian"):
+        raise typer.BadParameter(f"unknown task {task!r}; choose digits or gaussian")
+    check_output_dir(out)
     if task == "gaussian":
         _gaussian_demo(out, grid, samples or 2000, steps, seed, quiet)
         return
-    if task != "digits":
-        raise typer.BadParameter(f"unknown task {task!r}; choose digits or gaussian")
     import time
 
     from msdda.evaluation.digits_demo import (
@@ -63,18 +200,19 @@ def demo(
 
     start = time.perf_counter()
     dirs = None
-    if from_scratch:
-        dirs = train_demo_weights(
-            out / "weights",
-            DEFAULT_OBJECTIVES,
-            seed=seed,
-            base_steps=train_steps_base,
-            align_steps=train_steps_align,
-            progress=not quiet,
+    with incomplete_marker(out, "msdda demo"):  # several files: a killed demo leaves a folder saying so
+        if from_scratch:
+            dirs = train_demo_weights(
+                out / "weights",
+                DEFAULT_OBJECTIVES,
+                seed=seed,
+                base_steps=train_steps_base,
+                align_steps=train_steps_align,
+                progress=not quiet,
+            )
+        summary = run_digits_demo(
+            out, grid=grid, samples=samples or 200, steps=steps, seed=seed, model_dirs=dirs, progress=not quiet
         )
-    summary = run_digits_demo(
-        out, grid=grid, samples=samples or 200, steps=steps, seed=seed, model_dirs=dirs, progress=not quiet
-    )
     typer.echo(format_digits_table(summary))
     typer.echo(
         f"\nwrote {out / 'summary.json'}, {out / 'pareto.png'} and one samples_w*.png per weight "
@@ -89,7 +227,7 @@ def _gaussian_demo(out: Path, grid: list[float], samples: int, steps: int, seed:
     summary = run_oracle_demo(grid, samples=samples, steps=steps, seed=seed, progress=not quiet)
     write_json_atomic(out / "summary.json", summary)
     typer.echo(format_table(summary))
-    gap = max(r["max_gap_to_optimum"] for r in summary["results"] if r["method"] == "msdda")
+    gap = max(r["max_gap_to_optimum"] for r in summary["results"] if "max_gap_to_optimum" in r)
     typer.echo(
         f"\nMSDDA's fused kernel matched the independently derived optimum at every step "
         f"(largest difference {gap:.1e}), so its step regret J(optimum) - J(kernel) is zero to float "
@@ -101,7 +239,7 @@ def _gaussian_demo(out: Path, grid: list[float], samples: int, steps: int, seed:
 @app.command("train-base")
 def train_base(
     out: Path = typer.Option(..., help="Model directory to write (model.safetensors + config.json)."),
-    seed: int = typer.Option(0, help="Seed: initialisation, batches, timesteps, noise."),
+    seed: int = typer.Option(0, callback=_seed, help="Seed: initialisation, batches, timesteps, noise."),
     steps: int = typer.Option(3000, min=1, help="Optimiser steps (batch 256)."),
     batch_size: int = typer.Option(256, min=1, hidden=True),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -110,30 +248,45 @@ def train_base(
     from msdda.alignment.diffusion import BaseTrainConfig
     from msdda.tasks.digits.training import train_digits_base
 
+    check_output_dir(out)  # before training, not after
     cfg = BaseTrainConfig(steps=steps, seed=seed, batch_size=batch_size, warmup_steps=min(100, steps))
     stats = train_digits_base(out, cfg, progress=not quiet)
     loss = stats.get("loss", float("nan"))
     typer.echo(f"trained base in {stats['seconds']:.1f}s (final loss {loss:.4f}); wrote {out}")
 
 
+TRAINERS = ("bt", "listwise", "hard", "step-rl")
+
+
 @app.command()
 def align(
     out: Path = typer.Option(..., help="Run directory: final model, train_log.jsonl, checkpoints/."),
-    task: str = typer.Option("digits", help="Task (only 'digits' is embedded)."),
-    reward: str = typer.Option(..., help="Reward name (alignment, ink, symmetry) or 'package.module:function'."),
-    beta: float = typer.Option(0.05, help="KL strength beta of the step-level problem."),
-    steps: int = typer.Option(200, min=1, help="DPO optimiser steps."),
+    task: str = typer.Option("digits", help="digits (the shipped base) or gaussian (a policy on the exact oracle)."),
+    reward: str = typer.Option(
+        ..., help="digits: alignment, ink, symmetry or 'package.module:function'; gaussian: objective_1, objective_2."
+    ),
+    trainer: str = typer.Option(
+        "bt",
+        help="bt: step-level DPO with Bradley-Terry soft labels on every candidate pair (fixed point p_ref "
+        "exp(r/beta)/Z); listwise: the same over softmaxes; step-rl: maximise E[r] - beta KL directly; hard: "
+        "best-vs-worst labels (no Gibbs fixed point: kept to reproduce older models).",
+    ),
+    beta: float = typer.Option(None, help="KL strength beta of the step-level problem (digits 0.05; gaussian beta_k)."),
+    steps: int = typer.Option(None, min=1, help="Optimiser steps (digits 200)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in OUT."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (peft) instead of all weights."),
-    seed: int = typer.Option(0, help="Seed of the training generator."),
-    lr: float = typer.Option(2e-5, help="Adam learning rate."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (peft) instead of all weights (digits)."),
+    kernel_offsets: bool = typer.Option(
+        False, "--kernel-offsets", help="digits: a zero-initialised head that lets the kernel reach the optimum."
+    ),
+    seed: int = typer.Option(0, callback=_seed, help="Seed of the training generator."),
+    lr: float = typer.Option(None, help="Adam learning rate (digits 2e-5)."),
     base: Path = typer.Option(None, help="Base model directory (default: the shipped digits base)."),
-    trajectories: int = typer.Option(8, min=1, hidden=True),
-    states: int = typer.Option(4, min=1, hidden=True),
-    candidates: int = typer.Option(4, min=2, hidden=True),
-    checkpoint_every: int = typer.Option(50, min=1, hidden=True),
-    log_every: int = typer.Option(25, min=1, hidden=True),
-    eval_samples: int = typer.Option(40, min=1, hidden=True),
+    trajectories: int = typer.Option(None, min=1, hidden=True),
+    states: int = typer.Option(None, min=1, hidden=True),
+    candidates: int = typer.Option(None, min=2, hidden=True),
+    checkpoint_every: int = typer.Option(None, min=1, hidden=True),
+    log_every: int = typer.Option(None, min=1, hidden=True),
+    eval_samples: int = typer.Option(None, min=1, hidden=True),
     throttle: float = typer.Option(0.0, min=0.0, hidden=True),
     data_shards: int = typer.Option(
         1,
@@ -143,52 +296,176 @@ def align(
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Align the digits base model to one reward with step-level DPO (full fine-tuning by default).
+    """Align a model to one reward with a step-level trainer (digits: the shipped base; gaussian: the oracle).
 
     Under `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N` the policy
     trains with DistributedDataParallel (gloo on CPU); pass --data-shards N (or a multiple).
     """
-    from msdda.alignment.dpo import DPOConfig
-    from msdda.rewards import get_reward
-    from msdda.tasks.digits.training import align_digits
-
+    if trainer not in TRAINERS:
+        raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
+    for value, option in ((beta, "--beta"), (lr, "--lr")):
+        if value is not None:
+            _finite(value, option, positive=True)
+    overrides = {
+        k: v
+        for k, v in dict(
+            steps=steps,
+            lr=lr,
+            trajectories=trajectories,
+            states_per_trajectory=states,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            eval_samples=eval_samples,
+        ).items()
+        if v is not None
+    }
+    if candidates is not None:
+        overrides["samples" if trainer == "step-rl" else "candidates"] = candidates
+    if task == "gaussian":
+        _align_gaussian(out, reward, trainer, beta, seed, resume, overrides, quiet)
+        return
     if task != "digits":
-        raise typer.BadParameter(f"task {task!r} is not available for training; use --task digits")
-    cfg = DPOConfig(
-        reward=reward,
-        beta=beta,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        lora=lora,
-        trajectories=trajectories,
-        states_per_trajectory=states,
-        candidates=candidates,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        eval_samples=eval_samples,
-        data_shards=data_shards,
+        raise typer.BadParameter(f"task {task!r} is not available for training; use --task digits or gaussian")
+    from msdda.tasks.digits.training import align_digits, digits_train_config
+    from msdda.tasks.rewards import get_reward
+
+    _check_reward_spec(reward)
+    check_output_dir(out)
+    cfg = digits_train_config(
+        trainer, reward, beta=beta, seed=seed, lora=lora, data_shards=data_shards, **overrides
     )
-    result = align_digits(get_reward(reward), out, cfg, base=base, resume=resume, progress=not quiet, throttle=throttle)
+    result = align_digits(
+        get_reward(reward),
+        out,
+        cfg,
+        base=base,
+        resume=resume,
+        progress=not quiet,
+        throttle=throttle,
+        kernel_offsets=kernel_offsets,
+    )
     if not result.history:  # ranks other than 0 of a multi-process run: rank 0 reports
         return
     first = result.history[0]
     typer.echo(
-        f"aligned to {reward!r} in {result.seconds:.1f}s: held-out reward {first.get('eval_reward', float('nan')):.4f}"
-        f" -> {result.final_eval.get('eval_reward', float('nan')):.4f}, KL/step "
-        f"{result.final_eval.get('eval_kl_per_step', float('nan')):.4f} nats; wrote {out}"
+        f"aligned to {reward!r} ({trainer}) in {result.seconds:.1f}s: held-out reward "
+        f"{first.get('eval_reward', float('nan')):.4f} -> {result.final_eval.get('eval_reward', float('nan')):.4f}, "
+        f"KL/step {result.final_eval.get('eval_kl_per_step', float('nan')):.4f} nats; wrote {out}"
     )
+
+
+def _align_gaussian(
+    out: Path, reward: str, trainer: str, beta: float | None, seed: int, resume: bool, overrides: dict, quiet: bool
+) -> None:
+    from msdda.tasks.gaussian import align_gaussian, gaussian_train_config
+
+    check_output_dir(out)
+    cfg = gaussian_train_config(trainer, reward, beta=beta, seed=seed, **overrides)
+    result = align_gaussian(reward, out, cfg, trainer=trainer, resume=resume, progress=not quiet)
+    ratio = result.fit.get("kl_to_optimum_over_reference")
+    typer.echo(
+        f"aligned the oracle policy to {reward!r} ({trainer}) in {result.train.seconds:.1f}s: "
+        f"KL(optimum || policy) / KL(optimum || reference) = {ratio:.4f} (0 at the optimum); wrote {out}"
+    )
+
+
+def _parse_model_dirs(items: list[str], option: str) -> dict[str, Path]:
+    """NAME=DIR pairs, each name once, each DIR an existing folder."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise typer.BadParameter(f"{option} {item!r}: write NAME=DIR, e.g. {option} ink=runs/ink")
+        if name in out:
+            raise typer.BadParameter(f"{option}: {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise typer.BadParameter(f"{option} {item!r}: {path} is not a folder")
+        out[name.strip()] = Path(path)
+    return out
+
+
+def _trained_steps(directory: Path) -> int | None:
+    """The sampling steps a trained model's states came from (its config.json), if recorded."""
+    import json
+
+    try:
+        doc = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    meta = doc.get("metadata", {}) if isinstance(doc, dict) else {}
+    steps = meta.get("num_inference_steps") or (meta.get("dpo_config") or {}).get("num_inference_steps")
+    return int(steps) if isinstance(steps, int) else None
+
+
+@app.command()
+def diagnose(
+    out: Path = typer.Option(..., help="Folder for diagnose.json, diagnose_config.json and diagnose.png."),
+    task: str = typer.Option("digits", help="digits or gaussian."),
+    model: list[str] = typer.Option([], help="OBJECTIVE=DIR: diagnose this trained model in place of the task's."),
+    policy: list[str] = typer.Option([], help="NAME=DIR: an extra single model scored at every weight (step-RL)."),
+    objectives: str = typer.Option(None, help="Comma-separated objectives (default: all of the task's)."),
+    methods: str = typer.Option(None, help="Comma-separated fusion rules (default: every fusion rule and base)."),
+    timesteps: str = typer.Option(None, help="Comma-separated timesteps of the states (default 960,...,20)."),
+    draws: int = typer.Option(4096, min=4, help="Reference draws per state (antithetic pairs; even)."),
+    trajectories: int = typer.Option(1, min=1, help="Reference trajectories per condition."),
+    steps: int = typer.Option(
+        None, min=1, max=1000, help="Steps of the states' schedule (default 50, or the grid --model was trained on)."
+    ),
+    seed: int = typer.Option(0, callback=_seed, help="Seed of every draw."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """How far are the models and fusion rules from the step optimum MSDDA assumes? (docs/diagnose.md)"""
+    import torch
+
+    from msdda.evaluation.diagnose import (
+        DEFAULT_METHODS,
+        DEFAULT_TIMESTEPS,
+        DiagnoseConfig,
+        format_diagnose,
+        run_diagnose,
+    )
+    from msdda.evaluation.tasks import get_task_bundle, load_task_model
+
+    torch.set_num_threads(threads)
+    check_output_dir(out)
+    bundle = get_task_bundle(task)
+    models = {k: load_task_model(task, d) for k, d in _parse_model_dirs(model, "--model").items()}
+    policies = {k: load_task_model(task, d) for k, d in _parse_model_dirs(policy, "--policy").items()}
+    try:
+        times = [int(t) for t in _split(timesteps)] if timesteps is not None else list(DEFAULT_TIMESTEPS)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--timesteps {timesteps!r}: comma-separated integers, e.g. 960,480,20") from exc
+    if steps is None:  # a trained model's kernels are those of the step grid it was trained on
+        grids = {n for n in (_trained_steps(d) for d in [*_parse_model_dirs(model, "--model").values()]) if n}
+        steps = grids.pop() if len(grids) == 1 else 50
+    names = _parse_names(objectives, "--objectives")
+    cfg = DiagnoseConfig(
+        objectives=tuple(names) if names is not None else None,
+        methods=tuple(_split(methods) or DEFAULT_METHODS),
+        timesteps=tuple(times),
+        num_inference_steps=steps,
+        draws=draws,
+        trajectories=trajectories,
+        seed=seed,
+    )
+    summary = run_diagnose(
+        bundle, models=models or None, policies=policies or None, config=cfg, out_dir=out, progress=not quiet
+    )
+    typer.echo(format_diagnose(summary))
+    typer.echo(f"\nwrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
     out: Path = typer.Option(None, help="Output folder (default: the shipped location inside the package)."),
-    seed: int = typer.Option(0, help="Training seed."),
+    seed: int = typer.Option(0, callback=_seed, help="Training seed."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Train the digit classifier behind the `alignment` reward and save it (safetensors + JSON)."""
-    from msdda.tasks.digits.classifier import train_and_save_default_classifier
+    from msdda.tasks.digits.classifier import default_classifier_dir, train_and_save_default_classifier
 
+    check_output_dir(default_classifier_dir() if out is None else out)  # before training, not after
     path = train_and_save_default_classifier(out_dir=out, seed=seed, progress=not quiet)
     typer.echo(f"wrote {path}")
 
@@ -197,13 +474,35 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _task_methods(task: str) -> list[str]:
+    """The default of `sweep --methods`: every method the task supports."""
+    from msdda.evaluation.sweep import supported_methods
+    from msdda.evaluation.tasks import get_task_bundle
+
+    return supported_methods(get_task_bundle(task))
+
+
+@app.command()
+def methods() -> None:
+    """List the methods every command knows, what each does and what it costs."""
+    from msdda.sampling.methods import registered_methods
+
+    for spec in registered_methods():
+        name = f"{spec.name}:<objective>" if spec.takes_argument else spec.name
+        flags = (("rewards", spec.needs_rewards), ("reward gradients", spec.needs_gradients))
+        needs = [w for w, on in (*flags, ("parameterised models", spec.needs_soup)) if on]
+        extra = f"; needs {', '.join(needs)}" if needs else ""
+        typer.echo(f"{name:<18} {spec.description}; cost: {spec.cost}{extra}")
+
+
 @app.command()
 def sweep(
     out: Path = typer.Option(..., help="Run folder (config.json, results.jsonl or results.rank*.jsonl, samples/)."),
     task: str = typer.Option("digits", help="Task: digits or gaussian."),
     methods: str = typer.Option(
-        "base,msdda,db-mpa,db-mpa-ls,rewarded-soup,code,rgg",
-        help="Comma-separated: base, single:<objective>, msdda, db-mpa, db-mpa-ls, rewarded-soup, code, rgg.",
+        None,
+        help="Comma-separated method names, e.g. base,msdda,db-mpa (`msdda methods` lists them; default: every "
+        "method the task supports).",
     ),
     objectives: str = typer.Option(None, help="Comma-separated objectives (default: the task's first two)."),
     grid_points: int = typer.Option(5, help="Points per simplex edge (5 -> 0, .25, .5, .75, 1 for K = 2)."),
@@ -217,7 +516,9 @@ def sweep(
     code_block: int = typer.Option(5, help="CoDe: steps per block (B >= 1)."),
     rgg_scale: float = typer.Option(None, help="RGG: guidance scale lambda (default: the task's calibrated one)."),
     no_samples: bool = typer.Option(False, "--no-samples", help="Do not store samples (no image grids)."),
-    overwrite: bool = typer.Option(False, help="Discard a run folder that holds a different sweep."),
+    overwrite: bool = typer.Option(
+        False, help="Discard a different sweep in the run folder: removes only msdda's files (others stay)."
+    ),
     throttle: float = typer.Option(0.0, min=0.0, hidden=True),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -226,31 +527,25 @@ def sweep(
     Under `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N` (CPU processes
     too) the units are shared round-robin between the processes; each writes results.rank{r}.jsonl.
     """
-    import json
     import time
 
-    from msdda.evaluation.sweep import SweepConfig, run_sweep
+    from msdda.evaluation.sweep import MAX_SEED, SweepConfig, run_sweep
     from msdda.evaluation.tasks import get_task_bundle
 
-    grid = None
-    if weights_json is not None:
-        try:
-            grid = json.loads(weights_json.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise typer.BadParameter(f"cannot read a weight grid from {weights_json}: {exc}") from exc
-    try:
-        seed_list = [int(x) for x in _split(seeds) or []]
-    except ValueError as exc:
-        raise typer.BadParameter(f"--seeds {seeds!r} must be comma-separated integers") from exc
+    grid = None if weights_json is None else _load_weight_grid(weights_json)
+    seed_list = _parse_seeds(seeds, "--seeds", MAX_SEED)
     prompt_list: list | None = _split(prompts)
     if prompt_list is not None and task == "digits":
-        if not all(p.isdigit() and 0 <= int(p) <= 9 for p in prompt_list):
-            raise typer.BadParameter(f"--prompts {prompts!r}: digits prompts are classes 0-9")
-        prompt_list = [int(p) for p in prompt_list]
+        prompt_list = _parse_digit_prompts(prompts)
+    if beta is not None:
+        _finite(beta, "--beta", positive=True)
+    if rgg_scale is not None:
+        _finite(rgg_scale, "--rgg-scale")
+    check_output_dir(out)
     cfg = SweepConfig(
         task=task,
-        objectives=_split(objectives),
-        methods=_split(methods) or [],
+        objectives=_parse_names(objectives, "--objectives"),
+        methods=_split(methods) or _task_methods(task),
         weights=grid,
         grid_points=grid_points,
         prompts=prompt_list,
@@ -292,6 +587,7 @@ def report(
             ref = [float(x) for x in reference_point.split(",")]
         except ValueError as exc:
             raise typer.BadParameter(f"--reference-point {reference_point!r} must be comma-separated numbers") from exc
+    check_output_dir(run_dir, "RUN_DIR")  # metrics.json, pareto.png and report.html are written into it
     paths = write_report(run_dir, ref)
     typer.echo("\n".join(f"wrote {p}" for p in paths.values()))
 
@@ -306,30 +602,83 @@ _register_optional_commands()
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or set MSDDA_DEBUG=1)."),
+) -> None:
+    global _debug
+    _debug = debug
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
 
-def entry() -> None:
-    """Console entry point: package errors print as one clear line (exit code 2), not a traceback.
+def _one_line(exc: BaseException) -> str:
+    """The message of an error as one line: what failed and why (OSError: the reason and the path)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        text = f"{exc.strerror}: {where}" if where else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )
+
+
+def _corrupt_file_error(exc: BaseException) -> bool:
+    """A file that cannot be decoded (truncated JSON or safetensors, a pickle where JSON belongs)."""
+    return isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) or type(exc).__name__ == "SafetensorError"
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """Console entry point: every msdda error, OSError or usage mistake prints as one line `error: ...` on
+    stderr with exit code 2, not a traceback (--debug or MSDDA_DEBUG=1 shows the traceback).
 
     After a successful command of a multi-process run (torchrun / accelerate launch) every rank waits for
     the others and the process group is torn down, so no rank leaves while a peer still talks to it.
     """
+    try:  # typer vendors click from 0.2x on; its exceptions are not click's then
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click_errors
+
     from msdda.distributed import shutdown
     from msdda.errors import MSDDAError
 
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app()
-    except MSDDAError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        code = app(args=args, prog_name="msdda", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click_errors.ClickException as exc:  # a usage mistake: bad option, missing value, BadParameter
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        debug = _debug or "--debug" in args or os.environ.get("MSDDA_DEBUG", "") not in ("", "0")
+        corrupt = _corrupt_file_error(exc)
+        if debug or not (isinstance(exc, MSDDAError | OSError) or _out_of_memory(exc) or corrupt):
+            raise  # a bug, not a user's mistake: the traceback is what is needed
+        if _out_of_memory(exc):
+            message = f"{_one_line(exc)}; lower --batch-size or --samples"
+        elif corrupt:
+            message = f"a corrupt input file ({type(exc).__name__}: {_one_line(exc)}); rerun with --debug to see which"
+        else:
+            message = _one_line(exc)
+        typer.echo(f"error: {message}", err=True)
         raise SystemExit(2) from None
-    except SystemExit as exc:
-        if exc.code in (None, 0):
-            shutdown()
-        raise
+    if code not in (None, 0):
+        raise SystemExit(code)
     shutdown()
 
 

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,9 +23,14 @@ import numpy as np
 from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from msdda.errors import MSDDAError
 from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
-from msdda.evaluation.sweep import CONFIG_FILE, RESULTS_FILE, iter_units, read_run_rows, results_files, samples_path
+from msdda.evaluation.store import CONFIG_FILE, RESULTS_FILE, read_run_rows, results_files
+from msdda.evaluation.sweep import iter_units, samples_path
+from msdda.sampling import MSDDA
+
+logger = logging.getLogger(__name__)
 
 # per sampler call (one batch of `batch_size` samples), plus wall seconds per sample
+DIAGNOSE_FILE = "diagnose.json"  # written by `msdda diagnose --out RUN`; shown when present
 COST_KEYS = ("model_evals", "reward_evals", "reward_grads", "seconds", "seconds_per_sample", "peak_memory_bytes")
 
 
@@ -43,11 +49,27 @@ def compute_metrics(run_dir: Path | str, reference_point: Sequence[float] | None
         raise ReportError(
             f"{run_dir} has no {RESULTS_FILE} (nor results.rank*.jsonl); run `msdda sweep ... --out {run_dir}` first"
         )
-    config = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
-    rows = read_run_rows(run_dir)  # the union of every rank's results file
+    config = _read_config(run_dir)
+    rows = read_run_rows(run_dir)  # the union of every rank's results file; corrupt lines skipped with a warning
     if not rows:
         raise ReportError(f"the results files of {run_dir} hold no complete rows yet")
     objectives = list(config.get("objectives") or rows[0]["rewards"].keys())
+
+    def complete(r: dict[str, Any]) -> bool:
+        return set(objectives) <= set(r["rewards"]) and (r["weights"] is None or set(objectives) <= set(r["weights"]))
+
+    lacking = [r for r in rows if not complete(r)]
+    if lacking:
+        logger.warning(
+            "%s: skipped %d row(s) without a reward (or weight) for every objective %s (first: unit %r)",
+            run_dir,
+            len(lacking),
+            objectives,
+            lacking[0]["unit"],
+        )
+        rows = [r for r in rows if complete(r)]
+        if not rows:
+            raise ReportError(f"no row of {run_dir} has a reward for every objective {objectives}")
     flat = [{"method": r["method"], "weights": r["weights"], **r["rewards"]} for r in rows]
     groups = summarise(flat, objectives, group_keys=("method", "weights"))
     table = []
@@ -91,20 +113,34 @@ def compute_metrics(run_dir: Path | str, reference_point: Sequence[float] | None
     }
 
 
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """config.json of the run ({} if absent); ReportError naming the file if it is not a JSON object."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc}); rerun the sweep into a new folder") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path} holds a {type(config).__name__}, not a sweep config (a JSON object)")
+    return config
+
+
 def _win_rates(
     rows: Sequence[dict[str, Any]], objectives: Sequence[str], methods: Sequence[str]
 ) -> dict[str, dict[str, float]]:
     """{baseline: {weights_label: P(MSDDA's scalarised reward > baseline's)}}, paired per sample."""
-    if "msdda" not in methods:
+    if MSDDA.name not in methods:
         return {}
     raw: dict[tuple[str, str], dict[tuple[int, int, int], dict[str, float]]] = {}
     for r in rows:
         wl = _weights_key(r["weights"], objectives)
         raw.setdefault((r["method"], wl), {})[(r["prompt_index"], r["seed"], r["index"])] = r["rewards"]
     out: dict[str, dict[str, float]] = {}
-    msdda_keys = [k for k in raw if k[0] == "msdda"]
+    msdda_keys = [k for k in raw if k[0] == MSDDA.name]
     for baseline in methods:
-        if baseline == "msdda":
+        if baseline == MSDDA.name:
             continue
         per_weight = {}
         for _, wl in msdda_keys:
@@ -112,7 +148,7 @@ def _win_rates(
             if not other:
                 continue
             w = [float(x) for x in wl.split(", ")]
-            mine = raw[("msdda", wl)]
+            mine = raw[(MSDDA.name, wl)]
             keys = sorted(set(mine) & set(other))
             if not keys:
                 continue
@@ -128,9 +164,11 @@ def _cost(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
     acc: dict[str, dict[str, list[float]]] = {m: {k: [] for k in COST_KEYS} for m in methods}
     for _, unit_rows in iter_units(rows):
         r = unit_rows[0]
-        cost = {**r["cost"], "seconds_per_sample": r["cost"]["seconds"] / r["batch"]}
+        cost = dict(r["cost"])
+        if isinstance(cost.get("seconds"), int | float):  # rows of older or foreign stores may lack it
+            cost["seconds_per_sample"] = cost["seconds"] / r["batch"]
         for k in COST_KEYS:
-            if cost.get(k) is not None:
+            if isinstance(cost.get(k), int | float):
                 acc[r["method"]][k].append(cost[k])
     return {m: {k: (float(np.mean(v)) if v else None) for k, v in acc[m].items()} for m in methods}
 
@@ -202,9 +240,12 @@ def _grids(run_dir: Path, rows: Sequence[dict[str, Any]], objectives: Sequence[s
         if not path.exists():
             continue
         r = unit_rows[0]
-        collected.setdefault((r["method"], _weights_key(r["weights"], objectives)), []).append(
-            load_file(str(path))["samples"].numpy()
-        )
+        try:
+            arr = load_file(str(path))["samples"].numpy()
+        except Exception as exc:  # a truncated or foreign file: the grid goes without it, the report still gets written
+            logger.warning("%s: skipped unreadable samples file (%s: %s)", path, type(exc).__name__, exc)
+            continue
+        collected.setdefault((r["method"], _weights_key(r["weights"], objectives)), []).append(arr)
     out = {}
     for k, arrs in collected.items():
         # round-robin over units (prompts, seeds), so a grid shows every prompt rather than one prompt's batch
@@ -224,8 +265,34 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
 
-def render_html(metrics: Mapping[str, Any], pareto_png: bytes, grids: Mapping[tuple[str, str], bytes]) -> str:
-    """A self-contained page; every number carries data-* attributes naming what it is."""
+def diagnose_section(run_dir: Path) -> str:
+    """HTML for RUN/diagnose.json (written by `msdda diagnose --out RUN`), or "" when there is none."""
+    path = run_dir / DIAGNOSE_FILE
+    if not path.is_file():
+        return ""
+    from msdda.evaluation.diagnose import format_diagnose
+
+    try:
+        summary = json.loads(path.read_text())
+        text = format_diagnose(summary)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s could not be read (%s); the report leaves the diagnostic out", path, exc)
+        return ""
+    png = run_dir / "diagnose.png"
+    image = _img(png.read_bytes(), "step-optimality diagnostic") if png.is_file() else ""
+    return (
+        "<h2>Step-optimality diagnostic (msdda diagnose)</h2>"
+        "<p>How far each aligned model and each fusion rule is from the step optimum that MSDDA's guarantee "
+        "assumes (docs/diagnose.md).</p>"
+        f"{image}<pre id='diagnose'>{html.escape(text)}</pre>"
+    )
+
+
+def render_html(
+    metrics: Mapping[str, Any], pareto_png: bytes, grids: Mapping[tuple[str, str], bytes], extra: str = ""
+) -> str:
+    """A self-contained page; every number carries data-* attributes naming what it is. extra: more sections
+    (HTML) after the samples, e.g. the diagnostic."""
     objs = metrics["objectives"]
     e = html.escape
     hv_rows = "".join(
@@ -318,6 +385,7 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ backgr
 <table><tr><th>method</th>{"".join(f"<th>{k}</th>" for k in COST_KEYS)}</tr>{cost_rows}</table>
 <p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth.</p>
 <h2>Samples</h2>{grid_html or "<p>No image samples stored.</p>"}
+{extra}
 </body></html>
 """
 
@@ -328,7 +396,7 @@ def write_report(run_dir: Path | str, reference_point: Sequence[float] | None = 
     metrics = compute_metrics(run_dir, reference_point)
     pareto_png = pareto_figure(metrics)
     grids = _grids(run_dir, read_run_rows(run_dir), metrics["objectives"])
-    page = render_html(metrics, pareto_png, grids)
+    page = render_html(metrics, pareto_png, grids, diagnose_section(run_dir))
     paths = {"metrics": run_dir / "metrics.json", "pareto": run_dir / "pareto.png", "html": run_dir / "report.html"}
     write_json_atomic(paths["metrics"], metrics)
     write_bytes_atomic(paths["pareto"], pareto_png)

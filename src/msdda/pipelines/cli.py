@@ -4,7 +4,9 @@
                  [--method msdda] [--steps 50] [--guidance-scale 7.5] [--seed 0] [--eta 0]
 
 Writes DIR/image_000.png, ... and DIR/config.json (the resolved configuration, the cost and the image
-file names). Every file is written to a temporary name and renamed, so nothing is half-written.
+file names). Every file is written to a temporary name and renamed, so nothing is half-written; while the
+images are written DIR holds a file INCOMPLETE (removed at the end), so a killed run says so. Every argument
+and the output folder are checked before the model is loaded.
 `register(app)` adds the command to a typer app (msdda.cli calls it).
 """
 
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from msdda.atomic import write_bytes_atomic
+from msdda.atomic import check_output_dir, incomplete_marker, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,23 @@ def _parse_pairs(values: list[str], what: str, *, number: bool) -> dict[str, Any
                 out[name] = float(value)
             except ValueError:
                 raise typer.BadParameter(f"{what} {text!r}: {value!r} is not a number") from None
+            if not math.isfinite(out[name]):
+                raise typer.BadParameter(f"{what} {text!r}: {value!r} is not a finite number")
         else:
             out[name] = value
     return out
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= 2**63 - 1:
+        raise typer.BadParameter(f"seed {value} is outside [0, {2**63 - 1}] (it seeds a torch.Generator)")
+    return value
+
+
+def _finite(value: float, option: str, *, positive: bool = False) -> float:
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise typer.BadParameter(f"{option} {value} must be a finite number{' > 0' if positive else ''}")
+    return value
 
 
 def _atomic_write_image(path: Path, image: Any) -> None:
@@ -60,19 +77,21 @@ def sample_command(
     weights: list[str] = typer.Option([], help="NAME=W per objective ('reference' allowed); repeatable."),
     prompt: list[str] = typer.Option(..., help="Prompt text; repeat for several prompts."),
     out: Path = typer.Option(..., help="Output folder for image_###.png and config.json."),
-    method: str = typer.Option(
-        "msdda", help="msdda | db-mpa | db-mpa-ls | rewarded-soup | base | single:NAME (code/rgg need Python)."
+    method: str | None = typer.Option(
+        None, help="A method name (`msdda methods` lists them; default msdda). Reward-guided ones need Python."
     ),
     steps: int = typer.Option(50, min=1, max=1000, help="Denoising steps."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance per objective (<= 1: off)."),
-    seed: int = typer.Option(0, help="Seed of the one torch.Generator (CPU) used for all randomness."),
+    seed: int = typer.Option(0, callback=_seed, help="Seed of the one torch.Generator (CPU) used for all randomness."),
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
     scheduler: str = typer.Option("ddim", help="ddim | ddpm (rebuilt from the base's config) | keep."),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt for classifier-free guidance."),
     num_images: int = typer.Option(1, min=1, help="Images per prompt."),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's)."),
-    beta: float = typer.Option(1.0, help="Target KL strength (exponents a_k = w_k beta_k / beta)."),
+    beta: float | None = typer.Option(
+        None, help="Target KL strength (exponents a_k = w_k beta_k / beta); default sum_k w_k beta_k / sum_k w_k."
+    ),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
     dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -85,28 +104,56 @@ def sample_command(
 
     objectives = _parse_pairs(objective, "--objective", number=False)
     weight_map = _parse_pairs(weights, "--weights", number=True)
-    if method in ("code", "rgg"):
+    from msdda.sampling import MSDDA
+    from msdda.sampling.methods import PlanError, get_method
+
+    method = method or MSDDA.name
+    try:
+        spec, _ = get_method(method)
+    except PlanError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if spec.needs_rewards:
         raise typer.BadParameter(f"--method {method} needs reward models; call MSDDAPipeline from Python for it")
     if dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype {dtype!r}; choose one of {DTYPES}")
     if scheduler not in ("ddim", "ddpm", "keep"):
         raise typer.BadParameter(f"--scheduler {scheduler!r}; choose ddim, ddpm or keep")
-    needs_weights = method not in ("base",) and not method.startswith("single:")
+    needs_weights = spec.weighted
     if needs_weights and not weight_map:
         raise typer.BadParameter(f"--method {method} needs --weights NAME=W for the objectives")
+    _finite(guidance_scale, "--guidance-scale")
+    if beta is not None:
+        _finite(beta, "--beta", positive=True)
+    if any(not p.strip() for p in prompt):
+        raise typer.BadParameter(f"--prompt {prompt!r}: every prompt must have some text")
+    # one --negative-prompt applies to every prompt (diffusers wants one per prompt for a list of prompts)
+    negative: str | list[str] | None = negative_prompt
+    if negative_prompt is not None and len(prompt) > 1:
+        negative = [negative_prompt] * len(prompt)
+    check_output_dir(out)  # before the model is loaded
     try:
-        pipe = MSDDAPipeline.from_pretrained(
-            base,
-            objectives,
-            scheduler=None if scheduler == "keep" else scheduler,
-            dtype=getattr(torch, dtype),
-            device=device,
-        )
+        from safetensors import SafetensorError
+
+        try:
+            pipe = MSDDAPipeline.from_pretrained(
+                base,
+                objectives,
+                scheduler=None if scheduler == "keep" else scheduler,
+                dtype=getattr(torch, dtype),
+                device=device,
+            )
+        except (MSDDAError, OSError):
+            raise
+        except (ValueError, KeyError, SafetensorError) as exc:  # a corrupt model_index.json or weights file
+            raise MSDDAError(
+                f"cannot load the model from --base {base} or an --objective: {type(exc).__name__}: {exc}; "
+                "check that the folders are complete diffusers/safetensors files"
+            ) from exc
         result = pipe(
             prompt if len(prompt) > 1 else prompt[0],
             weight_map if needs_weights else None,
             method=method,
-            negative_prompt=negative_prompt,
+            negative_prompt=negative,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             eta=eta,
@@ -121,30 +168,29 @@ def sample_command(
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    files = []
-    for i, image in enumerate(result.images):
-        name = f"image_{i:03d}.png"
-        _atomic_write_image(out / name, image)
-        files.append(name)
     from msdda import __version__
 
-    record = {
-        "command": "sample",
-        "msdda_version": __version__,
-        "base": str(base),
-        "prompts": list(prompt),
-        "negative_prompt": negative_prompt,
-        "device": device,
-        "dtype": dtype,
-        "scheduler_option": scheduler,
-        "beta": beta,
-        **result.config,
-        "seed": seed,
-        "cost": result.cost.to_dict(),
-        "nsfw_content_detected": result.nsfw_content_detected,
-        "images": files,
-    }
-    write_bytes_atomic(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    files = [f"image_{i:03d}.png" for i in range(len(result.images))]
+    with incomplete_marker(out, "msdda sample"):  # several files: a killed run leaves a folder saying so
+        for name, image in zip(files, result.images, strict=True):
+            _atomic_write_image(out / name, image)
+        record = {
+            "command": "sample",
+            "msdda_version": __version__,
+            "base": str(base),
+            "prompts": list(prompt),
+            "negative_prompt": negative_prompt,
+            "device": device,
+            "dtype": dtype,
+            "scheduler_option": scheduler,
+            "beta": beta,
+            **result.config,
+            "seed": seed,
+            "cost": result.cost.to_dict(),
+            "nsfw_content_detected": result.nsfw_content_detected,
+            "images": files,
+        }
+        write_bytes_atomic(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
     typer.echo(f"wrote {len(files)} image(s) and config.json to {out}")
 
 
