@@ -808,3 +808,17 @@ def test_cli_sample(tiny, tmp_path):
     )
     assert bad.exit_code == 2 and "unknown objective(s) ['aesthetic']" in bad.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_batch_mistakes_fail_before_denoising(tiny):
+    pipe = tiny.pipeline("ddim")
+    calls = count_unet_calls(pipe)
+    for kwargs, match in (
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt=0"),
+        ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents have shape \(1, 4, 3, 3\); this call needs \(1, 4, 8, 8\)"),
+        ({"latents": torch.zeros(2, 4, 2, 2)}, "latents have shape"),
+        ({"latents": [0.0]}, "latents is a list"),
+    ):
+        with pytest.raises(PipelineError, match=match):
+            run(pipe, {"aes": 1.0}, **kwargs)
+    assert calls[0] == 0

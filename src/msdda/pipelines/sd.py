@@ -279,6 +279,27 @@ class MSDDAPipeline:
                 f"{list(_CALLBACK_TENSOR_INPUTS)}"
             )
 
+    def _check_batch(
+        self, prompt: Any, prompt_embeds: Any, num_images: Any, latents: Any, height: int | None, width: int | None
+    ) -> None:
+        """num_images_per_prompt and latents must make the batch diffusers would build (else it fails deep inside)."""
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise PipelineError(f"num_images_per_prompt={num_images!r}; it must be an integer >= 1")
+        if latents is None:
+            return
+        if not isinstance(latents, Tensor):
+            raise PipelineError(f"latents is a {type(latents).__name__}; pass a tensor [B, 4, H/8, W/8] or None")
+        cfg, scale = self.base.unet.config, self.base.vae_scale_factor
+        prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+        batch = (prompts if prompts is not None else int(prompt_embeds.shape[0])) * num_images
+        h = (height or cfg.sample_size * scale) // scale
+        w = (width or cfg.sample_size * scale) // scale
+        if tuple(latents.shape) != (batch, cfg.in_channels, h, w):
+            raise PipelineError(
+                f"latents have shape {tuple(latents.shape)}; this call needs {(batch, cfg.in_channels, h, w)} "
+                f"(prompts x num_images_per_prompt, the UNet's channels, height/{scale}, width/{scale})"
+            )
+
     def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
         """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler step callback;
         `pipeline.interrupt = True` (set by the callback) ends the run after the current step."""
@@ -354,6 +375,7 @@ class MSDDAPipeline:
         # 1. check inputs
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         self._check_call(output_type, num_inference_steps, tensor_inputs)
+        self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width)
         kind = self._check_scheduler(float(eta))
         generator = make_generator(generator, seed, "cpu")
         height = height or base.unet.config.sample_size * base.vae_scale_factor
