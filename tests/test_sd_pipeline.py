@@ -818,6 +818,7 @@ def test_batch_mistakes_fail_before_denoising(tiny):
         ({"latents": torch.zeros(1, 4, 3, 3)}, r"latents have shape \(1, 4, 3, 3\); this call needs \(1, 4, 8, 8\)"),
         ({"latents": torch.zeros(2, 4, 2, 2)}, "latents have shape"),
         ({"latents": [0.0]}, "latents is a list"),
+        ({"guidance_scale": float("nan")}, "guidance_scale=nan"),
     ):
         with pytest.raises(PipelineError, match=match):
             run(pipe, {"aes": 1.0}, **kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -376,6 +377,10 @@ class MSDDAPipeline:
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         self._check_call(output_type, num_inference_steps, tensor_inputs)
         self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(
+            guidance_scale
+        ):  # nan > 1 is False: a nan scale would silently turn guidance off
+            raise PipelineError(f"guidance_scale={guidance_scale!r}; pass a finite number (<= 1 turns guidance off)")
         kind = self._check_scheduler(float(eta))
         generator = make_generator(generator, seed, "cpu")
         height = height or base.unet.config.sample_size * base.vae_scale_factor
