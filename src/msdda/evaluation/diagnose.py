@@ -44,6 +44,7 @@ from msdda.atomic import check_output_dir, write_bytes_atomic, write_json_atomic
 from msdda.config import JSONConfig
 from msdda.core.kernel import GaussianKernel
 from msdda.errors import MSDDAError
+from msdda.evaluation.sweep import simplex_grid as sweep_simplex_grid
 from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, as_denoiser
 from msdda.sampling.methods import BASE, REWARDED_SOUP, MethodPlan, default_beta, get_method, plan_method
 from msdda.sampling.rules import DBMPA, DBMPALS, MSDDA, SingleModel, StepContext
@@ -132,12 +133,11 @@ class DiagnoseConfig(JSONConfig):
 
 # ----- small numerics ---------------------------------------------------------------------------------------
 def simplex_grid(objectives: Sequence[str], points: int) -> list[dict[str, float]]:
-    """Preference weights on the simplex with `points` per edge (2 objectives, 3 points: 1/0, .5/.5, 0/1)."""
-    k, n = len(objectives), max(points - 1, 0)
-    if k == 1 or n == 0:
-        return [{o: 1.0 / k for o in objectives}]
-    grid = [c for c in itertools.product(range(n, -1, -1), repeat=k) if sum(c) == n]
-    return [{o: c / n for o, c in zip(objectives, combo, strict=True)} for combo in grid]
+    """The sweep's simplex grid with `points` per edge, first objective's weight descending (2 objectives,
+    3 points: 1/0, .5/.5, 0/1); one point (or one objective) gives equal weights."""
+    if len(objectives) == 1 or points <= 1:
+        return [{o: 1.0 / len(objectives) for o in objectives}]
+    return list(reversed(sweep_simplex_grid(objectives, points)))
 
 
 def weight_label(weights: Mapping[str, float]) -> str:
@@ -154,7 +154,8 @@ def jackknife_se(loo: Tensor) -> Tensor:
 
 def gaussian_kl(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> Tensor:
     """KL(N(m1, v1) || N(m2, v2)) of diagonal Gaussians, summed over the last dim (broadcasting)."""
-    return 0.5 * (v1 / v2 + (m1 - m2) ** 2 / v2 - 1.0 + torch.log(v2) - torch.log(v1)).sum(-1)
+    dims = len(torch.broadcast_shapes(m1.shape, v1.shape, m2.shape, v2.shape))
+    return GaussianKernel(m1, v1).kl(GaussianKernel(m2, v2), batch_dims=dims - 1)
 
 
 def _finite(x: Any) -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from msdda.atomic import write_bytes_atomic, write_json_atomic
 from msdda.evaluation.metrics import mean_ci
 from msdda.sampling import DBMPA, MSDDA, sample
 from msdda.sampling.methods import BASE, plan_method
-from msdda.tasks.digits.bundle import digits_bundle
+from msdda.tasks.digits.bundle import DEFAULT_GUIDANCE, digits_bundle
 from msdda.tasks.digits.training import (
     align_digits,
     class_conditions,
@@ -37,7 +36,6 @@ from msdda.tasks.rewards import get_reward
 logger = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES = ("alignment", "ink")
-DEFAULT_GUIDANCE = 2.0
 # The shipped recipe (docs/digits.md): DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) for every
 # reward; --from-scratch reruns it. Per-reward overrides would go here. The shipped aligned models were made
 # with best-vs-worst (hard) labels, before Bradley-Terry labels became DPOConfig's default, so the recipe pins
@@ -231,4 +229,3 @@ def format_digits_table(summary: dict[str, Any]) -> str:
 
 
 __all__ = ["format_digits_table", "recipe_config", "run_digits_demo", "train_demo_weights"]
-_ = math
