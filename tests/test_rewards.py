@@ -204,7 +204,7 @@ def test_available_and_get_builtin_rewards() -> None:
 
 
 def test_unknown_reward_lists_valid_names() -> None:
-    with pytest.raises(RewardError, match="unknown reward 'inkk'; valid names are .*alignment, ink, symmetry"):
+    with pytest.raises(RewardError, match="unknown reward 'inkk'; valid names are .*alignment, contrast, ink, smoothness, symmetry, template"):
         get_reward("inkk")
 
 

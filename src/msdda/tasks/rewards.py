@@ -15,7 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from msdda.core.rewards import CheckedReward, FunctionReward, Reward, RewardError
-from msdda.tasks.digits.rewards import AlignmentReward, InkReward, SymmetryReward
+from msdda.tasks.digits.rewards import (
+    AlignmentReward,
+    ContrastReward,
+    InkReward,
+    SmoothnessReward,
+    SymmetryReward,
+    TemplateReward,
+)
 
 __all__ = ["RewardFactory", "available_rewards", "get_reward", "register_reward"]
 
@@ -25,6 +32,9 @@ _REGISTRY: dict[str, RewardFactory] = {
     "alignment": AlignmentReward,
     "ink": InkReward,
     "symmetry": SymmetryReward,
+    "template": TemplateReward,
+    "contrast": ContrastReward,
+    "smoothness": SmoothnessReward,
 }
 _LOCK = threading.Lock()
 

@@ -27,8 +27,12 @@ from msdda.tasks.digits.data import (
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, count_parameters
 from msdda.tasks.digits.rewards import (
     AlignmentReward,
+    ContrastReward,
     InkReward,
+    SmoothnessReward,
     SymmetryReward,
+    TemplateReward,
+    class_mean_images,
     clear_classifier_cache,
     load_default_classifier,
 )
@@ -45,9 +49,13 @@ __all__ = [
     "DigitsDenoiserConfig",
     "DigitsSplit",
     "DigitsTaskError",
+    "ContrastReward",
     "InkReward",
+    "SmoothnessReward",
     "SymmetryReward",
+    "TemplateReward",
     "accuracy",
+    "class_mean_images",
     "clear_classifier_cache",
     "count_parameters",
     "default_classifier_dir",

@@ -3,7 +3,13 @@
 - ``alignment``: log-probability of the prompted class under the shipped DigitsClassifier (nats, <= 0).
 - ``ink``: mean intensity mapped to [0, 1] (0 = all background -1, 1 = all ink +1).
 - ``symmetry``: left-right mirror similarity in [0, 1] (1 = perfectly mirror-symmetric).
-All three are differentiable w.r.t. x0; msdda.tasks.rewards registers them by name.
+- ``template``: minus the mean squared distance to the prompted class's mean training image (<= 0; concave
+  in x0, so its step optimum shrinks the kernel's variance, not only its mean).
+- ``contrast``: mean(x0^2) in [0, 1] (1 = every pixel saturated at -1 or +1; convex).
+- ``smoothness``: minus the mean squared difference between horizontally and vertically adjacent pixels
+  (<= 0; concave, and at odds with contrast).
+All are differentiable w.r.t. x0; msdda.tasks.rewards registers them by name. docs/digits.md gives each
+one's figures on the base model's samples and why the demo fuses ink with template.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import copy
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,12 +32,16 @@ from msdda.tasks.digits.classifier import (
     load_classifier,
     train_and_save_default_classifier,
 )
-from msdda.tasks.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
+from msdda.tasks.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES, split_digits
 
 __all__ = [
     "AlignmentReward",
+    "ContrastReward",
     "InkReward",
+    "SmoothnessReward",
     "SymmetryReward",
+    "TemplateReward",
+    "class_mean_images",
     "clear_classifier_cache",
     "default_classifier_dir",
     "load_default_classifier",
@@ -45,6 +56,30 @@ def _check_images(x0: Tensor, name: str, exact: bool) -> None:
         raise RewardError(f"reward {name!r} expects digits x0 of shape [B, 1, 8, 8], got {list(x0.shape)}")
     if not exact and x0.ndim < 2:
         raise RewardError(f"reward {name!r} expects images x0 of shape [B, ..., W], got {list(x0.shape)}")
+
+
+def _check_cond(cond: Any, batch: int, name: str, device: torch.device) -> Tensor:
+    """cond must be [batch] integer class labels 0..9; RewardError naming the first bad index otherwise."""
+    if cond is None:
+        raise RewardError(
+            f"reward {name!r} needs the prompted class labels cond [B] (0..9); got None. "
+            "Unconditional samples have no class to compare with"
+        )
+    cond = torch.as_tensor(cond, device=device)
+    if cond.shape != (batch,) or cond.dtype.is_floating_point or cond.dtype == torch.bool:
+        raise RewardError(
+            f"reward {name!r} expects cond as an integer tensor of shape [{batch}], "
+            f"got dtype {cond.dtype} shape {list(cond.shape)}"
+        )
+    bad = torch.nonzero((cond < 0) | (cond >= NUM_CLASSES), as_tuple=False).flatten().tolist()
+    if bad:
+        i = bad[0]
+        what = "the null (unconditional) class" if int(cond[i]) == NULL_CLASS else "out of range"
+        raise RewardError(
+            f"reward {name!r} needs class labels in 0..{NUM_CLASSES - 1}; cond at batch index {i} is "
+            f"{int(cond[i])} ({what}); {len(bad)} bad index(es) in total: {bad[:8]}"
+        )
+    return cond.long()
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,25 +152,7 @@ class AlignmentReward:
     def __call__(self, x0: Tensor, cond: Tensor | None) -> Tensor:
         """x0: [B, 1, 8, 8] in [-1, 1]; cond: [B] class labels 0..9 -> [B] float32 log-probabilities."""
         _check_images(x0, self.name, exact=True)
-        if cond is None:
-            raise RewardError(
-                "reward 'alignment' needs the prompted class labels cond [B] (0..9); got None. "
-                "Unconditional samples have no class to align with"
-            )
-        cond = torch.as_tensor(cond, device=x0.device)
-        if cond.shape != (x0.shape[0],) or cond.dtype.is_floating_point or cond.dtype == torch.bool:
-            raise RewardError(
-                f"reward 'alignment' expects cond as an integer tensor of shape [{x0.shape[0]}], "
-                f"got dtype {cond.dtype} shape {list(cond.shape)}"
-            )
-        bad = torch.nonzero((cond < 0) | (cond >= NUM_CLASSES), as_tuple=False).flatten().tolist()
-        if bad:
-            i = bad[0]
-            what = "the null (unconditional) class" if int(cond[i]) == NULL_CLASS else "out of range"
-            raise RewardError(
-                f"reward 'alignment' needs class labels in 0..{NUM_CLASSES - 1}; cond at batch index {i} is "
-                f"{int(cond[i])} ({what}); {len(bad)} bad index(es) in total: {bad[:8]}"
-            )
+        cond = _check_cond(cond, x0.shape[0], self.name, x0.device)
         clf = self._on(x0.device)
         logp = F.log_softmax(clf(x0.to(torch.float32)), dim=1)
         return logp.gather(1, cond.long()[:, None]).squeeze(1)
@@ -181,3 +198,81 @@ class SymmetryReward:
 
     def __repr__(self) -> str:
         return "SymmetryReward()"
+
+
+@functools.lru_cache(maxsize=1)
+def _class_means() -> Tensor:
+    split = split_digits(seed=0)
+    return torch.stack([split.train_images[split.train_labels == c].mean(0) for c in range(NUM_CLASSES)])
+
+
+def class_mean_images() -> Tensor:
+    """[10, 1, 8, 8] float32: the mean training image of each class (the train split of `split_digits(0)`)."""
+    return _class_means().clone()
+
+
+class TemplateReward:
+    """-mean over pixels of (x0 - mean image of the prompted class)^2: x0 [B, 1, 8, 8], cond [B] -> [B] in [-4, 0].
+
+    Concave (each pixel's curvature is -2/64), so its step optimum narrows the kernel's variance, most at
+    large t where the Tweedie estimate is most sensitive to x_t (docs/digits.md), where the linear ``ink``
+    only shifts the mean.
+    """
+
+    name: str = "template"
+    differentiable: bool = True
+
+    def __init__(self, templates: Tensor | None = None) -> None:
+        if templates is not None and tuple(templates.shape) != (NUM_CLASSES, *IMAGE_SHAPE):
+            raise RewardError(
+                f"TemplateReward templates must have shape [{NUM_CLASSES}, 1, 8, 8], got {list(templates.shape)}"
+            )
+        self._templates = templates
+
+    def __call__(self, x0: Tensor, cond: Tensor | None) -> Tensor:
+        """x0: [B, 1, 8, 8] in [-1, 1]; cond: [B] class labels 0..9 -> [B] float32."""
+        _check_images(x0, self.name, exact=True)
+        labels = _check_cond(cond, x0.shape[0], self.name, x0.device)
+        templates = (self._templates if self._templates is not None else _class_means()).to(x0.device)
+        return (x0.to(torch.float32) - templates[labels]).square().flatten(1).mean(dim=1).neg()
+
+    def __repr__(self) -> str:
+        return "TemplateReward()"
+
+
+class ContrastReward:
+    """mean(x0^2): x0 [B, ...] in [-1, 1] -> [B] in [0, 1] (1 = every pixel at -1 or +1)."""
+
+    name: str = "contrast"
+    differentiable: bool = True
+
+    def __call__(self, x0: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x0: [B, ...] in [-1, 1]; cond ignored -> [B] float32 in [0, 1]."""
+        _check_images(x0, self.name, exact=False)
+        return x0.to(torch.float32).square().flatten(1).mean(dim=1)
+
+    def __repr__(self) -> str:
+        return "ContrastReward()"
+
+
+class SmoothnessReward:
+    """-(mean squared difference of horizontal neighbours + that of vertical neighbours) / 2.
+
+    x0 [B, ..., H, W] in [-1, 1] -> [B] in [-4, 0] (0 = a constant image).
+    """
+
+    name: str = "smoothness"
+    differentiable: bool = True
+
+    def __call__(self, x0: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x0: [B, ..., H, W] in [-1, 1] (H, W >= 2); cond ignored -> [B] float32."""
+        _check_images(x0, self.name, exact=False)
+        if x0.ndim < 3 or x0.shape[-1] < 2 or x0.shape[-2] < 2:
+            raise RewardError(f"reward 'smoothness' needs images [B, ..., H, W] with H, W >= 2, got {list(x0.shape)}")
+        x = x0.to(torch.float32)
+        dx = (x[..., :, 1:] - x[..., :, :-1]).square().flatten(1).mean(dim=1)
+        dy = (x[..., 1:, :] - x[..., :-1, :]).square().flatten(1).mean(dim=1)
+        return -(dx + dy) * 0.5
+
+    def __repr__(self) -> str:
+        return "SmoothnessReward()"
