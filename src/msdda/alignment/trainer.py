@@ -65,6 +65,7 @@ RewardFn = Callable[[Tensor, Any], Tensor]
 StepRewardFn = Callable[[Tensor, Tensor, Any], Tensor]
 CondSampler = Callable[[int, "torch.Generator | None"], Any]
 LOG_FILE = "train_log.jsonl"
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -79,6 +80,9 @@ class StepTrainerConfig(JSONConfig):
     guidance_scale: CFG scale of policy and reference (fixed). num_inference_steps: sampling schedule.
     lora: train LoRA adapters (peft) on `lora_targets` instead of all weights; merged into the saved model.
     eval_samples: held-out batch (fixed noise and classes from `eval_seed`) for reward and KL logging.
+    lr_schedule: "constant" (lr throughout) or "cosine" (lr * (1 + cos(pi * step / steps)) / 2, down to 0 at
+    the last step: the late small steps average out the gradient noise that otherwise keeps the policy
+    jittering around the fixed point; a resumed run must keep `steps` for the same path).
     data_shards: each step's `trajectories` are drawn as this many shards, each from its own generator
     (shard 0 from `seed`, shard d from a seed derived from (seed, d)); processes share the shards (shard d ->
     rank d % world_size), so any process count dividing data_shards gives the same data. 1 (default) is the
@@ -95,6 +99,7 @@ class StepTrainerConfig(JSONConfig):
     beta: float = 0.05
     steps: int = 200
     lr: float = 2e-5
+    lr_schedule: str = "constant"
     trajectories: int = 8
     states_per_trajectory: int = 4
     guidance_scale: float = 2.0
@@ -137,6 +142,8 @@ class StepTrainerConfig(JSONConfig):
             raise AlignmentError(f"{cls}.num_inference_steps={self.num_inference_steps!r} must be >= 2")
         if not self.lr > 0:
             raise AlignmentError(f"{cls}.lr={self.lr!r} must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise AlignmentError(f"{cls}.lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.data_shards > self.trajectories:
             raise AlignmentError(
                 f"{cls}.data_shards={self.data_shards!r} exceeds trajectories={self.trajectories!r}; every shard "
@@ -513,8 +520,19 @@ class StepTrainer(Generic[C, B]):
             dtype=self.dtype,
         )
 
-    def optimise(self, loss: Tensor) -> None:
-        """One optimiser step on `loss` (gradient clipped to config.grad_clip when > 0)."""
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimiser step `step` (0-based) under config.lr_schedule."""
+        cfg = self.config
+        if cfg.lr_schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(cfg.steps, 1)))
+        return cfg.lr
+
+    def optimise(self, loss: Tensor, step: int | None = None) -> None:
+        """One optimiser step on `loss` (gradient clipped to config.grad_clip when > 0); `step` sets the
+        scheduled learning rate (None: leave it as it is)."""
+        if step is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -654,7 +672,7 @@ class StepTrainer(Generic[C, B]):
         for step in bar:
             batches = [self.collect(d) for d in self.shards]
             out = self.loss(batches)
-            self.optimise(out.loss)
+            self.optimise(out.loss, step)
             with torch.no_grad():
                 stats = self.statistics(out)
             for k, v in stats.items():
