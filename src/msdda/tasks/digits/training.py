@@ -22,7 +22,7 @@ from msdda.alignment.dpo import DPOConfig, DPOResult, DPOTrainer
 from msdda.atomic import write_json_atomic
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
 from msdda.distributed import get_context
-from msdda.models.io import from_pretrained, save_pretrained
+from msdda.models.io import from_pretrained, read_model_config, save_pretrained
 from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES, split_digits
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, with_kernel_offsets
 
@@ -117,12 +117,21 @@ def load_digits_model(
 def load_digits_models(
     directories: list[str | os.PathLike[str]],
 ) -> tuple[list[DigitsDenoiser], KernelScheduler]:
-    """Load several digits models that must share the first one's architecture and schedule."""
+    """Load several digits models that must share the first one's architecture and schedule.
+
+    Only `kernel_offsets` may differ: aligned models carry an offset head the reference lacks (rules that
+    average outputs, such as DB-MPA, then refuse a mix of the two with a clear error)."""
     models: list[DigitsDenoiser] = []
     first_arch: dict[str, Any] | None = None
     sched_cfg: dict[str, Any] | None = None
     for d in directories:
-        model, doc = load_digits_model(d, expected_architecture=first_arch)
+        expected = None
+        if first_arch is not None:
+            offsets = read_model_config(d).get("architecture", {}).get("kernel_offsets")
+            expected = {**{k: v for k, v in first_arch.items() if k != "kernel_offsets"}}
+            if offsets is not None:
+                expected["kernel_offsets"] = offsets
+        model, doc = load_digits_model(d, expected_architecture=expected)
         if first_arch is None:
             first_arch, sched_cfg = doc["architecture"], doc.get("scheduler") or None
         models.append(model)
