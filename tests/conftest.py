@@ -30,3 +30,9 @@ def tiny_base(tmp_path_factory) -> Path:
     save_pretrained(tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
                    scheduler=sched.config.to_dict())
     return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_policy_cache(tmp_path_factory, monkeypatch) -> None:
+    """Step-RL policies a user trained into ~/.cache/msdda must never leak into a test's results."""
+    monkeypatch.setenv("MSDDA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "msdda-cache"))

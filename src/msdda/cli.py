@@ -331,9 +331,7 @@ def align(
 
     _check_reward_spec(reward)
     check_output_dir(out)
-    cfg = digits_train_config(
-        trainer, reward, beta=beta, seed=seed, lora=lora, data_shards=data_shards, **overrides
-    )
+    cfg = digits_train_config(trainer, reward, beta=beta, seed=seed, lora=lora, data_shards=data_shards, **overrides)
     result = align_digits(
         get_reward(reward),
         out,
@@ -404,7 +402,11 @@ def diagnose(
     model: list[str] = typer.Option([], help="OBJECTIVE=DIR: diagnose this trained model in place of the task's."),
     policy: list[str] = typer.Option([], help="NAME=DIR: an extra single model scored at every weight (step-RL)."),
     objectives: str = typer.Option(None, help="Comma-separated objectives (default: all of the task's)."),
-    methods: str = typer.Option(None, help="Comma-separated fusion rules (default: every fusion rule and base)."),
+    methods: str = typer.Option(
+        None,
+        help="Comma-separated fusion rules (default: every fusion rule and base, and step-rl when the task has "
+        "step-RL policies: cached ones are scored, missing ones skipped).",
+    ),
     timesteps: str = typer.Option(None, help="Comma-separated timesteps of the states (default 960,...,20)."),
     draws: int = typer.Option(4096, min=4, help="Reference draws per state (antithetic pairs; even)."),
     trajectories: int = typer.Option(1, min=1, help="Reference trajectories per condition."),
@@ -412,6 +414,11 @@ def diagnose(
         None, min=1, max=1000, help="Steps of the states' schedule (default 50, or the grid --model was trained on)."
     ),
     seed: int = typer.Option(0, callback=_seed, help="Seed of every draw."),
+    train_policies: bool = typer.Option(
+        None,
+        "--train-policies/--no-train-policies",
+        help="step-rl: train missing per-w policies (default: only when step-rl is named in --methods).",
+    ),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -448,6 +455,7 @@ def diagnose(
         draws=draws,
         trajectories=trajectories,
         seed=seed,
+        train_policies=train_policies,
     )
     summary = run_diagnose(
         bundle, models=models or None, policies=policies or None, config=cfg, out_dir=out, progress=not quiet
@@ -475,11 +483,126 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _task_methods(task: str) -> list[str]:
-    """The default of `sweep --methods`: every method the task supports."""
+    """The default of `sweep --methods`: every method the task supports but those that train a model per
+    weight vector (step-rl: minutes per w; name it in --methods to run it)."""
     from msdda.evaluation.sweep import supported_methods
     from msdda.evaluation.tasks import get_task_bundle
 
-    return supported_methods(get_task_bundle(task))
+    return supported_methods(get_task_bundle(task), include_training=False)
+
+
+def _parse_weight_vector(text: str, objectives: list[str]) -> dict[str, float]:
+    """One --weights value: comma-separated finite weights >= 0, one per objective, not all zero."""
+    items = _split(text) or []
+    try:
+        values = [float(x) for x in items]
+    except ValueError:
+        raise typer.BadParameter(f"--weights {text!r} must be comma-separated numbers, e.g. 0.25,0.75") from None
+    if len(values) != len(objectives):
+        raise typer.BadParameter(
+            f"--weights {text!r} gives {len(values)} weight(s) for {len(objectives)} objectives {objectives}"
+        )
+    if any(not math.isfinite(v) or v < 0 for v in values) or not any(values):
+        raise typer.BadParameter(f"--weights {text!r}: weights must be finite, >= 0 and not all zero")
+    return dict(zip(objectives, values, strict=True))
+
+
+@app.command("train-step-rl")
+def train_step_rl(
+    task: str = typer.Option("digits", help="Task whose step-RL policies to train (digits)."),
+    objectives: str = typer.Option(None, help="Comma-separated objectives (default: the task's first two)."),
+    grid_points: int = typer.Option(5, min=2, help="Points per simplex edge, as `msdda sweep --grid-points`."),
+    weights: list[str] = typer.Option(
+        [], help="One weight vector, comma-separated in --objectives order (repeatable); replaces the grid."
+    ),
+    beta: float = typer.Option(None, help="Target KL strength (default per w: sum_k w_k beta_k, as the sweep's)."),
+    cache_dir: Path = typer.Option(
+        None, help="Folder holding the policies (default: $MSDDA_CACHE_DIR/step-rl/digits, ~/.cache/msdda/...)."
+    ),
+    out: Path = typer.Option(None, help="With exactly one --weights: also copy that policy's folder to OUT."),
+    steps: int = typer.Option(None, min=1, help="Trainer steps (default: the aligned models'; enters the key)."),
+    trajectories: int = typer.Option(None, min=1, hidden=True),
+    eval_samples: int = typer.Option(None, min=1, hidden=True),
+    num_inference_steps: int = typer.Option(None, min=2, hidden=True),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Train (or find cached) one multi-objective step-RL policy per weight vector: the `step-rl` baseline.
+
+    Every policy the grid (or --weights) needs and the cache lacks is trained with the aligned models'
+    trainer settings on r_w = sum_k w_k r_k at beta_w (minutes each on CPU); sweeps and `msdda diagnose`
+    then load them. A one-hot w reuses the aligned model when it is that policy (trained with step-rl).
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    from msdda.atomic import replace_dir_atomic
+    from msdda.evaluation.sweep import simplex_grid
+    from msdda.sampling.methods import MissingPolicyError, default_beta
+
+    torch.set_num_threads(threads)
+    if task != "digits":
+        raise typer.BadParameter(f"--task {task!r} has no step-RL policies to train; use --task digits")
+    from msdda.tasks.digits.bundle import digits_bundle
+
+    if beta is not None:
+        _finite(beta, "--beta", positive=True)
+    names = _parse_names(objectives, "--objectives")
+    if out is not None and len(weights) != 1:
+        raise typer.BadParameter(f"--out needs exactly one --weights vector (got {len(weights)})")
+    if out is not None:
+        check_output_dir(out)
+        if out.is_dir() and any(out.iterdir()):
+            raise typer.BadParameter(f"--out {out} is not empty; choose a new or empty folder")
+    if cache_dir is not None:
+        check_output_dir(cache_dir, "--cache-dir")
+    bundle = digits_bundle(**({"objectives": names} if names is not None else {}))
+    names = list(names or bundle.objectives[:2])
+    if len(names) < 1:
+        raise typer.BadParameter("--objectives names nothing")
+    grid = [_parse_weight_vector(w, names) for w in weights] if weights else simplex_grid(names, grid_points)
+    overrides = {
+        k: v
+        for k, v in dict(
+            steps=steps, trajectories=trajectories, eval_samples=eval_samples, num_inference_steps=num_inference_steps
+        ).items()
+        if v is not None
+    }
+    policies = bundle.weighted_policy.with_options(
+        cache_dir=cache_dir, trainer_overrides=overrides or None, progress=not quiet
+    )
+    rows = []
+    for i, w in enumerate(grid, start=1):
+        target = beta if beta is not None else default_beta(w, {o: bundle.beta_of(o) for o in w})
+        label = ", ".join(f"{o}={v:g}" for o, v in w.items())
+        try:
+            entry = policies.ensure(w, target, train=False)
+        except MissingPolicyError:
+            typer.echo(f"[{i}/{len(grid)}] {label}: training (beta {target:g}); this takes minutes", err=True)
+            entry = policies.ensure(w, target, train=True)
+        status = {"cache": "cached", "trained": "trained", "shipped": "shipped", "aligned": "aligned model"}
+        rows.append((label, entry, status.get(entry.status, entry.status)))
+        typer.echo(f"[{i}/{len(grid)}] {label}: {rows[-1][2]} ({entry.directory})", err=True)
+    width = max(len(r[0]) for r in rows)
+    typer.echo(f"{'w':<{width}}  {'key':<16}  {'train (s)':>10}  status")
+    for label, entry, status in rows:
+        key = entry.key[:16] if entry.status != "aligned" else Path(entry.key).name
+        secs = "-" if entry.train_seconds is None else f"{entry.train_seconds:.1f}"
+        typer.echo(f"{label:<{width}}  {key:<16}  {secs:>10}  {status}")
+    if out is not None:
+        src = rows[0][1].directory
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+            if out.is_dir():
+                out.rmdir()  # empty (checked above)
+            replace_dir_atomic(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -490,6 +613,7 @@ def methods() -> None:
     for spec in registered_methods():
         name = f"{spec.name}:<objective>" if spec.takes_argument else spec.name
         flags = (("rewards", spec.needs_rewards), ("reward gradients", spec.needs_gradients))
+        flags += (("step-RL policies per w", spec.needs_weighted_policy),)
         needs = [w for w, on in (*flags, ("parameterised models", spec.needs_soup)) if on]
         extra = f"; needs {', '.join(needs)}" if needs else ""
         typer.echo(f"{name:<18} {spec.description}; cost: {spec.cost}{extra}")
@@ -516,6 +640,12 @@ def sweep(
     code_block: int = typer.Option(5, help="CoDe: steps per block (B >= 1)."),
     rgg_scale: float = typer.Option(None, help="RGG: guidance scale lambda (default: the task's calibrated one)."),
     no_samples: bool = typer.Option(False, "--no-samples", help="Do not store samples (no image grids)."),
+    train_policies: bool = typer.Option(
+        True,
+        "--train-policies/--no-train-policies",
+        help="step-rl: train a missing per-w policy on first use (minutes each), or fail fast naming "
+        "`msdda train-step-rl`.",
+    ),
     overwrite: bool = typer.Option(
         False, help="Discard a different sweep in the run folder: removes only msdda's files (others stay)."
     ),
@@ -557,6 +687,7 @@ def sweep(
         code_block=code_block,
         rgg_scale=rgg_scale,
         save_samples=not no_samples,
+        train_policies=train_policies,
     )
     res = run_sweep(
         cfg,

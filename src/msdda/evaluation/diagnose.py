@@ -46,7 +46,17 @@ from msdda.core.kernel import GaussianKernel
 from msdda.errors import MSDDAError
 from msdda.evaluation.sweep import simplex_grid as sweep_simplex_grid
 from msdda.models.denoiser import ClassifierFreeGuidance, Denoiser, as_denoiser
-from msdda.sampling.methods import BASE, REWARDED_SOUP, MethodPlan, default_beta, get_method, plan_method
+from msdda.sampling.methods import (
+    BASE,
+    REWARDED_SOUP,
+    STEP_RL,
+    MethodPlan,
+    MissingPolicyError,
+    PlanError,
+    default_beta,
+    get_method,
+    plan_method,
+)
 from msdda.sampling.rules import DBMPA, DBMPALS, MSDDA, SingleModel, StepContext
 from msdda.sampling.sampler import sample
 from msdda.tasks.bundle import TaskBundle
@@ -84,6 +94,9 @@ class DiagnoseConfig(JSONConfig):
     betas: per-objective KL strengths overriding the task's (the beta each model was aligned with).
     chunk_size: draws per reference call (bounds memory); seed: all randomness; per_element: write the
       per-element fits (None: when a sample has at most 1024 elements).
+    train_policies: "step-rl" trains a missing policy on first use (True) or reports it skipped (False); None:
+      trains when step-rl is named in `methods`, skips when it was added to the default methods (a task with
+      step-RL policies adds it there, and training one takes minutes per weight vector).
     """
 
     config_error = DiagnoseError
@@ -104,6 +117,7 @@ class DiagnoseConfig(JSONConfig):
     chunk_size: int = 4096
     seed: int = 0
     per_element: bool | None = None
+    train_policies: bool | None = None
 
     def validate(self) -> None:
         for name in ("draws", "kernel_draws"):
@@ -125,6 +139,8 @@ class DiagnoseConfig(JSONConfig):
             raise DiagnoseError(f"t_range_edges={list(self.t_range_edges)}; they must be strictly increasing")
         for m in self.methods:
             get_method(m)  # PlanError names the valid ones
+        if self.train_policies is not None and not isinstance(self.train_policies, bool):
+            raise DiagnoseError(f"train_policies={self.train_policies!r}; use True, False or None")
         if self.betas is not None:
             for o, b in self.betas.items():
                 if not (isinstance(b, int | float) and math.isfinite(b) and b > 0):
@@ -605,6 +621,7 @@ def run_diagnose(
     draws: int = 4096,
     kernel_draws: int = 256,
     seed: int = 0,
+    train_policies: bool | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
     config: DiagnoseConfig | None = None,
@@ -614,8 +631,11 @@ def run_diagnose(
     bundle: the task (`msdda.evaluation.tasks.get_task_bundle`). models: {objective: denoiser} replacing the
     task's aligned models (e.g. a newly trained policy; diagnosed with the objective's beta). policies:
     {name: denoiser} extra single models scored like a fusion rule at every weight (e.g. a model trained by
-    multi-objective step-RL). The other keywords are the `DiagnoseConfig` fields (see there); `config`
-    replaces all of them at once. out_dir: writes diagnose.json, diagnose_config.json and diagnose.png there.
+    multi-objective step-RL). When the task has step-RL policies (`bundle.weighted_policy`) and "step-rl" is
+    among the methods (the default methods include it then), the policy trained AT each weight is scored as rule
+    "step-rl", exactly like `policies`; a missing one is trained or, per `train_policies`, reported in
+    `skipped`. The other keywords are the `DiagnoseConfig` fields (see there); `config` replaces all of them.
+    out_dir: writes diagnose.json, diagnose_config.json and diagnose.png there.
     Returns the summary (the content of diagnose.json).
     """
     if config is None:
@@ -629,6 +649,7 @@ def run_diagnose(
             draws=draws,
             kernel_draws=kernel_draws,
             seed=seed,
+            train_policies=train_policies,
         )
     cfg = config
     cfg.validate()
@@ -636,6 +657,8 @@ def run_diagnose(
         out_dir = check_output_dir(out_dir)
     start = time.perf_counter()
     bundle, objs, betas, wgrid, skipped = _resolve(bundle, cfg, models)
+    # outside torch.no_grad(): a missing step-RL policy may be trained here
+    step_rl_plans = _step_rl_plans(bundle, cfg, betas, wgrid, skipped)
     ks = copy.deepcopy(bundle.scheduler)
     ks.set_timesteps(cfg.num_inference_steps)
     run = _Run(bundle, cfg, objs, betas, wgrid, ks)
@@ -649,6 +672,10 @@ def run_diagnose(
                 m.bind_schedule(ks)  # the trajectory sampler bound its own copy; use this run's grid again
         plans: dict[str, list[MethodPlan | None]] = {}
         for method in cfg.methods:
+            if method == STEP_RL:
+                if step_rl_plans is not None:
+                    plans[method] = list(step_rl_plans)
+                continue
             if method == REWARDED_SOUP and bundle.soup is None:
                 skipped.setdefault(method, "the task has no soup (models without parameters to interpolate)")
                 continue
@@ -656,6 +683,8 @@ def run_diagnose(
                 plan_method(method, bundle, w, betas=betas, skip_zero_weights=True) if method != BASE else None
                 for w in wgrid
             ]
+        if step_rl_plans is not None and STEP_RL not in plans:  # added to the default methods
+            plans[STEP_RL] = list(step_rl_plans)
         for name, m in (policies or {}).items():
             plans[f"policy:{name}"] = [MethodPlan(f"policy:{name}", [m], SingleModel(), None) for _ in wgrid]
         summary = _diagnose_states(run, states, plans, progress)
@@ -677,6 +706,40 @@ def run_diagnose(
         write_json_atomic(Path(out_dir) / JSON_FILE, summary)
         write_bytes_atomic(Path(out_dir) / PLOT_FILE, plot_diagnose(summary))
     return summary
+
+
+def _step_rl_plans(
+    bundle: TaskBundle,
+    cfg: DiagnoseConfig,
+    betas: Mapping[str, float],
+    wgrid: Sequence[Mapping[str, float]],
+    skipped: dict[str, str],
+) -> list[MethodPlan | None] | None:
+    """The plan of the step-RL policy trained at each weight (rule "step-rl"), or None (reason in `skipped`).
+
+    step-rl runs when named in cfg.methods, or when the methods are the defaults and the task has step-RL
+    policies; cfg.train_policies None trains only in the first case."""
+    named = STEP_RL in cfg.methods
+    has = getattr(bundle, "weighted_policy", None) is not None
+    if not named and not (has and tuple(cfg.methods) == DEFAULT_METHODS):
+        return None
+    if not has:
+        skipped[STEP_RL] = f"task {bundle.name!r} has no step-RL policies (no weighted_policy)"
+        return None
+    train = cfg.train_policies if cfg.train_policies is not None else named
+    plans: list[MethodPlan | None] = []
+    for w in wgrid:
+        try:
+            plans.append(plan_method(STEP_RL, bundle, w, betas=betas, options={"train": train}, skip_zero_weights=True))
+        except MissingPolicyError as exc:
+            skipped[STEP_RL] = f"{exc} (policies missing and train_policies={train})"
+            return None
+        except MSDDAError as exc:  # e.g. aligned models without a trainer config to copy
+            if named and not isinstance(exc, PlanError):
+                raise  # asked for by name: the reason it cannot run is the error
+            skipped[STEP_RL] = str(exc)
+            return None
+    return plans
 
 
 def _t_ranges(edges: Sequence[int], timesteps: Sequence[int]) -> dict[str, tuple[int, int]]:

@@ -3,7 +3,11 @@
 Metrics: per (method, weights) means with 95% bootstrap intervals; each method's points (one per weight,
 or one for weight-free methods), the pooled empirical Pareto front, hypervolume against one stated
 reference point shared by every method; per-weight win rates of MSDDA against each baseline on the
-scalarised reward sum_k w_k r_k, paired by (prompt, seed, sample index); cost per method.
+scalarised reward sum_k w_k r_k, paired by (prompt, seed, sample index); cost per method, with what its
+models cost to train (`training_seconds`): step-rl trains one policy per w, so its figure is the sum of its
+policies' training seconds over the weight vectors it ran; a fusion method (msdda, db-mpa, db-mpa-ls,
+rewarded-soup) is built from K aligned models trained once and shared by every w, so its figure is their sum;
+base and the reward-guided methods train nothing beyond the base model (0).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomi
 from msdda.errors import MSDDAError
 from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
 from msdda.evaluation.store import CONFIG_FILE, RESULTS_FILE, read_run_rows, results_files
-from msdda.evaluation.sweep import iter_units, samples_path
-from msdda.sampling import MSDDA
+from msdda.evaluation.sweep import FUSION_METHODS, iter_units, samples_path
+from msdda.sampling import MSDDA, RGG, CoDe, SingleModel
+from msdda.sampling.methods import BASE, STEP_RL
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +175,33 @@ def _cost(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
         for k in COST_KEYS:
             if isinstance(cost.get(k), int | float):
                 acc[r["method"]][k].append(cost[k])
-    return {m: {k: (float(np.mean(v)) if v else None) for k, v in acc[m].items()} for m in methods}
+    out: dict[str, dict[str, float | None]] = {
+        m: {k: (float(np.mean(v)) if v else None) for k, v in acc[m].items()} for m in methods
+    }
+    for m in methods:
+        out[m]["training_seconds"] = _training_seconds([r for r in rows if r["method"] == m], m)
+    return out
+
+
+def _training_seconds(rows: Sequence[dict[str, Any]], method: str) -> float | None:
+    """Seconds of training behind a method's rows (module docstring); None when the rows do not record it."""
+    name = method.partition(":")[0]
+    if name == STEP_RL:  # one policy per weight vector: sum over the distinct weights run
+        per_w: dict[str, float] = {}
+        for r in rows:
+            if isinstance(r.get("train_seconds"), int | float):
+                per_w[json.dumps(r["weights"], sort_keys=True)] = float(r["train_seconds"])
+            else:
+                return None  # a policy of unknown training cost: no total
+        return math.fsum(per_w.values()) if per_w else None
+    if name in (*FUSION_METHODS, SingleModel.name):  # K aligned models trained once, shared by every w
+        found = [
+            float(r["aligned_train_seconds"]) for r in rows if isinstance(r.get("aligned_train_seconds"), int | float)
+        ]
+        return max(found) if found else None
+    if name in (BASE, CoDe.name, RGG.name):
+        return 0.0
+    return None
 
 
 # ----- figures -------------------------------------------------------------------------------------------
@@ -344,7 +375,7 @@ def render_html(
         f"<tr><td>{e(m)}</td>"
         + "".join(
             f'<td class="num" data-metric="cost" data-method="{e(m)}" data-key="{k}">{_fmt(c.get(k))}</td>'
-            for k in COST_KEYS
+            for k in (*COST_KEYS, "training_seconds")
         )
         + "</tr>"
         for m, c in metrics["cost"].items()
@@ -382,8 +413,10 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ backgr
 <h2>Win rate of MSDDA against each baseline (scalarised reward, paired samples)</h2>
 <table><tr><th>baseline</th>{"".join(f"<th>{e(wl)}</th>" for wl in weight_labels)}</tr>{win_rows}</table>
 <h2>Cost per sampler call (one batch)</h2>
-<table><tr><th>method</th>{"".join(f"<th>{k}</th>" for k in COST_KEYS)}</tr>{cost_rows}</table>
-<p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth.</p>
+<table><tr><th>method</th>{"".join(f"<th>{k}</th>" for k in COST_KEYS)}<th>training (s)</th></tr>{cost_rows}</table>
+<p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth.
+training (s): step-rl trains one model per w (the sum over the weights it ran); a fusion method trains its K
+aligned models once, shared by every w (their sum); base and the reward-guided methods 0; "-": not recorded.</p>
 <h2>Samples</h2>{grid_html or "<p>No image samples stored.</p>"}
 {extra}
 </body></html>

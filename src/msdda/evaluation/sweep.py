@@ -47,9 +47,10 @@ from msdda.evaluation.store import (
     results_file,
     results_files,
 )
-from msdda.sampling import DBMPA, MSDDA, RGG, CoDe, sample
+from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, SingleModel, sample
 from msdda.sampling.methods import (
     BASE,
+    REWARDED_SOUP,
     MethodPlan,
     PlanError,
     get_method,
@@ -88,6 +89,14 @@ class SweepConfig(JSONConfig):
     rgg_scale: float | None = None  # None: the task's calibrated scale
     save_samples: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
+    # step-rl: train a missing policy on first use (minutes per w); False fails fast naming `msdda train-step-rl`.
+    # A run-time choice that never changes a result, so it is not written to config.json (a resume may flip it).
+    train_policies: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("train_policies", None)
+        return d
 
 
 def simplex_grid(objectives: Sequence[str], points_per_edge: int) -> list[dict[str, float]]:
@@ -130,11 +139,15 @@ def validate_weights(grid: Sequence[Mapping[str, float]], objectives: Sequence[s
     return out
 
 
-def supported_methods(bundle: TaskBundle) -> list[str]:
-    """Every registered method (but the per-objective `single:<objective>`) this task can run, in registry order."""
+def supported_methods(bundle: TaskBundle, *, include_training: bool = True) -> list[str]:
+    """Every registered method (but the per-objective `single:<objective>`) this task can run, in registry order.
+
+    include_training=False leaves out the methods that train a model per weight vector (step-rl)."""
     out = []
     for spec in registered_methods():
         if spec.takes_argument or (spec.needs_soup and bundle.soup is None):
+            continue
+        if spec.needs_weighted_policy and (not include_training or getattr(bundle, "weighted_policy", None) is None):
             continue
         if spec.needs_gradients and not all(is_differentiable(r) for r in bundle.rewards.values()):
             continue
@@ -155,6 +168,8 @@ def _check_methods(methods: Sequence[str], objectives: Sequence[str], bundle: Ta
             raise SweepError(f"method {m!r}: unknown objective {argument!r}; valid: {list(objectives)}")
         if spec.needs_soup and bundle.soup is None:
             raise SweepError(f"task {bundle.name!r} has no parameterised models, so {m} is not available")
+        if spec.needs_weighted_policy and getattr(bundle, "weighted_policy", None) is None:
+            raise SweepError(f"task {bundle.name!r} has no step-RL policies, so {m} is not available; drop it")
         if spec.needs_gradients:
             for o in objectives:
                 if not is_differentiable(bundle.rewards[o]):
@@ -206,6 +221,35 @@ def method_options(method: str, cfg: SweepConfig) -> dict[str, Any]:
         return {"num_candidates": cfg.code_candidates, "block_size": cfg.code_block}
     if name == RGG.name and cfg.rgg_scale is not None:
         return {"scale": cfg.rgg_scale}
+    if get_method(method)[0].needs_weighted_policy and not cfg.train_policies:
+        return {"train": False}
+    return {}
+
+
+FUSION_METHODS = (MSDDA.name, DBMPA.name, DBMPALS.name, REWARDED_SOUP)  # built from the K aligned models
+
+
+def aligned_train_seconds(bundle: TaskBundle) -> dict[str, float]:
+    """{objective: seconds} each aligned model's training took, when the task records it ({} otherwise)."""
+    found = getattr(bundle, "aligned_train_seconds", None)
+    if found is None:
+        found = getattr(getattr(bundle, "weighted_policy", None), "aligned_train_seconds", None)
+    return {str(k): float(v) for k, v in (found or {}).items()}
+
+
+def training_record(
+    method: str, plan: MethodPlan, bundle: TaskBundle, objectives: Sequence[str]
+) -> dict[str, float | str | None]:
+    """What a unit's models cost to train, for its rows: "train_seconds" (and "policy") of the policy a
+    per-w method trained for this weight vector; "aligned_train_seconds", the one-time training of the aligned
+    models a fusion method (or single:<objective>) is built from; {} for the rest (the base model only)."""
+    spec, argument = get_method(method)
+    if spec.needs_weighted_policy:
+        return {"train_seconds": plan.record.get("train_seconds"), "policy": plan.record.get("policy")}
+    seconds = aligned_train_seconds(bundle)
+    used = list(objectives) if spec.name in FUSION_METHODS else [argument] if spec.name == SingleModel.name else []
+    if used and all(o in seconds for o in used):
+        return {"aligned_train_seconds": math.fsum(seconds[o] for o in used)}
     return {}
 
 
@@ -302,12 +346,17 @@ def run_sweep(
     )
     grid = list({tuple(w.items()): w for w in grid}.values())  # a repeated weight vector is one set of units
     _check_methods(cfg.methods, objectives, bundle)
+    if not isinstance(cfg.train_policies, bool):
+        raise SweepError(f"train_policies={cfg.train_policies!r:.40} must be True or False")
     for m in cfg.methods:  # build every rule once up front: bad settings fail before any sampling
-        if is_weighted(m) and not get_method(m)[0].needs_soup:
-            try:
-                build_method(m, bundle, grid[0], cfg, objectives)
-            except MSDDAError as exc:
-                raise SweepError(f"method {m!r}: {exc}") from exc
+        spec = get_method(m)[0]
+        if is_weighted(m) and not spec.needs_soup:
+            # a per-w policy is found (or trained) for every weight vector now: a missing one fails fast
+            for w in grid if spec.needs_weighted_policy else grid[:1]:
+                try:
+                    build_method(m, bundle, w, cfg, objectives)
+                except MSDDAError as exc:
+                    raise SweepError(f"method {m!r}: {exc}") from exc
     prompts = list(cfg.prompts) if cfg.prompts is not None else list(bundle.prompts)
     if not prompts:
         raise SweepError("no prompts; pass at least one prompt (condition)")
@@ -412,6 +461,7 @@ def run_unit(
         }
     cost = out.cost.to_dict()
     cost["reward_evals_final"] = len(objectives)
+    training = training_record(unit.method, plan, bundle, objectives)
     rows = []
     for i in range(cfg.batch_size):
         rows.append(
@@ -426,6 +476,7 @@ def run_unit(
                 "rewards": {o: float(scores[o][i]) for o in objectives},
                 "cost": cost,
                 "batch": cfg.batch_size,
+                **training,
             }
         )
     return rows, out.samples

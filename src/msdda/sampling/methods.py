@@ -32,11 +32,30 @@ from msdda.sampling.rules import DBMPA, DBMPALS, MSDDA, SingleModel, StepRule
 REFERENCE = "reference"  # the weight key that names the reference model explicitly
 BASE = "base"
 REWARDED_SOUP = "rewarded-soup"
+STEP_RL = "step-rl"  # one policy per w trained by multi-objective step-level RL (the expensive baseline)
 SINGLE_PREFIX = f"{SingleModel.name}:"  # "single:<objective>"
 
 
 class PlanError(MSDDAError):
     """A method name, its weights or its options do not make a runnable plan."""
+
+
+class MissingPolicyError(PlanError):
+    """The step-RL policy at these weights is not trained yet and training was not allowed (train=False)."""
+
+
+@dataclass
+class WeightedPolicy:
+    """What an ObjectiveSet's `weighted_policy(weights, beta)` may return instead of a bare Denoiser.
+
+    model: the policy trained by multi-objective step-level RL on r_w = sum_k w_k r_k at KL strength beta;
+    key: where it came from (a cache key, a model directory or "aligned:<objective>"); train_seconds: the
+    wall seconds its training took (a one-time cost of this w, recorded even when it was loaded from a cache).
+    """
+
+    model: Denoiser
+    key: str | None = None
+    train_seconds: float | None = None
 
 
 @runtime_checkable
@@ -48,6 +67,10 @@ class ObjectiveSet(Protocol):
     reward callables `(x0, cond) -> [B]` for the reward-guided methods (may be empty). soup(weights): one
     model with interpolated parameters for {name: w}, or None when the set has no parameters to mix.
     rgg_scale: the reward-gradient guidance scale calibrated for this set.
+
+    Optional (read with getattr, so a set need not define it): `weighted_policy(weights, beta, *, train=True)
+    -> Denoiser | WeightedPolicy`, the policy trained by multi-objective step-level RL on sum_k w_k r_k at KL
+    strength beta (the "step-rl" method); train=False raises MissingPolicyError instead of training one.
     """
 
     objectives: Sequence[str]
@@ -109,6 +132,7 @@ class MethodSpec:
     needs_rewards: bool = False
     needs_gradients: bool = False
     needs_soup: bool = False
+    needs_weighted_policy: bool = False  # the objective set must offer `weighted_policy` (step-RL policies)
     takes_argument: bool = False  # "<name>:<argument>", e.g. single:<objective>
 
 
@@ -358,6 +382,33 @@ def _plan_soup(req: PlanRequest) -> MethodPlan:
     return MethodPlan(req.method, [builder(dict(objs))], SingleModel(), None, {"soup": dict(objs)})
 
 
+def _plan_step_rl(req: PlanRequest) -> MethodPlan:
+    """The policy trained by multi-objective step-level RL at these weights: one model, the plain rule."""
+    opts = dict(req.options)
+    train = opts.pop("train", True)
+    if opts:
+        raise PlanError(f"method {req.method!r} takes only the option 'train' (True/False), got {sorted(opts)}")
+    if not isinstance(train, bool):
+        raise PlanError(f"{req.method}: options train={train!r} must be True or False")
+    provider = getattr(req.objective_set, "weighted_policy", None)
+    if provider is None:
+        name = getattr(req.objective_set, "name", type(req.objective_set).__name__)
+        raise PlanError(
+            f"{STEP_RL}: task {name!r} has no step-RL policies (its objective set offers no weighted_policy); "
+            "choose a task that trains them (digits) or another method"
+        )
+    if (alone := _nothing_weighted(req)) is not None:
+        return alone  # r_w = 0: the step optimum is the reference itself
+    target = default_beta(req.weights, req.betas) if req.beta is None else req.beta
+    got = provider(dict(req.weights), target) if train else provider(dict(req.weights), target, train=False)
+    if isinstance(got, WeightedPolicy):
+        model, key, seconds = got.model, got.key, got.train_seconds
+    else:
+        model, key, seconds = got, None, None
+    record = {"beta": target, "policy": key, "train_seconds": seconds}
+    return MethodPlan(req.method, [model], SingleModel(), None, record)
+
+
 def _guided(rule_cls: type[CoDe] | type[RGG]) -> Callable[[PlanRequest], MethodPlan]:
     def build(req: PlanRequest) -> MethodPlan:
         if not req.weights:
@@ -416,6 +467,13 @@ for _spec in (
         "one model with interpolated parameters",
         "1 model per step + one soup build",
         needs_soup=True,
+    ),
+    MethodSpec(
+        STEP_RL,
+        _plan_step_rl,
+        "a policy trained by multi-objective step-level RL at this w",
+        "1 model per step + one training run per w",
+        needs_weighted_policy=True,
     ),
     MethodSpec(
         CoDe.name,

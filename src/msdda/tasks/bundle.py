@@ -30,6 +30,10 @@ class TaskBundle:
     step_reward: the per-step reward r_t (MSDDA.md §3) as `(objective, x_prev [B, ...], prev_t, cond) -> [B]`,
       when the task defines it exactly (the Gaussian oracle); None: the reward of the reference's Tweedie
       estimate x0_hat(x_prev) at prev_t (of x_prev itself at the final step, prev_t = -1).
+    weighted_policy: `(weights {objective: w}, beta, *, train=True) -> WeightedPolicy` (msdda.sampling.methods),
+      the policy trained by multi-objective step-level RL on sum_k w_k r_k at KL strength beta, trained on first
+      use and cached (the "step-rl" method); None: the task has no step-RL policies. It may carry
+      `aligned_train_seconds` {objective: s}, the training time of each aligned model (for cost tables).
     """
 
     name: str
@@ -49,6 +53,7 @@ class TaskBundle:
     prompt_label: Callable[[Any], str] = str
     rgg_scale: float = 1.0
     step_reward: Callable[[str, torch.Tensor, int, Any], torch.Tensor] | None = None
+    weighted_policy: Callable[..., Any] | None = None
 
     @property
     def reference(self) -> Denoiser:

@@ -11,6 +11,7 @@ from msdda.models.io import read_model_config
 from msdda.models.soups import rewarded_soup
 from msdda.tasks.bundle import TaskBundle
 from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES
+from msdda.tasks.digits.step_rl import DigitsStepRLPolicies
 from msdda.tasks.digits.training import load_digits_models, shipped_dir
 from msdda.tasks.rewards import get_reward
 
@@ -62,4 +63,5 @@ def digits_bundle(
         soup=soup,
         prompt_label=lambda p: f"digit {p}",
         rgg_scale=RGG_SCALE,
+        weighted_policy=DigitsStepRLPolicies(dirs["base"], dirs, betas, objectives=objectives, aligned=aligned),
     )
