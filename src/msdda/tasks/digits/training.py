@@ -128,7 +128,7 @@ def load_digits_models(
         expected = None
         if first_arch is not None:
             offsets = read_model_config(d).get("architecture", {}).get("kernel_offsets")
-            expected = {**{k: v for k, v in first_arch.items() if k != "kernel_offsets"}}
+            expected = {k: v for k, v in first_arch.items() if k != "kernel_offsets"}
             if offsets is not None:
                 expected["kernel_offsets"] = offsets
         model, doc = load_digits_model(d, expected_architecture=expected)
