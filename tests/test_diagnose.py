@@ -15,6 +15,7 @@ from msdda.evaluation.diagnose import (
     DiagnoseConfig,
     DiagnoseError,
     fit_optimum,
+    gaussian_kl,
     format_diagnose,
     run_diagnose,
     simplex_grid,
@@ -235,3 +236,28 @@ def test_digits_smoke(tmp_path):
             assert math.isfinite(entry["j_star_minus_j"]["mean"]) and math.isfinite(entry["j_star_minus_j"]["se"])
     assert (tmp_path / JSON_FILE).exists() and (tmp_path / PLOT_FILE).exists()
     assert "ink" in format_diagnose(summary)
+
+
+def test_kl_to_the_optimum_is_bias_corrected():
+    """The plug-in KL(fit || q) of a q that IS the optimum is the fit's noise, ~ D / (2 ESS) nats; the jackknife
+    correction removes it: over independent fits its mean is 0 within its standard error, the plug-in's is not."""
+    d, n, groups_n, beta = 16, 2000, 20, 1.0
+    c = torch.full((d,), 0.05, dtype=torch.float64)  # linear reward c.z: the optimum is N(c / beta, 1)
+    corrected, plug_in = [], []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        half = torch.randn(n, d, generator=g, dtype=torch.float64)
+        z = torch.cat([half, -half])
+        groups = torch.cat([torch.arange(n) % groups_n] * 2)
+        fit = fit_optimum(z, z @ c, beta, groups, groups_n)
+        kl, loo = fit.kl_to(c / beta, torch.ones(d, dtype=torch.float64))
+        assert loo.shape == (groups_n,)
+        corrected.append(float(kl))
+        plug_in.append(float(gaussian_kl(fit.raw_mean, fit.raw_var, c / beta, torch.ones(d, dtype=torch.float64))))
+    mean_c = sum(corrected) / len(corrected)
+    se_c = (sum((k - mean_c) ** 2 for k in corrected) / (len(corrected) - 1) / len(corrected)) ** 0.5
+    mean_p = sum(plug_in) / len(plug_in)
+    assert abs(mean_c) < 3 * se_c, (mean_c, se_c)
+    # the plug-in bias per element: the mean's (variance 1 / ESS, KL curvature 1 / 2) plus the variance's
+    # (variance 2 / ESS, curvature 1 / 4): d / ESS in all
+    assert mean_p > 10 * abs(mean_c) and mean_p == pytest.approx(d / fit.ess, rel=0.3)
