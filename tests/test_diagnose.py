@@ -15,8 +15,8 @@ from msdda.evaluation.diagnose import (
     DiagnoseConfig,
     DiagnoseError,
     fit_optimum,
-    gaussian_kl,
     format_diagnose,
+    gaussian_kl,
     run_diagnose,
     simplex_grid,
 )

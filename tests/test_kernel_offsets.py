@@ -1,7 +1,5 @@
 """Kernel offsets: a parametrisation of aligned models that reaches any Gaussian kernel (MSDDA.md §5)."""
 
-import math
-
 import pytest
 import torch
 
@@ -34,10 +32,9 @@ def test_offsets_move_mean_and_variance_by_the_documented_formula(cfg):
             zero.var, torch.broadcast_to(plain.var, zero.var.shape), atol=0
         )
         moved = s.kernel(torch.cat([base_out, d], 1), t, x)
-        prev = s.prev_timestep(t)
-        unit = math.sqrt(1 - float(s.alpha_bar(t)) / float(s.alpha_bar(prev)))
-        assert torch.allclose(moved.mean, plain.mean + unit * d[:, :2], atol=1e-5)
-        assert torch.allclose(moved.var, plain.var * torch.exp(d[:, 2:]), rtol=1e-5)
+        v = torch.broadcast_to(plain.var, plain.mean.shape)
+        assert torch.allclose(moved.mean, plain.mean + v * d[:, :2], atol=1e-6)
+        assert torch.allclose(moved.var, v * torch.exp(v * d[:, 2:]), rtol=1e-5)
         assert torch.equal(moved.pred_original_sample, plain.pred_original_sample)
 
 
@@ -82,4 +79,4 @@ def test_digits_model_with_a_fresh_offset_head_has_the_base_kernel():
     k_aligned = s.kernel(aligned(x, t, c), t, x, prev_timestep=t - 50)
     assert torch.equal(k_base.mean, k_aligned.mean) and torch.equal(k_base.var, k_aligned.var)
     assert set(base.state_dict()) < set(aligned.state_dict())
-    assert {k for k in aligned.state_dict() if k not in base.state_dict()} == {"offset_out.weight", "offset_out.bias"}
+    assert all(k.startswith("offset_head.") for k in aligned.state_dict() if k not in base.state_dict())

@@ -47,6 +47,7 @@ from msdda.distributed import DistContext
 
 __all__ = [
     "ESTIMATORS",
+    "STATE_WEIGHTS",
     "StepRLBatch",
     "StepRLConfig",
     "StepRLResult",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 ESTIMATORS: tuple[str, ...] = ("auto", "reparam", "loo")
+STATE_WEIGHTS: tuple[str, ...] = ("uniform", "inverse_variance")
 
 
 @dataclass
@@ -71,17 +73,28 @@ class StepRLConfig(StepTrainerConfig):
     samples: draws K of x_{t-1} per state for the expected reward (loo needs K >= 2).
     reward_weights: w_k of a weighted reward sum_k w_k r_k when the trainer is given a list of K rewards
     (or step rewards); None for a single reward.
+    state_weights: "uniform" (each state's -J counts the same) or "inverse_variance" (each state's -J is
+    weighted by 1 / its reference kernel's mean variance, normalised over the global batch). With
+    variance-scaled kernel offsets (`msdda.core.schedule.apply_kernel_offsets`) the gradient of J in the
+    offsets is var * (g - beta * d_mean), so the last steps (variance ~1e-3 against ~0.3 at t = 1000) would
+    barely train; the weights make it t-uniform. Weights per state do not move any state's optimum, so the
+    fixed point is the step optimum either way wherever the policy can reach it.
     """
 
     estimator: str = "auto"
     samples: int = 4
     reward_weights: list[float] | None = None
+    state_weights: str = "uniform"
 
     def validate(self) -> None:
         super().validate()
         if self.estimator not in ESTIMATORS:
             raise AlignmentError(
                 f"StepRLConfig.estimator={self.estimator!r} is not an estimator; choose one of {', '.join(ESTIMATORS)}"
+            )
+        if self.state_weights not in STATE_WEIGHTS:
+            raise AlignmentError(
+                f"StepRLConfig.state_weights={self.state_weights!r}; choose one of {', '.join(STATE_WEIGHTS)}"
             )
         if self.samples < 1:
             raise AlignmentError(f"StepRLConfig.samples={self.samples!r} must be >= 1")
@@ -253,7 +266,7 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
         """-J averaged over the states of the global batch (under DDP too), J = E_pi[r] - beta * KL(pi || ref)."""
         assert self.train_guided is not None
         beta, k = self.config.beta, self.config.samples
-        losses, rewards, kls = [], [], []
+        losses, rewards, kls, weights = [], [], [], []
         for b in batches:  # one forward per shard: the same batch shapes as on any other process count
             pk = self.kernel(self.train_guided, b.states)
             ref = GaussianKernel(b.ref_mean, b.ref_var)
@@ -269,13 +282,18 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
             losses.append(per_state)
             rewards.append(r.detach().mean(1))
             kls.append(kl.detach())
-        per_state = torch.cat(losses)
+            if self.config.state_weights == "inverse_variance":
+                v = torch.broadcast_to(b.ref_var, b.ref_mean.shape).double().flatten(1).mean(1)
+                weights.append(1.0 / v.clamp_min(1e-12))
+            else:
+                weights.append(torch.ones(per_state.shape[0], dtype=torch.float64, device=per_state.device))
+        per_state, weight = torch.cat(losses), torch.cat(weights).to(torch.cat(losses).dtype)
         if self.ctx.distributed:
-            # DDP averages gradients over ranks, so each rank's loss carries world_size / (global state count)
-            total = self.ctx.all_sum(torch.tensor([float(per_state.numel())], dtype=torch.float64))[0]
-            loss = per_state.sum() * self.ctx.world_size / total.clamp_min(1.0)
+            # DDP averages gradients over ranks, so each rank's loss carries world_size / (global weight sum)
+            total = self.ctx.all_sum(weight.sum().detach().double().reshape(1))[0]
+            loss = (weight * per_state).sum() * self.ctx.world_size / total.clamp_min(1e-300)
         else:
-            loss = per_state.mean()
+            loss = (weight * per_state).sum() / weight.sum()
         return StepLoss(loss=loss, parts={"reward": torch.cat(rewards), "kl": torch.cat(kls)})
 
     def statistics(self, out: StepLoss) -> dict[str, float]:

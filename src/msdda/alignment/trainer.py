@@ -66,6 +66,7 @@ StepRewardFn = Callable[[Tensor, Tensor, Any], Tensor]
 CondSampler = Callable[[int, "torch.Generator | None"], Any]
 LOG_FILE = "train_log.jsonl"
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+STATE_SOURCES: tuple[str, ...] = ("policy", "reference", "mixed")
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -83,6 +84,15 @@ class StepTrainerConfig(JSONConfig):
     lr_schedule: "constant" (lr throughout) or "cosine" (lr * (1 + cos(pi * step / steps)) / 2, down to 0 at
     the last step: the late small steps average out the gradient noise that otherwise keeps the policy
     jittering around the fixed point; a resumed run must keep `steps` for the same path).
+    trainable: names (or name prefixes, e.g. "offset_head") of the policy's parameters to train, the rest
+    frozen; None (default) trains all. Training only a kernel-offset head leaves the noise prediction exactly
+    the reference's: a fine-tuned trunk moves eps by ~0.02 at every t, which at the last steps (variance
+    ~1e-3) is a mean error of ~0.6 reference sd that no later update removes. Not with `lora`.
+    state_source: whose guided trajectories the training states x_t come from: "policy" (on-policy, the
+    default), "reference" or "mixed" (half the trajectories from each, the policy's first). The step optimum at
+    a state does not depend on how the state was reached, so any source is valid; the policy is judged (by
+    `msdda diagnose`) and fused (by MSDDA) at the reference's and at fused trajectories' states, which an
+    on-policy run never visits once the policy has moved away.
     data_shards: each step's `trajectories` are drawn as this many shards, each from its own generator
     (shard 0 from `seed`, shard d from a seed derived from (seed, d)); processes share the shards (shard d ->
     rank d % world_size), so any process count dividing data_shards gives the same data. 1 (default) is the
@@ -116,6 +126,8 @@ class StepTrainerConfig(JSONConfig):
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["conv1", "conv2", "emb"])
     data_shards: int = 1
+    state_source: str = "policy"
+    trainable: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +156,19 @@ class StepTrainerConfig(JSONConfig):
             raise AlignmentError(f"{cls}.lr={self.lr!r} must be > 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise AlignmentError(f"{cls}.lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.trainable is not None and (
+            not self.trainable or not all(isinstance(n, str) and n for n in self.trainable)
+        ):
+            raise AlignmentError(
+                f"{cls}.trainable={self.trainable!r} must be None (train all) or a non-empty list of parameter "
+                "names or prefixes, e.g. ['offset_head']"
+            )
+        if self.trainable is not None and self.lora:
+            raise AlignmentError(f"{cls}.trainable and lora=True exclude each other; LoRA picks lora_targets")
+        if self.state_source not in STATE_SOURCES:
+            raise AlignmentError(
+                f"{cls}.state_source={self.state_source!r}; choose one of {', '.join(STATE_SOURCES)}"
+            )
         if self.data_shards > self.trajectories:
             raise AlignmentError(
                 f"{cls}.data_shards={self.data_shards!r} exceeds trajectories={self.trajectories!r}; every shard "
@@ -325,6 +350,20 @@ def evaluate_policy(
     }
 
 
+def _freeze_all_but(module: nn.Module, names: Sequence[str]) -> None:
+    """requires_grad only for parameters whose name is, or starts with, one of `names` ("a" matches "a.w")."""
+    params = dict(module.named_parameters())
+    keep = {n for n in params if any(n == k or n.startswith(k + ".") for k in names)}
+    unknown = [k for k in names if not any(n == k or n.startswith(k + ".") for n in params)]
+    if unknown:
+        some = ", ".join(sorted({n.split(".")[0] for n in params})[:12])
+        raise AlignmentError(
+            f"trainable={list(names)!r}: {unknown} name no parameter of the policy (top-level: {some})"
+        )
+    for n, p in params.items():
+        p.requires_grad_(n in keep)
+
+
 def _wrap_lora(policy: nn.Module, config: StepTrainerConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -419,6 +458,8 @@ class StepTrainer(Generic[C, B]):
         torch.manual_seed(int(config.seed))  # LoRA initialisation
         self.module = _wrap_lora(policy, config) if config.lora else policy
         self.module.eval()
+        if config.trainable is not None:
+            _freeze_all_but(self.module, config.trainable)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise AlignmentError("the policy has no trainable parameters; pass a model with requires_grad weights")
@@ -451,30 +492,37 @@ class StepTrainer(Generic[C, B]):
 
     # ------------------------------------------------------------------------------------ building blocks
     def sample_states(self, shard: int) -> States:
-        """`states_per_trajectory` states from each of the shard's guided policy trajectories (never the final
-        step, where the sampler returns the mean); draws conditions, trajectories and state indices from the
-        shard's generator, in that order."""
+        """`states_per_trajectory` states from each of the shard's guided trajectories (of the policy, the
+        reference or both, per `config.state_source`; never the final step, where the sampler returns the
+        mean); draws conditions, trajectories and state indices from the shard's generator, in that order."""
         gen, n_traj = self.generators[shard], self.shard_sizes[shard]
         cfg = self.config
         cond = self.cond_sampler(n_traj, gen)
-        traj = sample(
-            [self.module],
-            self.scheduler,
-            _SinglePolicy(),
-            shape=(n_traj, *self.sample_shape),
-            cond=cond,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale if self.null_cond is not None else None,
-            null_cond=self.null_cond,
-            generator=gen,
-            dtype=self.dtype,
-            progress=False,
-            return_trajectory=True,
-        ).trajectory
-        assert traj is not None
+        n_ref = {"policy": 0, "reference": n_traj, "mixed": n_traj // 2}[cfg.state_source]
+        parts = []
+        for model, rows in ((self.module, slice(0, n_traj - n_ref)), (self.reference, slice(n_traj - n_ref, n_traj))):
+            n = rows.stop - rows.start
+            if n == 0:
+                continue
+            traj = sample(
+                [model],
+                self.scheduler,
+                _SinglePolicy(),
+                shape=(n, *self.sample_shape),
+                cond=select_cond(cond, torch.arange(rows.start, rows.stop)),
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale if self.null_cond is not None else None,
+                null_cond=self.null_cond,
+                generator=gen,
+                dtype=self.dtype,
+                progress=False,
+                return_trajectory=True,
+            ).trajectory
+            assert traj is not None
+            parts.append(torch.stack(traj[:-1], dim=0))  # [steps, n, ...]
         n_steps, per = len(self.timesteps), cfg.states_per_trajectory
         idx = torch.randint(0, n_steps - 1, (n_traj, per), generator=gen)  # never the final (mean) step
-        stack = torch.stack(traj[:-1], dim=0)  # [steps, n_traj, ...]
+        stack = torch.cat(parts, dim=1)  # [steps, n_traj, ...]
         traj_ix = torch.arange(n_traj).repeat_interleave(per)
         x = stack[idx.flatten(), traj_ix].double()  # [N, ...]
         t_all, p_all = torch.tensor(self.timesteps), torch.tensor(self.prev_timesteps)

@@ -218,10 +218,12 @@ class OraclePolicy(nn.Module):
     """A learnable policy on the oracle: the reference's kernel moved by kernel offsets (MSDDA.md §5).
 
     Output [B, 4D]: the reference's [eps, variance value] and the offsets (d_mean, d_logvar) of
-    `msdda.core.schedule.apply_kernel_offsets`, with d_mean = A_t * x_t + b_t and d_logvar = l_t per
-    timestep and dimension. The step optimum of a quadratic step reward is in this family exactly (its mean
-    is affine in x_t and its variance does not depend on x_t), so a correct trainer can reach it; all
-    parameters start at 0, where the policy is the reference.
+    `msdda.core.schedule.apply_kernel_offsets`, set so that the mean moves by sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    * (A_t * x_t + b_t) and the log-variance by l_t per timestep and dimension (the offsets' own scaling by the
+    kernel variance is divided out: these units keep the parameters O(1) at every t, which the per-timestep tables
+    of this policy, unlike a network, need for one learning rate to suit all of them). The step optimum of a
+    quadratic step reward is in this family exactly (its mean is affine in x_t and its variance does not depend on
+    x_t), so a correct trainer can reach it; all parameters start at 0, where the policy is the reference.
     """
 
     def __init__(self, task: GaussianTask) -> None:
@@ -238,8 +240,17 @@ class OraclePolicy(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: object = None) -> Tensor:
         t = t.reshape(-1).long().expand(x_t.shape[0])
         ref = self.reference(x_t, t, cond)
-        d_mean = self.scale[t] * x_t.double() + self.shift[t]
-        return torch.cat([ref.double(), d_mean, self.log_var[t]], dim=1).to(x_t.dtype)
+        inv_var = torch.empty(x_t.shape, dtype=torch.float64, device=x_t.device)  # 1 / the reference's variance
+        step_sd = torch.empty(x_t.shape[0], 1, dtype=torch.float64, device=x_t.device)
+        grid = self.reference._grid
+        for timestep in torch.unique(t).tolist():
+            rows = t == timestep
+            kernel = self.reference.kernel(x_t[rows].double(), int(timestep))
+            inv_var[rows] = 1.0 / torch.broadcast_to(kernel.var, kernel.mean.shape)
+            a_t, a_p = grid.alpha_bar(int(timestep)), grid.alpha_bar(grid.prev_timestep(int(timestep)))
+            step_sd[rows] = float(1 - a_t / a_p) ** 0.5
+        d_mean = (self.scale[t] * x_t.double() + self.shift[t]) * step_sd * inv_var
+        return torch.cat([ref.double(), d_mean, self.log_var[t] * inv_var], dim=1).to(x_t.dtype)
 
 
 def gaussian_bundle(

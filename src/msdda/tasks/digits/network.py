@@ -159,6 +159,25 @@ class ResBlock(nn.Module):
         return h.add_(self.skip(x))
 
 
+class OffsetHead(nn.Module):
+    """The kernel-offset branch of an aligned model: one residual block (time- and class-conditioned) on the
+    trunk's last features, then GroupNorm-SiLU-conv to (d_mean, d_logvar), the conv zero-initialised so a
+    fresh head outputs 0. Its own block gives the offsets the t-dependence that the trunk's features alone
+    do not (a bare conv on them is nearly constant in t), so the trunk, and with it the reference's noise
+    prediction, can stay frozen while only this head trains (StepTrainerConfig.trainable=["offset_head"])."""
+
+    def __init__(self, ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float) -> None:
+        super().__init__()
+        self.block = ResBlock(ch, ch, emb_dim, num_groups, dropout)
+        self.norm = nn.GroupNorm(num_groups, ch)
+        self.out = nn.Conv2d(ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return self.out(F.silu(self.norm(self.block(h, emb))))
+
+
 class DigitsDenoiser(nn.Module):
     """Class-conditional residual U-Net for [B, 1, 8, 8] inputs (8x8 -> 4x4 -> 2x2 at default config).
 
@@ -218,10 +237,7 @@ class DigitsDenoiser(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         # A head of its own, so the base model's weights load unchanged into an aligned model with offsets.
-        self.offset_out = nn.Conv2d(ch, offsets, 3, padding=1) if offsets else None
-        if self.offset_out is not None:
-            nn.init.zeros_(self.offset_out.weight)
-            nn.init.zeros_(self.offset_out.bias)
+        self.offset_head = OffsetHead(ch, offsets, e, g, p) if offsets else None
 
     def _check_inputs(self, x_t: Tensor, t: Tensor | float | int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -287,10 +303,10 @@ class DigitsDenoiser(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, emb)
-        h = F.silu(self.norm_out(h))
-        if self.offset_out is None:
-            return self.conv_out(h)
-        return torch.cat([self.conv_out(h), self.offset_out(h)], dim=1)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.offset_head is None:
+            return out
+        return torch.cat([out, self.offset_head(h, emb)], dim=1)
 
 
 def with_kernel_offsets(model: DigitsDenoiser) -> DigitsDenoiser:
@@ -300,7 +316,7 @@ def with_kernel_offsets(model: DigitsDenoiser) -> DigitsDenoiser:
     cfg = dataclasses.replace(model.config, kernel_offsets=True)
     out = DigitsDenoiser(cfg).to(next(model.parameters()).dtype)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("offset_out.") for k in missing):
+    if unexpected or any(not k.startswith("offset_head.") for k in missing):
         raise DigitsTaskError(f"cannot add kernel offsets: unexpected {unexpected}, missing {missing}")
     return out
 
