@@ -280,6 +280,18 @@ def align(
     ),
     seed: int = typer.Option(0, callback=_seed, help="Seed of the training generator."),
     lr: float = typer.Option(None, help="Adam learning rate (digits 2e-5)."),
+    lr_schedule: str = typer.Option(None, help="constant (default) or cosine (decays to 0 at the last step)."),
+    trainable: str = typer.Option(
+        None,
+        help="Comma-separated parameter names or prefixes to train, the rest frozen (e.g. offset_head: only the "
+        "kernel-offset head, the noise prediction stays the reference's). Default: all.",
+    ),
+    state_source: str = typer.Option(
+        None, help="Whose trajectories the training states come from: policy (default), reference or mixed."
+    ),
+    state_weights: str = typer.Option(
+        None, help="step-rl: uniform (default) or inverse_variance (each state's loss / its reference variance)."
+    ),
     base: Path = typer.Option(None, help="Base model directory (default: the shipped digits base)."),
     trajectories: int = typer.Option(None, min=1, hidden=True),
     states: int = typer.Option(None, min=1, hidden=True),
@@ -316,9 +328,16 @@ def align(
             checkpoint_every=checkpoint_every,
             log_every=log_every,
             eval_samples=eval_samples,
+            lr_schedule=lr_schedule,
+            state_source=state_source,
+            trainable=[n.strip() for n in trainable.split(",") if n.strip()] if trainable is not None else None,
         ).items()
         if v is not None
     }
+    if state_weights is not None:
+        if trainer != "step-rl":
+            raise typer.BadParameter(f"--state-weights applies to --trainer step-rl, not {trainer!r}")
+        overrides["state_weights"] = state_weights
     if candidates is not None:
         overrides["samples" if trainer == "step-rl" else "candidates"] = candidates
     if task == "gaussian":
