@@ -210,3 +210,37 @@ def test_unknown_timestep_for_ddpm_names_it():
     ks.set_timesteps(10)
     with pytest.raises(ScheduleError, match="timestep 7 is not in this schedule"):
         ks.prev_timestep(7)
+
+
+def test_cached_step_coefficients_follow_the_schedule():
+    """Per-step coefficients are cached: kernels equal a fresh scheduler's bit for bit, also after the alphas,
+    the configuration or the timesteps change, and a kernel's variance is never the cached tensor itself."""
+    cfg = KernelSchedulerConfig(variance_type="fixed_small")
+    ks = KernelScheduler(cfg)
+    ks.set_timesteps(10)
+    x, out = _inputs(0, False)
+    x, out = x.double(), out.double()
+
+    def fresh() -> KernelScheduler:
+        other = KernelScheduler(KernelSchedulerConfig(**cfg.to_dict()), ks.alphas_cumprod.clone(), ks.timesteps.clone())
+        other.num_inference_steps = ks.num_inference_steps
+        return other
+
+    def assert_same(t: int) -> None:
+        a, b = ks.kernel(out, t, x), fresh().kernel(out, t, x)
+        for name in ("mean", "var", "pred_original_sample", "pred_epsilon"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.prev_timestep == b.prev_timestep
+
+    assert_same(900)
+    ks.kernel(out, 900, x).var.mul_(0)  # the caller's own tensor: the cache is untouched
+    assert float(ks.kernel(out, 900, x).var) > 0
+    ks.alphas_cumprod.mul_(0.999)  # changed in place
+    assert_same(900)
+    ks.alphas_cumprod = ks.alphas_cumprod.clone() * 0.999  # replaced
+    assert_same(900)
+    cfg.variance_type = "fixed_large"
+    assert_same(900)
+    ks.timesteps[1] = 850  # the step grid changed in place: 900 now steps to 850
+    assert ks.prev_timestep(900) == 850
+    assert_same(900)

@@ -114,11 +114,15 @@ def _as_variance(v: VarianceLike, device: torch.device, what: str = "variance") 
     return torch.tensor(float(v), dtype=torch.float64, device=device)
 
 
-def _check_tensor(t: Tensor, what: str, *, variance: bool) -> None:
+def _check_tensor(t: Tensor, what: str, *, variance: bool) -> float:
+    """FusionError unless `t` is finite (and >= 0 for a variance); returns its smallest value (inf if empty)."""
     # One reduction pass in the common (valid) case; NaN makes both comparisons false and lands below.
-    lo, hi = torch.aminmax(t.detach()) if t.numel() else (torch.tensor(0.0), torch.tensor(0.0))
-    if bool(hi < math.inf) and bool(lo >= (0 if variance else -math.inf)):
-        return
+    if not t.numel():
+        return math.inf
+    lo_t, hi_t = torch.aminmax(t.detach())
+    lo, hi = lo_t.item(), hi_t.item()
+    if hi < math.inf and lo >= (0 if variance else -math.inf):
+        return lo
     if not torch.isfinite(t).all():
         bad = t[~torch.isfinite(t)].reshape(-1)[0].item()
         raise FusionError(f"{what} contains a non-finite value ({bad}); kernels must be finite")
@@ -193,14 +197,15 @@ def fuse_gaussians(
         vars_.append(_as_variance(ref_var, device, "ref_var"))
         a.append(a0)
     try:
-        out_shape = torch.broadcast_shapes(*(m.shape for m in mus), *(v.shape for v in vars_))
+        out_shape = _broadcast_shapes([m.shape for m in mus] + [v.shape for v in vars_])
     except RuntimeError as exc:
         shapes = [tuple(m.shape) for m in mus] + [tuple(v.shape) for v in vars_]
         raise FusionError(f"kernel shapes do not broadcast together: {shapes}") from exc
     names = [f"kernel {i}" for i in range(k)] + (["reference"] if use_ref else [])
+    var_mins = []
     for name, m, v in zip(names, mus, vars_, strict=True):
         _check_tensor(m, f"mean of {name}", variance=False)
-        _check_tensor(v, f"variance of {name}", variance=True)
+        var_mins.append(_check_tensor(v, f"variance of {name}", variance=True))
 
     # One-hot exponents: return that kernel unchanged (bit-exact, as the spec requires).
     nonzero = [i for i, ai in enumerate(a) if ai != 0.0]
@@ -211,7 +216,19 @@ def fuse_gaussians(
     cdt = _compute_dtype(device)
     if all(v.dim() == 0 for v in vars_):
         return _fuse_scalar_variances(mus, [float(v) for v in vars_], a, out_shape, out_dtype, cdt)
+    if min(var_mins) >= _rescale_below(cdt):  # no zero or tiny variance anywhere: the plain sums
+        return _fuse_positive_variances(mus, vars_, a, out_dtype, cdt)
     return _fuse_tensor_variances(mus, vars_, a, out_shape, out_dtype, cdt)
+
+
+def _broadcast_shapes(shapes: list[torch.Size]) -> torch.Size:
+    """torch.broadcast_shapes, without its cost in the common case (equal shapes, or 0-dim variances)."""
+    full = [s for s in shapes if len(s)]
+    if not full:
+        return torch.Size([])
+    if all(s == full[0] for s in full):
+        return torch.Size(full[0])
+    return torch.broadcast_shapes(*shapes)
 
 
 def _fuse_scalar_variances(
@@ -329,7 +346,9 @@ def _fuse_positive_variances(
         if ai == 0.0:
             continue
         coeff = torch.reciprocal(v.to(cdt)).mul_(ai)
-        term = coeff * m.to(cdt)
+        # type promotion converts m to cdt exactly, as m.to(cdt) would, without the copy (a 0-dim coeff
+        # would not promote a float32 mean: convert it then)
+        term = coeff * (m if coeff.dim() or not m.dim() else m.to(cdt))
         precision = coeff if precision is None else precision.add_(coeff)
         num = term if num is None else num.add_(term)
     assert precision is not None and num is not None  # the one-hot/zero cases never reach here

@@ -101,6 +101,20 @@ class KernelSchedulerConfig(JSONConfig):
 
 
 @dataclass
+class _StepCoefficients:
+    """The scalar (or per-sample [B, 1, ...]) float64 coefficients of one step t -> prev_t."""
+
+    sqrt_a: Tensor
+    sqrt_1ma: Tensor
+    x0_coeff: Tensor | None = None
+    x_coeff: Tensor | None = None  # DDPM: the weight of x_t in the posterior mean
+    eps_coeff: Tensor | None = None  # DDIM: the weight of eps_hat
+    var: Tensor | None = None  # the variance when it is not per element (learned variance: None)
+    log_beta: Tensor | None = None  # learned_range: log beta_t and log of the posterior variance
+    log_small: Tensor | None = None
+
+
+@dataclass
 class KernelScheduler:
     """A DDPM or DDIM sampling schedule that returns reverse kernels instead of samples.
 
@@ -161,14 +175,23 @@ class KernelScheduler:
                     "first (or pass prev_timestep), so the kernel knows how far each step goes back"
                 )
             return t - self.config.num_train_timesteps // n
-        idx = (self.timesteps == t).nonzero()
-        if idx.numel() == 0:
+        # t -> prev_t for every inference timestep, rebuilt when `timesteps` is replaced or changed in place
+        ts = self.timesteps
+        cache = self.__dict__.get("_prev_cache")
+        if cache is None or cache[0] is not ts or cache[1] != ts._version:
+            values = [int(v) for v in ts.tolist()]
+            steps: dict[int, int] = {}
+            for i, v in enumerate(values):
+                steps.setdefault(v, values[i + 1] if i + 1 < len(values) else -1)  # the first occurrence wins
+            cache = (ts, ts._version, steps)
+            self.__dict__["_prev_cache"] = cache
+        prev = cache[2].get(t)
+        if prev is None:
             raise ScheduleError(
-                f"timestep {t} is not in this schedule's timesteps {self.timesteps.tolist()[:6]}...; "
+                f"timestep {t} is not in this schedule's timesteps {ts.tolist()[:6]}...; "
                 "call set_timesteps first or pass one of its timesteps"
             )
-        i = int(idx[0, 0])
-        return -1 if i == len(self.timesteps) - 1 else int(self.timesteps[i + 1])
+        return prev
 
     def alpha_bar(self, timestep: int | Tensor) -> Tensor:
         """alpha-bar at `timestep` (float64); -1 means 'before the first noise' and gives the final value."""
@@ -283,60 +306,107 @@ class KernelScheduler:
         else:
             t_val = int(timestep)
             prev = self.prev_timestep(t_val) if prev_timestep is None else int(prev_timestep)
-        # Scalar coefficients in the dtype of alphas_cumprod and in diffusers' operation order, so a
-        # mirrored diffusers scheduler (float32 alphas) gives the same rounding as its step().
-        a_t = self.alpha_bar(t_val)
-        a_p = self.alpha_bar(prev)
-        x = sample.double()
-        out = model_output.double()
-        x0, eps = _predict_x0_eps(out, x, a_t, cfg.prediction_type)
-        x0 = self._clip_or_threshold(x0)
-
         if cfg.kind == "ddim":
             eta = cfg.eta if eta is None else float(eta)
             if not 0.0 <= eta <= 1.0:
                 raise ScheduleError(f"eta={eta} is outside [0, 1]")
-            std = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
+        elif eta is not None:
+            raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
+        coef = self._coefficients(t_val, prev, sample, eta, batched_t)
+        x = sample.double()
+        out = model_output.double()
+        x0, eps = _x0_eps(out, x, coef.sqrt_a, coef.sqrt_1ma, cfg.prediction_type)
+        x0 = self._clip_or_threshold(x0)
+
+        if cfg.kind == "ddim":
             if use_clipped_model_output:
-                eps = (x - _bc(a_t**0.5, x) * x0) / _bc((1 - a_t) ** 0.5, x)
-            mean = _bc(a_p**0.5, x) * x0 + _bc((1 - a_p - std**2).clamp_min(0) ** 0.5, x) * eps
-            var = _bc(std**2, x)
+                eps = (x - coef.sqrt_a * x0) / coef.sqrt_1ma
+            mean = coef.x0_coeff * x0 + coef.eps_coeff * eps
+            var = coef.var
         else:
-            if eta is not None:
-                raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
-            alpha_t = a_t / a_p
-            beta_t = 1 - alpha_t
-            x0_coeff = (a_p**0.5 * beta_t) / (1 - a_t)
-            x_coeff = alpha_t**0.5 * (1 - a_p) / (1 - a_t)
-            mean = _bc(x0_coeff, x) * x0 + _bc(x_coeff, x) * x
-            var = self._ddpm_variance(a_t, a_p, predicted_variance, x)
+            mean = coef.x0_coeff * x0 + coef.x_coeff * x
+            var = self._ddpm_variance(coef, predicted_variance)
 
         if offsets is not None:
-            mean, var = apply_kernel_offsets(mean, var, offsets.double(), 1 - a_t / a_p)
+            mean, var = apply_kernel_offsets(mean, var, offsets.double())
         dtype = sample.dtype
         return ReverseKernel(
             mean=mean.to(dtype),
-            var=var.to(dtype),
+            # a cached coefficient is never handed out: the caller gets its own tensor
+            var=var.to(dtype, copy=var is coef.var),
             pred_original_sample=x0.to(dtype),
             pred_epsilon=eps.to(dtype),
             timestep=-2 if batched_t else int(t_val),
             prev_timestep=-2 if batched_t else int(prev),
         )
 
-    def _ddpm_variance(self, a_t: Tensor, a_p: Tensor, predicted_variance: Tensor | None, like: Tensor) -> Tensor:
-        beta_t = 1 - a_t / a_p
+    def _coefficients(
+        self, t_val: int | Tensor, prev: int | Tensor, like: Tensor, eta: float | None, batched_t: bool
+    ) -> _StepCoefficients:
+        """The step's scalar coefficients, as float64 on `like`'s device, shaped to broadcast against it.
+
+        For an int timestep they are cached per (t, prev_t, device, configuration): the sampler asks for the
+        same step once per model, and recomputing ~25 0-dim tensor operations per kernel costs as much as the
+        elementwise math on a small batch. The cached values are the very tensors the computation gives (same
+        operations, same order), so kernels are bit-identical with and without the cache. The cache is
+        dropped when `alphas_cumprod` is replaced or changed in place.
+        """
+        cfg = self.config
+        if batched_t:
+            return self._compute_coefficients(t_val, prev, like, eta)
+        alphas = self.alphas_cumprod
+        key = (t_val, prev, like.device, cfg.kind, cfg.variance_type, cfg.set_alpha_to_one, eta)
+        cache = self.__dict__.get("_coef_cache")
+        if cache is None or cache[0] is not alphas or cache[1] != alphas._version or len(cache[2]) > 4096:
+            cache = (alphas, alphas._version, {})
+            self.__dict__["_coef_cache"] = cache
+        coef = cache[2].get(key)
+        if coef is None:
+            coef = cache[2][key] = self._compute_coefficients(t_val, prev, like, eta)
+        return coef
+
+    def _compute_coefficients(
+        self, t_val: int | Tensor, prev: int | Tensor, like: Tensor, eta: float | None
+    ) -> _StepCoefficients:
+        # Scalar coefficients in the dtype of alphas_cumprod and in diffusers' operation order, so a
+        # mirrored diffusers scheduler (float32 alphas) gives the same rounding as its step().
+        a_t = self.alpha_bar(t_val)
+        a_p = self.alpha_bar(prev)
+        coef = _StepCoefficients(sqrt_a=_bc(a_t**0.5, like), sqrt_1ma=_bc((1 - a_t) ** 0.5, like))
+        if self.config.kind == "ddim":
+            assert eta is not None
+            std = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
+            coef.x0_coeff = _bc(a_p**0.5, like)
+            coef.eps_coeff = _bc((1 - a_p - std**2).clamp_min(0) ** 0.5, like)
+            coef.var = _bc(std**2, like)
+            return coef
+        alpha_t = a_t / a_p
+        beta_t = 1 - alpha_t
+        coef.x0_coeff = _bc((a_p**0.5 * beta_t) / (1 - a_t), like)
+        coef.x_coeff = _bc(alpha_t**0.5 * (1 - a_p) / (1 - a_t), like)
+        # the DDPM variance: beta_t (fixed_large), the posterior variance (fixed_small), or between the two
         small = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
         vt = self.config.variance_type
         if vt in ("fixed_small", "fixed_small_log"):
-            return _bc(small, like)
-        if vt == "fixed_large":
-            return _bc(beta_t, like)
+            coef.var = _bc(small, like)
+        elif vt == "fixed_large":
+            coef.var = _bc(beta_t, like)
+        elif vt == "learned_range":
+            coef.log_beta = _bc(torch.log(beta_t), like)
+            coef.log_small = _bc(torch.log(small), like)
+        return coef
+
+    def _ddpm_variance(self, coef: _StepCoefficients, predicted_variance: Tensor | None) -> Tensor:
+        vt = self.config.variance_type
+        if vt not in LEARNED_VARIANCE_TYPES:
+            assert coef.var is not None
+            return coef.var
         assert predicted_variance is not None
         v = predicted_variance.double()
         if vt == "learned":
             return v
         frac = (v + 1) / 2  # learned_range: interpolate log-variance between posterior and beta_t
-        return torch.exp(frac * _bc(torch.log(beta_t), like) + (1 - frac) * _bc(torch.log(small), like))
+        return torch.exp(frac * coef.log_beta + (1 - frac) * coef.log_small)
 
     def _clip_or_threshold(self, x0: Tensor) -> Tensor:
         cfg = self.config
@@ -356,7 +426,8 @@ class KernelScheduler:
         c = sample.shape[1]
         out = model_output[:, :c] if model_output.shape[1] > c else model_output  # the prediction comes first
         a_t = self.alpha_bar(timestep)
-        x0, _ = _predict_x0_eps(out.double(), sample.double(), a_t, self.config.prediction_type)
+        x = sample.double()
+        x0, _ = _x0_eps(out.double(), x, _bc(a_t**0.5, x), _bc((1 - a_t) ** 0.5, x), self.config.prediction_type)
         return x0.to(sample.dtype)
 
     # ----- conversion ------------------------------------------------------------------------------
@@ -411,20 +482,24 @@ def _check_timestep(timestep: Any, num_train_timesteps: int, what: str = "timest
         )
 
 
-def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor, step_var: Tensor) -> tuple[Tensor, Tensor]:
-    """The kernel-offset parametrisation of aligned models: mean + sqrt(step_var) * d_mean, var * exp(d_logvar).
+def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel-offset parametrisation of aligned models: mean + var * d_mean, var * exp(var * d_logvar).
 
-    offsets: [B, 2C, ...] = (d_mean, d_logvar); step_var: 1 - alpha_bar_t / alpha_bar_prev (> 0 at every step,
-    also where the kernel's own variance is 0), so d_mean is in units of the forward step's noise. Both are 0
-    for a fresh copy of the reference (zero-initialised head), which then has the reference's kernel exactly.
-    Unlike the scheduler's own parametrisation, this reaches any Gaussian kernel: the mean is not capped by
-    x0 clipping and the variance is not confined to [beta_tilde_t, beta_t].
+    offsets: [B, 2C, ...] = (d_mean, d_logvar); mean, var: the scheduler's kernel before the offsets. Both
+    offsets are scaled by the kernel's own variance because the step optimum is: for a step reward with gradient
+    g and curvature -h, p* = p_ref * exp(r / beta) / Z has mean shift var * g / beta and log-variance change
+    -log(1 + var * h / beta) ~ -var * h / beta. So d_mean ~ g / beta and d_logvar ~ -h / beta are of the
+    same size at every timestep, while the shifts themselves span three decades from t = 1000 to t = 0 (a
+    network whose offsets barely depend on t, as a fresh head's do, then is right everywhere, not at one t).
+    Both are 0 for a fresh copy of the reference (zero-initialised head), which then has the reference's kernel
+    exactly; a deterministic kernel (variance 0, DDIM with eta = 0) is left as it is. Unlike the scheduler's own
+    parametrisation, this reaches any Gaussian kernel of positive variance: the mean is not capped by x0
+    clipping and the variance is not confined to [beta_tilde_t, beta_t].
     """
     c = offsets.shape[1] // 2
     d_mean, d_logvar = offsets[:, :c], offsets[:, c:]
-    mean = mean + _bc(step_var.double() ** 0.5, mean) * d_mean
-    var = torch.broadcast_to(var, mean.shape) * torch.exp(d_logvar)
-    return mean, var
+    var = torch.broadcast_to(var, mean.shape)
+    return mean + var * d_mean, var * torch.exp(var * d_logvar)
 
 
 def _bc(value: Tensor, like: Tensor) -> Tensor:
@@ -435,10 +510,11 @@ def _bc(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _predict_x0_eps(out: Tensor, x: Tensor, a_t: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
-    """x0_hat and eps_hat from a model output, in diffusers' operation order; a_t 0-dim or [B]."""
-    sqrt_a = _bc(a_t**0.5, x)
-    sqrt_1ma = _bc((1 - a_t) ** 0.5, x)
+def _x0_eps(
+    out: Tensor, x: Tensor, sqrt_a: Tensor, sqrt_1ma: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """x0_hat and eps_hat from a model output, in diffusers' operation order; sqrt(a_t), sqrt(1 - a_t) as `_bc`
+    gives them (0-dim, or shaped to broadcast against [B, ...])."""
     if prediction_type == "epsilon":
         eps = out
         x0 = (x - sqrt_1ma * eps) / sqrt_a

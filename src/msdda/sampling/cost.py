@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,16 +40,19 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._start_rss = 0
         self._max_rss = 0
+        self._process: Any = None
 
     def _rss(self) -> int:
-        import psutil  # a dependency of accelerate; imported lazily so the core stays light
+        if self._process is None:
+            import psutil  # a dependency of accelerate; imported lazily so the core stays light
 
-        return int(psutil.Process().memory_info().rss)
+            self._process = psutil.Process()  # one handle for every poll, not one per poll
+        return int(self._process.memory_info().rss)
 
     def _poll(self) -> None:
-        while not self._stop.is_set():
+        # Event.wait, not time.sleep: __exit__ then returns at once instead of waiting out the interval.
+        while not self._stop.wait(self.interval_s):
             self._max_rss = max(self._max_rss, self._rss())
-            time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
