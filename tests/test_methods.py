@@ -191,7 +191,7 @@ def test_each_method_name_string_is_defined_in_exactly_one_module():
     where["base"] -= folder_names  # the digits base model's folder ("base") and the CLI's config key
     where["base"] -= {"pipelines/objectives.py", "evaluation/digits_variance.py"}  # reserved adapter name, a key
     where["msdda"] -= {"cli.py"}  # the program's name (prog_name="msdda")
-    where["step-rl"] -= {"cli.py", "tasks/digits/training.py", "tasks/gaussian.py"}  # also the step-RL trainer's name
+    where["step-rl"] -= {"cli.py", "tasks/digits/training.py", "tasks/gaussian.py", "evaluation/digits_demo.py"}  # also the step-RL trainer's name
     bad = {n: sorted(m) for n, m in where.items() if len(m) != 1}
     assert not bad, f"method names defined in more than one module (or none): {bad}"
 
