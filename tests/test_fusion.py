@@ -113,6 +113,16 @@ def test_zero_variance_elements_dominate_elementwise():
     assert torch.isfinite(mean).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_variance_elements_with_a_reference_share(dtype):
+    """A float32 zero variance beside a reference exponent: the zero-variance kernel alone sets that element
+    (its mean), the rest is the precision-weighted fusion (0.3 / 1 * 2 + 0.7 / 1 * 6 = 4.8)."""
+    mean, var = fuse_gaussians([torch.tensor([1.0, 2.0], dtype=dtype)], [torch.tensor([0.0, 1.0], dtype=dtype)],
+                               [0.3], ref_mean=torch.tensor([5.0, 6.0], dtype=dtype),
+                               ref_var=torch.tensor([1.0, 1.0], dtype=dtype))
+    assert mean.tolist() == pytest.approx([1.0, 4.8]) and var.tolist() == [0.0, 1.0]
+
+
 def test_float32_accuracy_matches_float64_result_rounded():
     means32 = [_rand((64,), i, torch.float32) * 100 for i in range(4)]
     vars32 = [_pos((64,), 10 + i, torch.float32) for i in range(4)]

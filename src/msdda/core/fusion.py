@@ -292,7 +292,8 @@ def _fuse_tensor_variances(
     at each element (scale / var in (0, 1]), so nothing divides by zero or overflows.
     """
     threshold = _rescale_below(cdt)
-    if all(bool((v >= threshold).all()) for v in vars_):
+    # compared in cdt: against a float32 variance the float64 threshold would underflow to 0 and let a 0 pass
+    if all(bool((v.to(cdt) >= threshold).all()) for v in vars_):
         return _fuse_positive_variances(mus, vars_, a, out_dtype, cdt)
     var_shape = torch.broadcast_shapes(*(v.shape for v in vars_))
     device = mus[0].device
