@@ -163,6 +163,11 @@ def weight_label(weights: Mapping[str, float]) -> str:
     return ",".join(f"{o}={w:g}" for o, w in weights.items())
 
 
+# A state's KL ratio is reported only where the optimum's (bias-corrected) KL to the reference exceeds this many
+# standard errors; elsewhere the ratio would be noise over noise (a saturated reward's optimum is the reference).
+RATIO_MIN_Z = 2.0
+
+
 def jackknife_se(loo: Tensor) -> Tensor:
     """Delete-a-group jackknife standard error from the G leave-one-group-out values [G, ...] -> [...]."""
     g = loo.shape[0]
@@ -866,13 +871,16 @@ def _diagnose_states(
             qv = torch.broadcast_to(qk.var, qk.mean.shape).double().flatten() / var
             kl_q, loo_kl_q = fit.kl_to(qm, qv)
             ratio, loo_ratio = kl_q / kl_opt_ref, loo_kl_q / loo_kl_opt_ref
+            if not float(kl_opt_ref) > RATIO_MIN_Z * float(jackknife_se(loo_kl_opt_ref)):
+                # the optimum is not told apart from the reference here (a saturated reward): no ratio
+                ratio, loo_ratio = torch.tensor(math.nan), torch.full_like(loo_ratio, math.nan)
             inv_b = fitted_inverse_beta(cov, qm)
             model_rows[o].append(
                 {
                     "t": state.t,
                     "state": state.index,
-                    "kl_to_optimum_over_reference": float(ratio),
-                    "kl_to_optimum_over_reference_se": float(jackknife_se(loo_ratio)),
+                    "kl_to_optimum_over_reference": _finite(ratio),
+                    "kl_to_optimum_over_reference_se": _finite(jackknife_se(loo_ratio)),
                     "kl_to_optimum": float(kl_q),
                     "kl_to_optimum_se": float(jackknife_se(loo_kl_q)),
                     "kl_model_to_reference": float(gaussian_kl(qm, qv, torch.zeros_like(qm), torch.ones_like(qv))),
@@ -985,13 +993,16 @@ def _aggregate(
 
     models: dict[str, Any] = {}
     for o, rows in model_rows.items():
-        ratio_full = torch.tensor([r["kl_to_optimum_over_reference"] for r in rows], dtype=torch.float64)
+        ratio_full = torch.tensor(
+            [math.nan if (v := r["kl_to_optimum_over_reference"]) is None else v for r in rows],
+            dtype=torch.float64,
+        )
         ratio_loo = torch.stack(model_loo[o]["ratio"], dim=1) if rows else torch.zeros(0, 0)  # [G, S]
         covs = model_loo[o]["inv_beta_cov"]  # S x [1 + G, D]
         shifts = model_loo[o]["shift"]  # S x [D]
 
         def ratio_block(select: Callable[[int], bool], rows=rows, ratio_full=ratio_full, ratio_loo=ratio_loo):
-            ix = [i for i, r in enumerate(rows) if select(r["t"])]
+            ix = [i for i, r in enumerate(rows) if select(r["t"]) and r["kl_to_optimum_over_reference"] is not None]
             return _median_jk(ratio_full[ix], ratio_loo[:, ix])
 
         opt_shifts = model_loo[o]["opt_shift"]  # S x [1 + G, D]
