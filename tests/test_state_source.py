@@ -95,3 +95,21 @@ def test_trainable_names_are_checked(tmp_path):
     task = gaussian_bundle().base.task
     with pytest.raises(AlignmentError, match=r"\['nope'\] name no parameter of the policy \(top-level: "):
         _trainer(tmp_path, OraclePolicy(task), task, trainable=["nope"])
+
+
+def test_recipes_build_the_documented_configs():
+    from msdda.alignment.dpo import DPOConfig
+    from msdda.evaluation import digits_demo
+
+    ink = digits_demo.recipe_config("ink")
+    assert isinstance(ink, DPOConfig) and ink.labels == "hard" and not digits_demo.recipe_kernel_offsets("ink")
+    # a premise recipe is step-RL of the offset head alone
+    digits_demo.RECIPE_ALIGN["_probe"] = dict(digits_demo.PREMISE_RECIPE, beta=0.0625)
+    try:
+        cfg = digits_demo.recipe_config("_probe", seed=3)
+        assert isinstance(cfg, StepRLConfig) and digits_demo.recipe_kernel_offsets("_probe")
+        assert (cfg.beta, cfg.seed, cfg.trainable, cfg.state_weights, cfg.lr_schedule, cfg.samples) == (
+            0.0625, 3, ["offset_head"], "inverse_variance", "cosine", 8)
+    finally:
+        del digits_demo.RECIPE_ALIGN["_probe"]
+    assert isinstance(digits_demo.recipe_config("contrast"), DPOConfig)  # no recipe: Bradley-Terry DPO

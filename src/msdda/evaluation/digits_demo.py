@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from msdda.alignment.diffusion import BaseTrainConfig
-from msdda.alignment.dpo import DPOConfig
 from msdda.atomic import write_bytes_atomic, write_json_atomic
 from msdda.evaluation.metrics import mean_ci
 from msdda.sampling import DBMPA, MSDDA, sample
@@ -28,6 +27,7 @@ from msdda.tasks.digits.bundle import DEFAULT_GUIDANCE, digits_bundle
 from msdda.tasks.digits.training import (
     align_digits,
     class_conditions,
+    digits_train_config,
     shipped_dir,
     train_digits_base,
 )
@@ -36,11 +36,25 @@ from msdda.tasks.rewards import get_reward
 logger = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES = ("alignment", "ink")
-# The shipped recipe (docs/digits.md): DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) for every
-# reward; --from-scratch reruns it. Per-reward overrides would go here. The shipped aligned models were made
-# with best-vs-worst (hard) labels, before Bradley-Terry labels became DPOConfig's default, so the recipe pins
-# labels="hard" to keep --from-scratch reproducing those weights (and the demo's numbers).
-RECIPE_ALIGN: dict[str, dict[str, Any]] = {name: {"labels": "hard"} for name in ("alignment", "ink", "symmetry")}
+# The shipped recipes (docs/digits.md), one per reward; --from-scratch reruns them.
+# * alignment, ink (old), symmetry: DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) with
+#   best-vs-worst (hard) labels, made before Bradley-Terry labels became DPOConfig's default; pinned so
+#   --from-scratch reproduces those weights.
+# * "premise" rewards: direct step-level RL (whose fixed point is the step optimum) of a kernel-offset head
+#   alone, the trunk and its noise prediction frozen (docs/method.md, "Training only the offsets").
+HARD_DPO: dict[str, Any] = {"trainer": "hard"}
+PREMISE_RECIPE: dict[str, Any] = {
+    "trainer": "step-rl",
+    "kernel_offsets": True,
+    "estimator": "reparam",
+    "samples": 8,
+    "steps": 300,
+    "lr": 1e-3,
+    "lr_schedule": "cosine",
+    "trainable": ["offset_head"],
+    "state_weights": "inverse_variance",
+}
+RECIPE_ALIGN: dict[str, dict[str, Any]] = {name: dict(HARD_DPO) for name in ("alignment", "ink", "symmetry")}
 
 
 def _stats(values: Tensor, seed: int) -> dict[str, Any]:
@@ -127,15 +141,30 @@ def train_demo_weights(
             cfg.checkpoint_every = max(1, align_steps)
             cfg.log_every = max(1, align_steps)
             cfg.eval_samples = min(cfg.eval_samples, 10)
-        align_digits(get_reward(name), d, cfg, base=dirs["base"], resume=False, progress=progress)
+        align_digits(
+            get_reward(name),
+            d,
+            cfg,
+            base=dirs["base"],
+            resume=False,
+            progress=progress,
+            kernel_offsets=recipe_kernel_offsets(name),
+        )
         dirs[name] = d
     return dirs
 
 
-def recipe_config(reward: str, seed: int = 0) -> DPOConfig:
-    """The DPO configuration the shipped aligned-<reward> weights were made with."""
-    kw = RECIPE_ALIGN.get(reward, {})
-    return DPOConfig(reward=reward, seed=seed, **kw)
+def recipe_config(reward: str, seed: int = 0) -> Any:
+    """The trainer configuration (DPOConfig or StepRLConfig) the shipped aligned-<reward> weights were made with
+    (`RECIPE_ALIGN`; a reward without a recipe gets Bradley-Terry DPO at the defaults)."""
+    kw = {k: v for k, v in RECIPE_ALIGN.get(reward, {"trainer": "bt"}).items() if k != "kernel_offsets"}
+    trainer = kw.pop("trainer")
+    return digits_train_config(trainer, reward, seed=seed, **kw)
+
+
+def recipe_kernel_offsets(reward: str) -> bool:
+    """Whether the shipped aligned-<reward> model has a kernel-offset head."""
+    return bool(RECIPE_ALIGN.get(reward, {}).get("kernel_offsets", False))
 
 
 def run_digits_demo(

@@ -161,21 +161,35 @@ class ResBlock(nn.Module):
 
 class OffsetHead(nn.Module):
     """The kernel-offset branch of an aligned model: one residual block (time- and class-conditioned) on the
-    trunk's last features, then GroupNorm-SiLU-conv to (d_mean, d_logvar), the conv zero-initialised so a
-    fresh head outputs 0. Its own block gives the offsets the t-dependence that the trunk's features alone
-    do not (a bare conv on them is nearly constant in t), so the trunk, and with it the reference's noise
-    prediction, can stay frozen while only this head trains (StepTrainerConfig.trainable=["offset_head"])."""
+    trunk's last features, x_t, the trunk's own output (eps, variance value) and a learned per-class image,
+    then GroupNorm-SiLU-conv to
+    (d_mean, d_logvar), the conv zero-initialised so a fresh head outputs 0.
 
-    def __init__(self, ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float) -> None:
+    The optimum's offsets are d_mean ~ g / beta, the step reward's gradient, which for rewards of x0 is a
+    function of x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab): hence x_t and eps as inputs. The block gives the
+    offsets the t-dependence that the trunk's features alone do not (a bare conv on them is nearly constant
+    in t), so the trunk, and with it the reference's noise prediction, can stay frozen while only this head
+    trains (StepTrainerConfig.trainable=["offset_head"])."""
+
+    def __init__(
+        self, ch: int, extra: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float, classes: int, pixels: int
+    ) -> None:
         super().__init__()
-        self.block = ResBlock(ch, ch, emb_dim, num_groups, dropout)
+        # A learned image per class (and the null class), one more input channel: the trunk carries the class
+        # only as a per-channel bias, and the gradient of a class-dependent reward (e.g. distance to the class's
+        # mean image) needs it per pixel.
+        self.class_map = nn.Embedding(classes, pixels)
+        nn.init.normal_(self.class_map.weight, std=0.1)
+        extra += 1
+        self.block = ResBlock(ch + extra, ch, emb_dim, num_groups if (ch + extra) % num_groups == 0 else 1, dropout)
         self.norm = nn.GroupNorm(num_groups, ch)
         self.out = nn.Conv2d(ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        return self.out(F.silu(self.norm(self.block(h, emb))))
+    def forward(self, h: Tensor, extra: Tensor, emb: Tensor, cond: Tensor) -> Tensor:
+        class_map = self.class_map(cond).to(h.dtype).reshape(h.shape[0], 1, *h.shape[2:])
+        return self.out(F.silu(self.norm(self.block(torch.cat([h, extra, class_map], dim=1), emb))))
 
 
 class DigitsDenoiser(nn.Module):
@@ -237,7 +251,10 @@ class DigitsDenoiser(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         # A head of its own, so the base model's weights load unchanged into an aligned model with offsets.
-        self.offset_head = OffsetHead(ch, offsets, e, g, p) if offsets else None
+        extra = cfg.in_channels + cfg.out_channels - offsets  # x_t and the trunk's (eps, v)
+        self.offset_head = (
+            OffsetHead(ch, extra, offsets, e, g, p, cfg.num_classes + 1, cfg.image_size**2) if offsets else None
+        )
 
     def _check_inputs(self, x_t: Tensor, t: Tensor | float | int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -306,7 +323,7 @@ class DigitsDenoiser(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         if self.offset_head is None:
             return out
-        return torch.cat([out, self.offset_head(h, emb)], dim=1)
+        return torch.cat([out, self.offset_head(h, torch.cat([x_t.to(out.dtype), out], dim=1), emb, cond)], dim=1)
 
 
 def with_kernel_offsets(model: DigitsDenoiser) -> DigitsDenoiser:
