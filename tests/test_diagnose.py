@@ -125,6 +125,13 @@ def test_oracle_models_are_the_optimum(oracle):
         m = summary["models"][o]
         ratio = m["kl_to_optimum_over_reference"]
         assert ratio["median"] <= 0.05, ratio  # the bound the trained policies must meet too
+        pooled = m["pooled_kl_ratio"]
+        rows = m["per_state"]
+        assert pooled["value"] == pytest.approx(
+            sum(r["kl_to_optimum"] for r in rows) / sum(r["kl_optimum_to_reference"] for r in rows)
+        )
+        assert abs(pooled["value"]) <= 0.05 and pooled["se"] > 0 and pooled["states"] == len(rows)
+        assert set(pooled["per_t"]) == {"960", "480", "100", "20"}
         for row in m["per_state"]:  # the ratio is noise over noise where the optimum barely moves: use nats
             assert row["kl_to_optimum"] <= 3 * row["kl_to_optimum_se"] + 1e-3, row
         assert abs(m["log_var_ratio"]["mean"]) < 3 * m["log_var_ratio"]["se"] + 1e-9

@@ -795,7 +795,7 @@ def _diagnose_states(
     # per objective: per state values and leave-group-out values, for the aggregates
     model_rows: dict[str, list[dict[str, Any]]] = {o: [] for o in objs}
     model_loo: dict[str, dict[str, list[Tensor]]] = {
-        o: {"ratio": [], "inv_beta_cov": [], "shift": [], "opt_shift": []} for o in objs
+        o: {"ratio": [], "inv_beta_cov": [], "shift": [], "opt_shift": [], "kl_q": [], "kl_opt": []} for o in objs
     }
     opt_rows: dict[str, list[dict[str, Any]]] = {o: [] for o in objs}
     wopt_rows: dict[str, list[dict[str, Any]]] = {weight_label(w): [] for w in run.weights}
@@ -895,6 +895,8 @@ def _diagnose_states(
                 }
             )
             model_loo[o]["ratio"].append(loo_ratio)
+            model_loo[o]["kl_q"].append(loo_kl_q)
+            model_loo[o]["kl_opt"].append(loo_kl_opt_ref)
             model_loo[o]["inv_beta_cov"].append(torch.cat([cov[None], cov_loo]))  # [1 + G, D]
             model_loo[o]["shift"].append(qm)
             model_loo[o]["opt_shift"].append(torch.cat([fit.mean[None], fit.loo_mean]))  # [1 + G, D]
@@ -1006,6 +1008,23 @@ def _aggregate(
             return _median_jk(ratio_full[ix], ratio_loo[:, ix])
 
         opt_shifts = model_loo[o]["opt_shift"]  # S x [1 + G, D]
+        kl_q_loo = torch.stack(model_loo[o]["kl_q"], dim=1) if rows else torch.zeros(0, 0)  # [G, S]
+        kl_opt_loo = torch.stack(model_loo[o]["kl_opt"], dim=1) if rows else torch.zeros(0, 0)
+
+        def pooled_block(select: Callable[[int], bool], rows=rows, kl_q_loo=kl_q_loo, kl_opt_loo=kl_opt_loo):
+            # sum over states of KL(opt || q) / sum of KL(opt || ref): every state counts, weighted by how far
+            # its optimum moves, so near-zero optima cannot swing it as they swing a median of ratios
+            ix = [i for i, r in enumerate(rows) if select(r["t"])]
+            if not ix:
+                return {"value": None, "se": None, "states": 0}
+            num = math.fsum(rows[i]["kl_to_optimum"] for i in ix)
+            den = math.fsum(rows[i]["kl_optimum_to_reference"] for i in ix)
+            loo = kl_q_loo[:, ix].sum(1) / kl_opt_loo[:, ix].sum(1)
+            return {
+                "value": _finite(num / den) if den > 0 else None,
+                "se": _finite(jackknife_se(loo)),
+                "states": len(ix),
+            }
 
         def beta_block(select: Callable[[int], bool], rows=rows, covs=covs, shifts=shifts, opt_shifts=opt_shifts):
             ix = [i for i, r in enumerate(rows) if select(r["t"])]
@@ -1043,6 +1062,11 @@ def _aggregate(
                 **ratio_block(selectors["all"]),
                 "per_t": {k: ratio_block(f) for k, f in per_t.items()},
                 "per_range": {k: ratio_block(f) for k, f in per_range.items()},
+            },
+            "pooled_kl_ratio": {
+                **pooled_block(selectors["all"]),
+                "per_t": {k: pooled_block(f) for k, f in per_t.items()},
+                "per_range": {k: pooled_block(f) for k, f in per_range.items()},
             },
             "fitted_beta": {
                 **beta_block(selectors["all"]),
@@ -1151,6 +1175,14 @@ def format_diagnose(summary: Mapping[str, Any]) -> str:
         med = f"{_num(r['median'])}±{_num(r['se'], '.2g')}"
         lines.append(
             f"  {o:<14}{m['beta']:>8.3g}{med:>16}" + "".join(f"{_num(r['per_t'][t]['median']):>10}" for t in ts)
+        )
+    lines += ["", "pooled: sum over states of KL(opt||model) / sum of KL(opt||ref), per t"]
+    lines.append(f"  {'model':<14}{'beta':>8}{'all':>16}" + "".join(f"{'t=' + t:>10}" for t in ts))
+    for o, m in summary["models"].items():
+        p = m["pooled_kl_ratio"]
+        pooled = f"{_num(p['value'])}±{_num(p['se'], '.2g')}"
+        lines.append(
+            f"  {o:<14}{m['beta']:>8.3g}{pooled:>16}" + "".join(f"{_num(p['per_t'][t]['value']):>10}" for t in ts)
         )
     lines += ["", "fitted beta (linear regime: model shift = Cov_ref(x, r)/beta), per t"]
     lines.append(f"  {'model':<14}{'beta':>8}{'all':>16}" + "".join(f"{'t=' + t:>10}" for t in ts))
