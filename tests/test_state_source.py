@@ -50,6 +50,14 @@ def test_mixed_states_take_half_from_each(tmp_path):
     assert policy_rows.mean() > reference_rows.mean() + 1.0
 
 
+def test_antithetic_draws_are_paired(tmp_path):
+    with pytest.raises(AlignmentError, match="samples=3: antithetic draws come in pairs"):
+        StepRLConfig(antithetic=True, samples=3)
+    task = gaussian_bundle().base.task
+    batch = _trainer(tmp_path, OraclePolicy(task), task, antithetic=True, samples=4).collect(0)
+    torch.testing.assert_close(batch.noise[:, 2:], -batch.noise[:, :2], rtol=0, atol=0)
+
+
 def test_unknown_source_is_refused_and_old_configs_load_on_policy():
     with pytest.raises(AlignmentError, match="state_source='fused'; choose one of policy, reference, mixed"):
         StepRLConfig(state_source="fused")

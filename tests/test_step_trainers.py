@@ -169,9 +169,11 @@ def test_align_gaussian_lands_on_the_oracle_optimum(trainer, tmp_path):
     torch.testing.assert_close(loaded(x, t), res.model(x, t), rtol=0, atol=1e-6)  # saved as float32
 
 
-@pytest.mark.parametrize("options", [{"state_weights": "inverse_variance"}, {"state_source": "mixed"}])
+@pytest.mark.parametrize(
+    "options", [{"state_weights": "inverse_variance"}, {"state_source": "mixed"}, {"antithetic": True, "samples": 4}]
+)
 def test_step_rl_options_keep_the_oracle_optimum(options, tmp_path):
-    """Per-state weights and off-policy states change the path, not the fixed point: still the step optimum."""
+    """Per-state weights, off-policy states and antithetic draws change the path, not the fixed point."""
     cfg = gaussian_train_config("step-rl", "objective_1", steps=120, lr=0.06, trajectories=16, eval_samples=16,
                                 log_every=50, checkpoint_every=1000, num_inference_steps=10, **options)
     res = align_gaussian("objective_1", tmp_path, cfg, trainer="step-rl", progress=False)
