@@ -292,6 +292,9 @@ def align(
     state_weights: str = typer.Option(
         None, help="step-rl: uniform (default) or inverse_variance (each state's loss / its reference variance)."
     ),
+    antithetic: bool = typer.Option(
+        False, "--antithetic", help="step-rl: draw each state's samples in pairs (z, -z) (an even --candidates)."
+    ),
     base: Path = typer.Option(None, help="Base model directory (default: the shipped digits base)."),
     trajectories: int = typer.Option(None, min=1, hidden=True),
     states: int = typer.Option(None, min=1, hidden=True),
@@ -334,10 +337,15 @@ def align(
         ).items()
         if v is not None
     }
-    if state_weights is not None:
-        if trainer != "step-rl":
-            raise typer.BadParameter(f"--state-weights applies to --trainer step-rl, not {trainer!r}")
-        overrides["state_weights"] = state_weights
+    step_rl_only = (
+        ("--state-weights", "state_weights", state_weights),
+        ("--antithetic", "antithetic", antithetic or None),
+    )
+    for flag, name, value in step_rl_only:
+        if value is not None:
+            if trainer != "step-rl":
+                raise typer.BadParameter(f"{flag} applies to --trainer step-rl, not {trainer!r}")
+            overrides[name] = value
     if candidates is not None:
         overrides["samples" if trainer == "step-rl" else "candidates"] = candidates
     if task == "gaussian":
