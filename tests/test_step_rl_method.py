@@ -126,6 +126,36 @@ def test_key_changes_with_w_betas_and_config_but_not_bookkeeping(tmp_path):
     assert key.inputs()["weights"] == ["0.5", "0.5"] and "log_every" not in key.inputs()["trainer_config"]
 
 
+# StepRLConfig's defaults when policy keys reached KEY_VERSION 2. Keys leave out fields at their default, so a
+# changed default would silently match policies trained with the old one: bump KEY_VERSION and this snapshot.
+KEY_V2_DEFAULTS = {
+    "reward": "ink", "beta": 0.05, "steps": 200, "lr": 2e-05, "lr_schedule": "constant", "trajectories": 8,
+    "states_per_trajectory": 4, "guidance_scale": 2.0, "num_inference_steps": 50, "grad_clip": 1.0, "seed": 0,
+    "checkpoint_every": 50, "keep_checkpoints": 2, "log_every": 25, "eval_samples": 40, "eval_seed": 12345,
+    "lora": False, "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ["conv1", "conv2", "emb"], "data_shards": 1,
+    "state_source": "policy", "trainable": None, "estimator": "auto", "samples": 4, "reward_weights": None,
+    "state_weights": "uniform", "antithetic": False,
+}
+
+
+def test_key_leaves_out_defaults_so_new_options_keep_old_keys(tmp_path):
+    from msdda.alignment.step_rl import StepRLConfig
+    from msdda.tasks.policy_cache import KEY_VERSION
+
+    defaults = StepRLConfig().to_dict()
+    assert KEY_VERSION == 2
+    assert {k: defaults[k] for k in KEY_V2_DEFAULTS} == KEY_V2_DEFAULTS, "a default changed: bump KEY_VERSION"
+    _, _, key = _policies(tmp_path).resolve(HALF, 0.05)
+    # an option the config did not have, at its default, leaves the key as it was; any other value changes it
+    added = dataclasses.replace(key, trainer_config={**key.trainer_config, "new_option": 1},
+                                config_defaults={**key.config_defaults, "new_option": 1})
+    assert added.digest == key.digest
+    assert dataclasses.replace(added, trainer_config={**added.trainer_config, "new_option": 2}).digest != key.digest
+    assert "antithetic" not in key.inputs()["trainer_config"] and key.inputs()["key_version"] == 2
+    # without known defaults every field counts (and the key differs)
+    assert dataclasses.replace(key, config_defaults={}).digest != key.digest
+
+
 def test_train_once_then_load_from_cache_with_identical_outputs(tmp_path, counted):
     pol = _policies(tmp_path)
     first = pol(HALF, 0.05)

@@ -4,10 +4,11 @@ The expensive thing MSDDA claims to equal is one policy per w, trained by multi-
 r_w = sum_k w_k r_k at beta_w (MSDDA.md §5). Such a policy is a pure function of its inputs, so it is trained
 once and kept under a key: the sha256 of the canonical JSON of
 
-    {task, sha256 of the base model.safetensors, objectives (in order), weights and betas (float repr),
-     target beta, the trainer config the policy is trained with, kernel_offsets}
+    {key_version, task, sha256 of the base model.safetensors, objectives (in order), weights and betas (float
+     repr), target beta, the trainer config the policy is trained with, kernel_offsets}
 
-(trainer fields that do not change the trained weights, `IGNORED_CONFIG_FIELDS`, are left out). A policy lives
+(trainer fields that do not change the trained weights, `IGNORED_CONFIG_FIELDS`, and fields at their default,
+`PolicyKey.config_defaults`, are left out: a trainer option added later does not orphan the cache). A policy lives
 in ``<root>/<key[:16]>/``: the model folder (model.safetensors + config.json) and ``policy.json``, which holds
 the full key, its inputs and the training seconds. `PolicyCache.get` looks in a read-only shipped folder first,
 then in the user cache root; a missing policy is trained (under a per-key file lock, into a temporary folder
@@ -41,6 +42,7 @@ from msdda.sampling.methods import MissingPolicyError
 __all__ = [
     "CACHE_ENV",
     "IGNORED_CONFIG_FIELDS",
+    "KEY_VERSION",
     "POLICY_FILE",
     "CachedPolicy",
     "MissingPolicyError",
@@ -59,6 +61,10 @@ POLICY_FILE = "policy.json"
 # Trainer fields that never change the trained weights (logging and checkpoint bookkeeping).
 IGNORED_CONFIG_FIELDS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints"})
 _PACKAGE = __name__.partition(".")[0]  # the cache folder's name: the package's
+# Version of the key's canonical form. Version 2 leaves out trainer fields at their default (PolicyKey.
+# config_defaults), so a trainer option added later, at a default that reproduces the old training, keeps every
+# cached policy's key; changing an existing default must bump this (tests pin StepRLConfig's defaults).
+KEY_VERSION = 2
 KEY_CHARS = 16  # the folder name: the first 16 hex digits of the key (policy.json holds all 64)
 
 
@@ -113,17 +119,26 @@ class PolicyKey:
     beta: float
     trainer_config: Mapping[str, Any] = field(hash=False)
     kernel_offsets: bool = False
+    config_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def inputs(self) -> dict[str, Any]:
-        """The key's inputs as canonical JSON-able values (floats as their repr, ignored fields dropped)."""
+        """The key's inputs as canonical JSON-able values (floats as their repr; ignored fields and fields at
+        their `config_defaults` value dropped)."""
+        missing = object()
+        config = {
+            k: v
+            for k, v in sorted(self.trainer_config.items())
+            if k not in IGNORED_CONFIG_FIELDS and self.config_defaults.get(k, missing) != v
+        }
         return {
+            "key_version": KEY_VERSION,
             "task": self.task,
             "base_sha256": self.base_sha256,
             "objectives": list(self.objectives),
             "weights": [repr(float(w)) for w in self.weights],
             "betas": [repr(float(b)) for b in self.betas],
             "beta": repr(float(self.beta)),
-            "trainer_config": {k: v for k, v in sorted(self.trainer_config.items()) if k not in IGNORED_CONFIG_FIELDS},
+            "trainer_config": config,
             "kernel_offsets": bool(self.kernel_offsets),
         }
 

@@ -242,6 +242,7 @@ class DigitsStepRLPolicies:
             beta=float(beta),
             trainer_config=config.to_dict(),
             kernel_offsets=self._kernel_offsets(list(w)),
+            config_defaults=StepRLConfig().to_dict(),
         )
         return w, config, key
 
