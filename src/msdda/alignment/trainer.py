@@ -86,8 +86,9 @@ class StepTrainerConfig(JSONConfig):
     jittering around the fixed point; a resumed run must keep `steps` for the same path).
     trainable: names (or name prefixes, e.g. "offset_head") of the policy's parameters to train, the rest
     frozen; None (default) trains all. Training only a kernel-offset head leaves the noise prediction exactly
-    the reference's: a fine-tuned trunk moves eps by ~0.02 at every t, which at the last steps (variance
-    ~1e-3) is a mean error of ~0.6 reference sd that no later update removes. Not with `lora`.
+    the reference's: on digits a fine-tuned trunk moved eps by ~0.02 at every t, which at the last steps
+    (variance ~1e-3) was a mean error of ~0.6 reference sd that 300 steps did not remove (docs/digits.md).
+    Not with `lora`.
     state_source: whose guided trajectories the training states x_t come from: "policy" (on-policy, the
     default), "reference" or "mixed" (half the trajectories from each, the policy's first). The step optimum at
     a state does not depend on how the state was reached, so any source is valid; the policy is judged (by
