@@ -273,6 +273,8 @@ CASES: list[tuple[str, Cli | Api]] = [
                                  r"--antithetic applies to --trainer step-rl")),
     ("align-antithetic-odd", Cli(["align", "--reward", "ink", "--trainer", "step-rl", "--antithetic", "--candidates",
                                   "3", "--out", "a"], r"samples=3: antithetic draws come in pairs")),
+    ("align-estimator", Cli(["align", "--reward", "ink", "--trainer", "step-rl", "--estimator", "sgd", "--out", "a"],
+                            r"estimator='sgd' is not an estimator; choose one of auto, reparam, loo, moment")),
     ("align-lr-schedule", Cli(["align", "--reward", "ink", "--lr-schedule", "linear", "--out", "a"],
                               r"lr_schedule='linear'; choose one of constant, cosine")),
     ("align-trainable", Cli(["align", "--reward", "ink", "--trainable", ",", "--out", "a"], r"trainable=\[\] must be")),

@@ -121,3 +121,20 @@ def test_recipes_build_the_documented_configs():
     finally:
         del digits_demo.RECIPE_ALIGN["_probe"]
     assert isinstance(digits_demo.recipe_config("contrast"), DPOConfig)  # no recipe: Bradley-Terry DPO
+
+
+def test_importance_sampled_optimum_matches_the_closed_form():
+    """Linear reward c.x on N(m, v): p* = N(m + v c / beta, v); the self-normalised fit recovers it."""
+    from msdda.alignment.step_rl import importance_sampled_optimum
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d, beta = 3, 20000, 4, 0.5
+    m = torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = torch.full((n, d), 0.3, dtype=torch.float64)
+    c = torch.tensor([0.2, -0.1, 0.05, 0.0], dtype=torch.float64)
+    draws = m[:, None] + v.sqrt()[:, None] * torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    fit = importance_sampled_optimum(draws, draws @ c, beta)
+    torch.testing.assert_close(fit.mean, m + v * c / beta, atol=0.02, rtol=0)
+    torch.testing.assert_close(fit.var, v, atol=0.02, rtol=0)
+    with pytest.raises(AlignmentError, match="samples=1: the moment estimator needs >= 2"):
+        StepRLConfig(estimator="moment", samples=1)

@@ -170,7 +170,13 @@ def test_align_gaussian_lands_on_the_oracle_optimum(trainer, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [{"state_weights": "inverse_variance"}, {"state_source": "mixed"}, {"antithetic": True, "samples": 4}]
+    "options",
+    [
+        {"state_weights": "inverse_variance"},
+        {"state_source": "mixed"},
+        {"antithetic": True, "samples": 4},
+        {"estimator": "moment", "samples": 64, "antithetic": True},
+    ],
 )
 def test_step_rl_options_keep_the_oracle_optimum(options, tmp_path):
     """Per-state weights, off-policy states and antithetic draws change the path, not the fixed point."""

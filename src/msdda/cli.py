@@ -295,6 +295,10 @@ def align(
     antithetic: bool = typer.Option(
         False, "--antithetic", help="step-rl: draw each state's samples in pairs (z, -z) (an even --candidates)."
     ),
+    estimator: str = typer.Option(
+        None,
+        help="step-rl: auto (default), reparam, loo, or moment (regression onto the importance-sampled optimum).",
+    ),
     base: Path = typer.Option(None, help="Base model directory (default: the shipped digits base)."),
     trajectories: int = typer.Option(None, min=1, hidden=True),
     states: int = typer.Option(None, min=1, hidden=True),
@@ -340,6 +344,7 @@ def align(
     step_rl_only = (
         ("--state-weights", "state_weights", state_weights),
         ("--antithetic", "antithetic", antithetic or None),
+        ("--estimator", "estimator", estimator),
     )
     for flag, name, value in step_rl_only:
         if value is not None:

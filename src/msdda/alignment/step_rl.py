@@ -8,7 +8,12 @@ form (`GaussianKernel.kl`); only the expected step reward is estimated, from `sa
   differentiable step reward into mean and std (the default for a differentiable reward, see
   `msdda.core.rewards.is_differentiable`);
 * "loo": the leave-one-out score-function estimate grad log pi(x^i) * (r_i - mean_{j != i} r_j), unbiased for
-  black-box rewards with a baseline that needs no extra reward calls (the default otherwise).
+  black-box rewards with a baseline that needs no extra reward calls (the default otherwise);
+* "moment": regression onto the optimum itself: `samples` draws from the REFERENCE kernel, self-normalised
+  importance weights exp(r / beta), their weighted mean and per-element variance as a Gaussian target, and the
+  loss KL(target || pi) in closed form. Its fixed point is the moment-matched p* (the forward-KL projection,
+  the Gaussian that `msdda diagnose` compares with); black-box rewards work, and no reward gradient is needed.
+  The self-normalised target carries an O(1/samples) bias, so use dozens of samples per state.
 
 KL(pi || p*) = -J(pi) / beta + const for p* = p_ref * exp(r_t / beta) / Z, so J's maximiser is the step optimum
 (within the Gaussian family, the reverse-KL projection of p*). With a weighted reward sum_k w_k r_k (pass a
@@ -52,6 +57,7 @@ __all__ = [
     "StepRLConfig",
     "StepRLResult",
     "StepRLTrainer",
+    "importance_sampled_optimum",
     "loo_advantages",
     "loo_step_rl_loss",
     "reparam_step_rl_loss",
@@ -59,7 +65,7 @@ __all__ = [
     "weighted_reward",
 ]
 
-ESTIMATORS: tuple[str, ...] = ("auto", "reparam", "loo")
+ESTIMATORS: tuple[str, ...] = ("auto", "reparam", "loo", "moment")
 STATE_WEIGHTS: tuple[str, ...] = ("uniform", "inverse_variance")
 
 
@@ -69,7 +75,8 @@ class StepRLConfig(StepTrainerConfig):
 
     Fields of every step trainer: see `StepTrainerConfig`.
     estimator: "reparam" (gradient through a differentiable step reward), "loo" (leave-one-out score
-    function, any reward) or "auto" (reparam when the reward is differentiable, else loo).
+    function, any reward), "moment" (regression onto the importance-sampled optimum, any reward) or "auto"
+    (reparam when the reward is differentiable, else loo).
     samples: draws K of x_{t-1} per state for the expected reward (loo needs K >= 2).
     reward_weights: w_k of a weighted reward sum_k w_k r_k when the trainer is given a list of K rewards
     (or step rewards); None for a single reward.
@@ -106,9 +113,9 @@ class StepRLConfig(StepTrainerConfig):
             raise AlignmentError(
                 f"StepRLConfig.samples={self.samples!r}: antithetic draws come in pairs; use an even number"
             )
-        if self.estimator == "loo" and self.samples < 2:
+        if self.estimator in ("loo", "moment") and self.samples < 2:
             raise AlignmentError(
-                f"StepRLConfig.samples={self.samples!r}: the leave-one-out estimator needs >= 2 samples per state"
+                f"StepRLConfig.samples={self.samples!r}: the {self.estimator} estimator needs >= 2 samples per state"
             )
         if self.reward_weights is not None:
             w = [float(v) for v in self.reward_weights]
@@ -162,6 +169,18 @@ def reparam_step_rl_loss(
     return -(r.mean(1) - beta * kl), r, kl
 
 
+def importance_sampled_optimum(draws: Tensor, rewards: Tensor, beta: float) -> GaussianKernel:
+    """The Gaussian fit of p* = p_ref exp(r / beta) / Z per state from reference draws [N, K, ...] and their step
+    rewards [N, K]: self-normalised weights (log-sum-exp shifted, float64), weighted mean and per-element
+    variance (floored at 1e-12 of the draws' own variance) -> GaussianKernel over [N, ...]."""
+    u = torch.softmax(rewards.double() / beta, dim=1)  # [N, K]
+    u = u.reshape(*u.shape, *([1] * (draws.dim() - 2)))
+    x = draws.double()
+    mean = (u * x).sum(1)
+    var = (u * (x - mean[:, None]) ** 2).sum(1)
+    return GaussianKernel(mean, var.clamp_min(1e-12 * x.var(1).clamp_min(1e-300)))
+
+
 def loo_advantages(rewards: Tensor) -> Tensor:
     """r_i - mean_{j != i} r_j over each state's K >= 2 samples: [N, K] -> [N, K]."""
     k = rewards.shape[1]
@@ -191,7 +210,8 @@ class StepRLBatch:
     ref_var: Tensor  # broadcastable to ref_mean
     noise: Tensor  # [N, K, ...] standard-normal draws (reparam: x = mean + std * z, drawn in `loss`)
     samples: Tensor | None = None  # [N, K, ...] policy draws (loo)
-    rewards: Tensor | None = None  # [N, K] their step rewards (loo)
+    rewards: Tensor | None = None  # [N, K] their step rewards (loo; moment: of the reference draws)
+    target: GaussianKernel | None = None  # moment: the importance-sampled Gaussian fit of the optimum
 
 
 class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
@@ -246,8 +266,8 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
         scored = self.custom_step_reward if self.custom_step_reward is not None else self.reward
         if est == "auto":
             est = "reparam" if is_differentiable(scored) else "loo"
-        if est == "loo" and self.config.samples < 2:
-            raise AlignmentError(f"samples={self.config.samples}: the leave-one-out estimator needs >= 2 per state")
+        if est in ("loo", "moment") and self.config.samples < 2:
+            raise AlignmentError(f"samples={self.config.samples}: the {est} estimator needs >= 2 per state")
         return est
 
     def progress_description(self) -> str:
@@ -268,6 +288,12 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
                 noise = torch.randn((n, k, *x.shape[1:]), generator=gen, dtype=torch.float64)
             if self.estimator == "reparam":
                 return StepRLBatch(states, rk.mean, rk.var, noise)
+            if self.estimator == "moment":
+                draws = rk.mean[:, None] + rk.std[:, None] * noise  # [N, K, ...] from the reference
+                flat = draws.reshape(n * k, *x.shape[1:])
+                r = self.step_reward(flat, states.prev.repeat_interleave(k), repeat_cond(states.cond, k)).reshape(n, k)
+                target = importance_sampled_optimum(draws, r, self.config.beta)
+                return StepRLBatch(states, rk.mean, rk.var, noise, rewards=r, target=target)
             pk = self.kernel(self.policy_guided, states)
             samples = pk.mean[:, None] + pk.std[:, None] * noise
             flat = samples.reshape(n * k, *x.shape[1:])
@@ -282,7 +308,10 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
         for b in batches:  # one forward per shard: the same batch shapes as on any other process count
             pk = self.kernel(self.train_guided, b.states)
             ref = GaussianKernel(b.ref_mean, b.ref_var)
-            if self.estimator == "reparam":
+            if self.estimator == "moment":
+                assert b.target is not None and b.rewards is not None
+                per_state, kl, r = b.target.kl(pk), pk.kl(ref), b.rewards
+            elif self.estimator == "reparam":
                 prev, cond = b.states.prev.repeat_interleave(k), repeat_cond(b.states.cond, k)
                 per_state, r, kl = reparam_step_rl_loss(
                     pk, ref, lambda flat, p=prev, c=cond: self.step_reward(flat, p, c), b.noise, beta
