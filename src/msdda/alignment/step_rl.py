@@ -339,7 +339,8 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
 
     def statistics(self, out: StepLoss) -> dict[str, float]:
         """step_reward (mean sampled step reward), kl (mean KL(pi || ref) per state, nats) and objective
-        J = step_reward - beta * kl, over the global batch; loss = -J (the loo surrogate's value differs)."""
+        J = step_reward - beta * kl, over the global batch; loss = -J (the loo surrogate's value differs; with
+        the moment estimator step_reward is that of the reference's draws, the policy is not sampled)."""
         r, kl = out.parts["reward"], out.parts["kl"]
         sums = torch.stack([r.sum(), kl.sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
         if self.ctx.distributed:
