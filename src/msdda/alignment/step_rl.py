@@ -328,7 +328,8 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
                 weights.append(1.0 / v.clamp_min(1e-12))
             else:
                 weights.append(torch.ones(per_state.shape[0], dtype=torch.float64, device=per_state.device))
-        per_state, weight = torch.cat(losses), torch.cat(weights).to(torch.cat(losses).dtype)
+        per_state = torch.cat(losses)
+        weight = torch.cat(weights).to(per_state.dtype)
         if self.ctx.distributed:
             # DDP averages gradients over ranks, so each rank's loss carries world_size / (global weight sum)
             total = self.ctx.all_sum(weight.sum().detach().double().reshape(1))[0]

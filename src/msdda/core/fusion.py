@@ -288,13 +288,10 @@ def _fuse_tensor_variances(
 ) -> tuple[Tensor, Tensor]:
     """Per-element variances (learned-variance models): precision-weighted sums element by element.
 
-    With zero or tiny variances somewhere, precisions are taken relative to the smallest positive variance
-    at each element (scale / var in (0, 1]), so nothing divides by zero or overflows.
+    Called (by `fuse_gaussians`, which checks each variance's minimum exactly) when some variance is zero or
+    below the rescale threshold: precisions are taken relative to the smallest positive variance at each
+    element (scale / var in (0, 1]), so nothing divides by zero or overflows.
     """
-    threshold = _rescale_below(cdt)
-    # compared in cdt: against a float32 variance the float64 threshold would underflow to 0 and let a 0 pass
-    if all(bool((v.to(cdt) >= threshold).all()) for v in vars_):
-        return _fuse_positive_variances(mus, vars_, a, out_dtype, cdt)
     var_shape = torch.broadcast_shapes(*(v.shape for v in vars_))
     device = mus[0].device
     scale = torch.full(var_shape, math.inf, dtype=cdt, device=device)

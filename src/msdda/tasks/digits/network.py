@@ -162,8 +162,7 @@ class ResBlock(nn.Module):
 class OffsetHead(nn.Module):
     """The kernel-offset branch of an aligned model: one residual block (time- and class-conditioned) on the
     trunk's last features, x_t, the trunk's own output (eps, variance value) and a learned per-class image,
-    then GroupNorm-SiLU-conv to
-    (d_mean, d_logvar), the conv zero-initialised so a fresh head outputs 0.
+    then GroupNorm-SiLU-conv to (d_mean, d_logvar), the conv zero-initialised so a fresh head outputs 0.
 
     The optimum's offsets are d_mean ~ g / beta, the step reward's gradient, which for rewards of x0 is a
     function of x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab): hence x_t and eps as inputs. The block gives the
@@ -180,8 +179,8 @@ class OffsetHead(nn.Module):
         # mean image) needs it per pixel.
         self.class_map = nn.Embedding(classes, pixels)
         nn.init.normal_(self.class_map.weight, std=0.1)
-        extra += 1
-        self.block = ResBlock(ch + extra, ch, emb_dim, num_groups if (ch + extra) % num_groups == 0 else 1, dropout)
+        in_ch = ch + extra + 1
+        self.block = ResBlock(in_ch, ch, emb_dim, num_groups if in_ch % num_groups == 0 else 1, dropout)
         self.norm = nn.GroupNorm(num_groups, ch)
         self.out = nn.Conv2d(ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.out.weight)
