@@ -80,3 +80,28 @@ def test_digits_model_with_a_fresh_offset_head_has_the_base_kernel():
     assert torch.equal(k_base.mean, k_aligned.mean) and torch.equal(k_base.var, k_aligned.var)
     assert set(base.state_dict()) < set(aligned.state_dict())
     assert all(k.startswith("offset_head.") for k in aligned.state_dict() if k not in base.state_dict())
+
+
+def test_db_mpa_blends_a_model_without_offsets_as_one_with_zero_offsets():
+    """DB-MPA averages raw outputs; a plain model beside offset models counts as zero offsets (its own kernel)."""
+    from msdda.sampling import DBMPA
+    from msdda.sampling.rules import StepContext, StepRuleError
+
+    s = _sched(kind="ddpm", variance_type="learned_range")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    plain = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64).clamp(-0.9, 0.9)
+    offset = torch.cat([plain.flip(0), 0.3 * torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)], 1)
+    t = int(s.timesteps[5])
+    prev = int(s.timesteps[6])
+
+    def ctx(outputs):
+        return StepContext(x, t, prev, 5, False, outputs, [], s, None)
+
+    got = DBMPA([0.25, 0.75])(ctx([plain, offset]))
+    padded = torch.cat([plain, torch.zeros_like(plain)], 1)
+    want = s.kernel(0.25 * padded + 0.75 * offset, t, x, prev_timestep=prev)
+    assert torch.equal(got.mean, want.mean) and torch.equal(got.var, want.var)
+    eps_only = plain[:, :1]  # 1 channel beside 4: not the offset layout of the other, so not padded
+    with pytest.raises(StepRuleError, match=r"shapes \[\(2, 1, 4, 4\), \(2, 4, 4, 4\)\]"):
+        DBMPA([0.5, 0.5])(ctx([eps_only, offset]))

@@ -201,8 +201,29 @@ class DBMPA(StepRuleBase):
                 raise StepRuleError("DB-MPA with a reference weight needs the reference; pass `reference=`")
             outputs.append(ctx.reference_output)
             weights.append(self.reference_weight)
+        outputs = _zero_offsets_where_missing(outputs, ctx.x_t.shape[1])
         blended = sum(w * out for w, out in zip(weights, outputs, strict=True))
         return ctx.scheduler.kernel(blended, ctx.timestep, ctx.x_t, prev_timestep=ctx.prev_timestep)
+
+
+def _zero_offsets_where_missing(outputs: list[Tensor], channels: int) -> list[Tensor]:
+    """Give outputs without kernel offsets zero ones (the same kernel) when others have them, so models with
+    and without an offset head blend: an output of n channels next to one of n + 2C is padded with 2C zeros.
+    Any other mismatch is refused (summing would broadcast a 1-channel output silently)."""
+    widest = max(out.shape[1] for out in outputs)
+    padded = [
+        torch.nn.functional.pad(out, (0, 0) * (out.dim() - 2) + (0, 2 * channels))
+        if out.shape[1] + 2 * channels == widest
+        else out
+        for out in outputs
+    ]
+    shapes = {tuple(out.shape) for out in padded}
+    if len(shapes) > 1:
+        raise StepRuleError(
+            f"DB-MPA: the models' outputs have shapes {[tuple(o.shape) for o in outputs]}; they can be averaged only "
+            "with one layout (models without kernel offsets are padded with zero offsets, nothing else is)"
+        )
+    return padded
 
 
 @dataclass
