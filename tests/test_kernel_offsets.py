@@ -1,5 +1,7 @@
 """Kernel offsets: a parametrisation of aligned models that reaches any Gaussian kernel (MSDDA.md §5)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,3 +107,35 @@ def test_db_mpa_blends_a_model_without_offsets_as_one_with_zero_offsets():
     eps_only = plain[:, :1]  # 1 channel beside 4: not the offset layout of the other, so not padded
     with pytest.raises(StepRuleError, match=r"shapes \[\(2, 1, 4, 4\), \(2, 4, 4, 4\)\]"):
         DBMPA([0.5, 0.5])(ctx([eps_only, offset]))
+
+
+def test_offset_heads_per_timestep_range_route_each_sample_by_its_t():
+    from msdda.tasks.digits.data import DigitsTaskError
+
+    torch.manual_seed(0)
+    base = DigitsDenoiser(DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), num_groups=4)).double()
+    ranged = with_kernel_offsets(base, (200, 600))
+    assert ranged.config.offset_head_ranges == (200, 600) and len(ranged.offset_head.heads) == 3
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    t, c = torch.tensor([100, 199, 200, 599, 980]), torch.tensor([1, 2, 3, 4, 10])
+    assert torch.equal(ranged(x, t, c)[:, :2], base(x, t, c)) and not ranged(x, t, c)[:, 2:].any()  # fresh: zero
+    for p in ranged.offset_head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    out = ranged(x, t, c)[:, 2:]
+    # each sample gets the head of its range (t < 200, 200-599, >= 600), whatever else is in the batch
+    for i, head in enumerate([0, 0, 1, 1, 2]):
+        single = DigitsDenoiser(dataclasses.replace(ranged.config, offset_head_ranges=()))
+        single = single.double()
+        state = {k: v for k, v in ranged.state_dict().items() if not k.startswith("offset_head.")}
+        state.update({
+            k.replace(f"offset_head.heads.{head}.", "offset_head."): v
+            for k, v in ranged.state_dict().items()
+            if k.startswith(f"offset_head.heads.{head}.")
+        })
+        single.load_state_dict(state)
+        assert torch.allclose(single(x[i : i + 1], t[i : i + 1], c[i : i + 1])[:, 2:], out[i : i + 1], atol=1e-12)
+    for bad in ((600, 200), (0, 600), (200, 200)):
+        with pytest.raises(DigitsTaskError, match="offset_head_ranges"):
+            DigitsDenoiserConfig(kernel_offsets=True, offset_head_ranges=bad)
+    with pytest.raises(DigitsTaskError, match="kernel_offsets=True"):
+        DigitsDenoiserConfig(offset_head_ranges=(200,))

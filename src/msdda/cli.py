@@ -58,6 +58,17 @@ def _parse_seeds(text: str, option: str = "--seeds", maximum: int = SEED_MAX) ->
     return list(dict.fromkeys(seeds))
 
 
+def _parse_ints(text: str | None, option: str) -> list[int]:
+    """Comma-separated non-negative integers in the order given (None: an empty list, the default)."""
+    items = _split(text)
+    if items is None:
+        return []
+    bad = [item for item in items if not re.fullmatch(r"[0-9]+", item)]
+    if bad or not items:
+        raise typer.BadParameter(f"{option} {text!r} must be comma-separated integers, e.g. 200,600")
+    return [int(item) for item in items]
+
+
 def _parse_names(text: str | None, option: str) -> list[str] | None:
     """Comma-separated names, each given once (None stays None: the default)."""
     names = _split(text)
@@ -278,6 +289,11 @@ def align(
     kernel_offsets: bool = typer.Option(
         False, "--kernel-offsets", help="digits: a zero-initialised head that lets the kernel reach the optimum."
     ),
+    offset_head_ranges: str = typer.Option(
+        None,
+        help="digits, with --kernel-offsets: comma-separated timestep boundaries, one offset head per range "
+        "(e.g. 200,600: t < 200, 200-599, >= 600). Default: one head.",
+    ),
     seed: int = typer.Option(0, callback=_seed, help="Seed of the training generator."),
     lr: float = typer.Option(None, help="Adam learning rate (digits 2e-5)."),
     lr_schedule: str = typer.Option(None, help="constant (default) or cosine (decays to 0 at the last step)."),
@@ -373,6 +389,7 @@ def align(
         progress=not quiet,
         throttle=throttle,
         kernel_offsets=kernel_offsets,
+        offset_head_ranges=_parse_ints(offset_head_ranges, "--offset-head-ranges"),
     )
     if not result.history:  # ranks other than 0 of a multi-process run: rank 0 reports
         return
@@ -468,7 +485,8 @@ def diagnose(
 
     torch.set_num_threads(threads)
     check_output_dir(out)
-    bundle = get_task_bundle(task)
+    names = _parse_names(objectives, "--objectives")
+    bundle = get_task_bundle(task, _task_options(task, names))
     models = {k: load_task_model(task, d) for k, d in _parse_model_dirs(model, "--model").items()}
     policies = {k: load_task_model(task, d) for k, d in _parse_model_dirs(policy, "--policy").items()}
     try:
@@ -478,7 +496,6 @@ def diagnose(
     if steps is None:  # a trained model's kernels are those of the step grid it was trained on
         grids = {n for n in (_trained_steps(d) for d in [*_parse_model_dirs(model, "--model").values()]) if n}
         steps = grids.pop() if len(grids) == 1 else 50
-    names = _parse_names(objectives, "--objectives")
     cfg = DiagnoseConfig(
         objectives=tuple(names) if names is not None else None,
         methods=tuple(_split(methods) or DEFAULT_METHODS),
@@ -637,6 +654,12 @@ def train_step_rl(
         typer.echo(f"wrote {out}")
 
 
+def _task_options(task: str, objectives: list[str] | None) -> dict[str, Any]:
+    """Bundle options for the named objectives: digits loads the shipped model of each one asked for (any of
+    SHIPPED_OBJECTIVES), not only its default three."""
+    return {"objectives": list(objectives)} if task == "digits" and objectives else {}
+
+
 @app.command()
 def methods() -> None:
     """List the methods every command knows, what each does and what it costs."""
@@ -704,9 +727,11 @@ def sweep(
     if rgg_scale is not None:
         _finite(rgg_scale, "--rgg-scale")
     check_output_dir(out)
+    names = _parse_names(objectives, "--objectives")
     cfg = SweepConfig(
         task=task,
-        objectives=_parse_names(objectives, "--objectives"),
+        task_options=_task_options(task, names),
+        objectives=names,
         methods=_split(methods) or _task_methods(task),
         weights=grid,
         grid_points=grid_points,

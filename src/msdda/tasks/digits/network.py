@@ -13,6 +13,7 @@ residual block as a per-channel bias.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ class DigitsDenoiserConfig(JSONConfig):
         kernel_offsets: if True two more channels (d_mean, d_logvar) from a zero-initialised head move the
             kernel past what the scheduler's parametrisation reaches (msdda.core.schedule.apply_kernel_offsets):
             aligned models that must reach the step optimum use it; a fresh head leaves the kernel unchanged.
+        offset_head_ranges: timestep boundaries b_1 < b_2 < ... splitting [0, 1000) into ranges with a kernel-offset
+            head each (t < b_1 to the first, ...); empty (default): one head for every t. Heads of their own keep
+            the large, noisy gradients of the first steps out of the last steps' parameters and Adam statistics.
         time_embed_dim: width of the time/class embedding.
         time_freq_dim: width of the sinusoidal timestep features fed to the time MLP (even).
         num_groups: GroupNorm groups (each width must be divisible by it).
@@ -61,6 +65,7 @@ class DigitsDenoiserConfig(JSONConfig):
     num_classes: int = NUM_CLASSES
     learned_variance: bool = True
     kernel_offsets: bool = False
+    offset_head_ranges: tuple[int, ...] = ()
     time_embed_dim: int = 128
     time_freq_dim: int = 64
     num_groups: int = 8
@@ -69,6 +74,7 @@ class DigitsDenoiserConfig(JSONConfig):
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.offset_head_ranges = tuple(int(b) for b in self.offset_head_ranges)
         self.validate()
 
     def validate(self) -> None:
@@ -105,6 +111,12 @@ class DigitsDenoiserConfig(JSONConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise DigitsTaskError(f"DigitsDenoiserConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        bounds = self.offset_head_ranges
+        if bounds and (not self.kernel_offsets or list(bounds) != sorted(set(bounds)) or bounds[0] <= 0):
+            raise DigitsTaskError(
+                f"DigitsDenoiserConfig.offset_head_ranges={list(bounds)} must be increasing positive timesteps, with "
+                "kernel_offsets=True (e.g. [200, 600] for heads at t < 200, 200-599 and >= 600)"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -186,9 +198,34 @@ class OffsetHead(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, h: Tensor, extra: Tensor, emb: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, h: Tensor, extra: Tensor, emb: Tensor, cond: Tensor, t: Tensor | None = None) -> Tensor:
+        """t: unused (`emb` carries it); taken so one head and `RangedOffsetHead` are called alike."""
         class_map = self.class_map(cond).to(h.dtype).reshape(h.shape[0], 1, *h.shape[2:])
         return self.out(F.silu(self.norm(self.block(torch.cat([h, extra, class_map], dim=1), emb))))
+
+
+class RangedOffsetHead(nn.Module):
+    """One `OffsetHead` per timestep range (`DigitsDenoiserConfig.offset_head_ranges`); each sample goes to the
+    head of its t. Same inputs and output as one OffsetHead, plus t."""
+
+    def __init__(self, boundaries: tuple[int, ...], make_head: Callable[[], OffsetHead]) -> None:
+        super().__init__()
+        self.register_buffer("boundaries", torch.tensor(boundaries, dtype=torch.float64), persistent=False)
+        self.heads = nn.ModuleList([make_head() for _ in range(len(boundaries) + 1)])
+
+    def forward(self, h: Tensor, extra: Tensor, emb: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+        which = torch.bucketize(t.double(), self.boundaries, right=True)
+        out: Tensor | None = None
+        for i, head in enumerate(self.heads):
+            rows = (which == i).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            part = head(h[rows], extra[rows], emb[rows], cond[rows])
+            if out is None:
+                out = part.new_zeros((h.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        assert out is not None  # a non-empty batch has rows in some range
+        return out
 
 
 class DigitsDenoiser(nn.Module):
@@ -251,9 +288,13 @@ class DigitsDenoiser(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         # A head of its own, so the base model's weights load unchanged into an aligned model with offsets.
         extra = cfg.in_channels + cfg.out_channels - offsets  # x_t and the trunk's (eps, v)
-        self.offset_head = (
-            OffsetHead(ch, extra, offsets, e, g, p, cfg.num_classes + 1, cfg.image_size**2) if offsets else None
-        )
+        def make_head() -> OffsetHead:
+            return OffsetHead(ch, extra, offsets, e, g, p, cfg.num_classes + 1, cfg.image_size**2)
+
+        self.offset_head: OffsetHead | RangedOffsetHead | None = None
+        if offsets:
+            ranges = cfg.offset_head_ranges
+            self.offset_head = RangedOffsetHead(ranges, make_head) if ranges else make_head()
 
     def _check_inputs(self, x_t: Tensor, t: Tensor | float | int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -322,14 +363,16 @@ class DigitsDenoiser(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         if self.offset_head is None:
             return out
-        return torch.cat([out, self.offset_head(h, torch.cat([x_t.to(out.dtype), out], dim=1), emb, cond)], dim=1)
+        offsets = self.offset_head(h, torch.cat([x_t.to(out.dtype), out], dim=1), emb, cond, t)
+        return torch.cat([out, offsets], dim=1)
 
 
-def with_kernel_offsets(model: DigitsDenoiser) -> DigitsDenoiser:
-    """A copy of `model` with a zero-initialised kernel-offset head: the same kernel until trained."""
+def with_kernel_offsets(model: DigitsDenoiser, ranges: Sequence[int] = ()) -> DigitsDenoiser:
+    """A copy of `model` with a zero-initialised kernel-offset head (one per timestep range when `ranges` gives
+    boundaries, see `DigitsDenoiserConfig.offset_head_ranges`): the same kernel until trained."""
     import dataclasses
 
-    cfg = dataclasses.replace(model.config, kernel_offsets=True)
+    cfg = dataclasses.replace(model.config, kernel_offsets=True, offset_head_ranges=tuple(ranges))
     out = DigitsDenoiser(cfg).to(next(model.parameters()).dtype)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("offset_head.") for k in missing):

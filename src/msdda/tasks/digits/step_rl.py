@@ -218,13 +218,21 @@ class DigitsStepRLPolicies:
             self._base_sha = file_sha256(self.base_dir / WEIGHTS_FILE)
         return self._base_sha
 
-    def _kernel_offsets(self, objectives: Sequence[str]) -> bool:
-        flags = {o: bool(self.doc(o).get("architecture", {}).get("kernel_offsets", False)) for o in objectives}
-        if len(set(flags.values())) > 1:
+    def _offset_head(self, objectives: Sequence[str]) -> tuple[bool, tuple[int, ...]]:
+        """(kernel_offsets, offset_head_ranges) of the aligned models of `objectives`, which must agree: the policy
+        gets the same offset head."""
+
+        def layout(o: str) -> tuple[bool, tuple[int, ...]]:
+            arch = self.doc(o).get("architecture", {})
+            return bool(arch.get("kernel_offsets", False)), tuple(int(b) for b in arch.get("offset_head_ranges", ()))
+
+        layouts = {o: layout(o) for o in objectives}
+        if len(set(layouts.values())) > 1:
             raise PolicyCacheError(
-                f"the aligned models differ in kernel_offsets ({flags}); align every objective the same way"
+                f"the aligned models differ in their offset head (kernel_offsets, offset_head_ranges: {layouts}); "
+                "align every objective the same way"
             )
-        return next(iter(flags.values()))
+        return next(iter(layouts.values()))
 
     def resolve(self, weights: Mapping[str, float], beta: float) -> tuple[dict[str, float], StepRLConfig, PolicyKey]:
         """(canonical weights, trainer config, key) of the policy at `weights` and target `beta`."""
@@ -233,6 +241,7 @@ class DigitsStepRLPolicies:
         w = canonical_weights(weights, self.objectives)
         docs = {o: self.doc(o) for o in w}
         config, _ = step_rl_config_for(docs, w, beta, self.trainer_overrides)
+        offsets, ranges = self._offset_head(list(w))
         key = PolicyKey(
             task=TASK,
             base_sha256=self.base_sha256(),
@@ -241,7 +250,8 @@ class DigitsStepRLPolicies:
             betas=tuple(self.betas[o] for o in w),
             beta=float(beta),
             trainer_config=config.to_dict(),
-            kernel_offsets=self._kernel_offsets(list(w)),
+            kernel_offsets=offsets,
+            offset_head_ranges=ranges,
             config_defaults=StepRLConfig().to_dict(),
         )
         return w, config, key
@@ -301,6 +311,7 @@ class DigitsStepRLPolicies:
                     resume=True,
                     progress=self.progress,
                     kernel_offsets=key.kernel_offsets,
+                    offset_head_ranges=key.offset_head_ranges,
                 )
             return float(result.seconds), {
                 **notes,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from msdda.atomic import write_json_atomic
 from msdda.core.schedule import KernelScheduler, KernelSchedulerConfig
 from msdda.distributed import get_context
 from msdda.models.io import from_pretrained, read_model_config, save_pretrained
-from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES, split_digits
+from msdda.tasks.digits.data import NULL_CLASS, NUM_CLASSES, DigitsTaskError, split_digits
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig, with_kernel_offsets
 
 logger = logging.getLogger(__name__)
@@ -114,23 +115,25 @@ def load_digits_model(
     )
 
 
+_OFFSET_HEAD_FIELDS = ("kernel_offsets", "offset_head_ranges")
+
+
 def load_digits_models(
     directories: list[str | os.PathLike[str]],
 ) -> tuple[list[DigitsDenoiser], KernelScheduler]:
     """Load several digits models that must share the first one's architecture and schedule.
 
-    Only `kernel_offsets` may differ: aligned models carry an offset head the reference lacks (rules that
-    average outputs, such as DB-MPA, then refuse a mix of the two with a clear error)."""
+    Only the offset head (`kernel_offsets`, `offset_head_ranges`) may differ: aligned models carry one the reference
+    lacks (DB-MPA, which averages outputs, counts a model without one as zero offsets)."""
     models: list[DigitsDenoiser] = []
     first_arch: dict[str, Any] | None = None
     sched_cfg: dict[str, Any] | None = None
     for d in directories:
         expected = None
         if first_arch is not None:
-            offsets = read_model_config(d).get("architecture", {}).get("kernel_offsets")
-            expected = {k: v for k, v in first_arch.items() if k != "kernel_offsets"}
-            if offsets is not None:
-                expected["kernel_offsets"] = offsets
+            arch = read_model_config(d).get("architecture", {})
+            expected = {k: v for k, v in first_arch.items() if k not in _OFFSET_HEAD_FIELDS}
+            expected.update({k: arch[k] for k in _OFFSET_HEAD_FIELDS if k in arch})
         model, doc = load_digits_model(d, expected_architecture=expected)
         if first_arch is None:
             first_arch, sched_cfg = doc["architecture"], doc.get("scheduler") or None
@@ -171,6 +174,7 @@ def align_digits(
     progress: bool = True,
     throttle: float = 0.0,
     kernel_offsets: bool = False,
+    offset_head_ranges: Sequence[int] = (),
 ) -> DPOResult:
     """Step-level training of the digits base model (default: shipped base) towards `reward`; saves to `out`.
 
@@ -179,7 +183,8 @@ def align_digits(
 
     kernel_offsets: give the aligned model a zero-initialised kernel-offset head (DigitsDenoiserConfig), so
     its kernel can reach the step optimum (the scheduler's parametrisation caps the mean by x0 clipping
-    and confines the variance to [beta_tilde_t, beta_t]); the reference stays as it is.
+    and confines the variance to [beta_tilde_t, beta_t]); the reference stays as it is. offset_head_ranges:
+    timestep boundaries for one head per range (`DigitsDenoiserConfig.offset_head_ranges`; needs kernel_offsets).
 
     reward: a callable (x0 [B,1,8,8], cond [B]) -> [B]. The result directory holds model.safetensors,
     config.json, train_log.jsonl, train_config.json and checkpoints/. Under torchrun / accelerate launch
@@ -196,8 +201,10 @@ def align_digits(
     )
     policy = DigitsDenoiser(arch)
     policy.load_state_dict(reference.state_dict())
+    if offset_head_ranges and not kernel_offsets:
+        raise DigitsTaskError(f"offset_head_ranges={list(offset_head_ranges)} needs kernel_offsets=True")
     if kernel_offsets:
-        policy = with_kernel_offsets(policy)
+        policy = with_kernel_offsets(policy, offset_head_ranges)
         arch = policy.config
     out = Path(out)
     from msdda.alignment.step_rl import StepRLConfig, StepRLTrainer
