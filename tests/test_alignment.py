@@ -336,10 +336,11 @@ def test_cli_train_base_tiny(tmp_path):
 
 
 def test_shipped_weights_load_and_share_the_base_architecture():
+    from msdda.tasks.digits.bundle import SHIPPED_OBJECTIVES
     from msdda.tasks.digits.training import load_digits_models, shipped_dir
 
-    names = ["base", "aligned-alignment", "aligned-ink", "aligned-symmetry"]
+    names = ["base", *(f"aligned-{o}" for o in SHIPPED_OBJECTIVES)]
     if not all((shipped_dir(n) / "model.safetensors").exists() for n in names):
         pytest.skip("weights not shipped")
     models, sched = load_digits_models([shipped_dir(n) for n in names])
-    assert sched.config.variance_type == "learned_range" and len(models) == 4
+    assert sched.config.variance_type == "learned_range" and len(models) == 1 + len(SHIPPED_OBJECTIVES)

@@ -220,7 +220,7 @@ def test_digits_smoke(tmp_path):
 
     bundle = get_task_bundle("digits")
     cfg = DiagnoseConfig(
-        objectives=("ink", "symmetry"),
+        objectives=("ink", "template"),
         prompt_indices=(3,),
         timesteps=(900, 0),  # t = 0 is the final step: the step reward is the reward of x_0 itself
         num_inference_steps=10,
@@ -231,8 +231,9 @@ def test_digits_smoke(tmp_path):
     summary = run_diagnose(bundle, config=cfg, out_dir=tmp_path, progress=False)
     assert summary["timesteps"] == [900, 0] and summary["num_states"] == 2
     assert [s["prev_t"] for s in summary["states"]] == [800, -1]
-    assert set(summary["models"]) == {"ink", "symmetry"}
-    assert set(summary["rules"]) == {"msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "base"}
+    assert set(summary["models"]) == {"ink", "template"}
+    # step-rl too: the shipped ink and template models are step-RL policies and the w = 0.5 policy ships
+    assert set(summary["rules"]) == {"msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "base", "step-rl"}
     for o, m in summary["models"].items():
         assert math.isfinite(m["log_var_ratio"]["mean"])
         defined = []

@@ -32,13 +32,13 @@ def _save(d: Path, seed: int, arch: DigitsDenoiserConfig = TINY, beta: float = 0
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
-    return {"base": _save(root / "base", 0), "alignment": _save(root / "a", 1), "ink": _save(root / "b", 2)}
+    return {"base": _save(root / "base", 0), "ink": _save(root / "a", 1), "template": _save(root / "b", 2)}
 
 
 def _check_schema(summary: dict, grid: list[float], n: int) -> None:
     assert set(summary) == {"task", "objectives", "results"}
     assert summary["task"] == "digits"
-    assert summary["objectives"] == ["alignment", "ink"]
+    assert summary["objectives"] == ["ink", "template"]
     methods = [r["method"] for r in summary["results"]]
     assert methods.count("base") == 1
     assert methods.count("msdda") == methods.count("db-mpa") == len(grid)
@@ -47,15 +47,15 @@ def _check_schema(summary: dict, grid: list[float], n: int) -> None:
         assert r["method"] in {"base", "msdda", "db-mpa"}
         assert r["n"] == n and isinstance(r["n"], int)
         assert isinstance(r["seconds"], float) and isinstance(r["model_evals"], int) and r["model_evals"] > 0
-        assert set(r["rewards"]) == {"alignment", "ink"}
+        assert set(r["rewards"]) == {"ink", "template"}
         for stats in r["rewards"].values():
             assert set(stats) == {"mean", "ci95"}
             lo, hi = stats["ci95"]
             assert isinstance(stats["mean"], float) and lo <= stats["mean"] <= hi
         if r["method"] != "base":
-            assert set(r["weights"]) == {"alignment", "ink"}
-            assert r["weights"]["alignment"] + r["weights"]["ink"] == pytest.approx(1.0)
-    assert sorted(r["weights"]["alignment"] for r in summary["results"] if r["method"] == "msdda") == sorted(grid)
+            assert set(r["weights"]) == {"ink", "template"}
+            assert r["weights"]["ink"] + r["weights"]["template"] == pytest.approx(1.0)
+    assert sorted(r["weights"]["ink"] for r in summary["results"] if r["method"] == "msdda") == sorted(grid)
 
 
 def test_tiny_demo_writes_the_summary_schema_and_plots(tiny_dirs, tmp_path):
@@ -68,16 +68,16 @@ def test_tiny_demo_writes_the_summary_schema_and_plots(tiny_dirs, tmp_path):
     for w in ("0", "0.5", "1"):
         assert (tmp_path / f"samples_w{w}.png").stat().st_size > 0
     # one-hot weights: MSDDA returns that model's kernel, DB-MPA that model's step: identical samples
-    by = {(r["method"], r["weights"].get("alignment")): r for r in on_disk["results"]}
+    by = {(r["method"], r["weights"].get("ink")): r for r in on_disk["results"]}
     for w in (0.0, 1.0):
-        for o in ("alignment", "ink"):
+        for o in ("ink", "template"):
             assert by[("msdda", w)]["rewards"][o]["mean"] == pytest.approx(by[("db-mpa", w)]["rewards"][o]["mean"])
 
 
 def test_demo_rejects_a_model_of_another_architecture_before_sampling(tiny_dirs, tmp_path):
     other = _save(tmp_path / "wide", 3, DigitsDenoiserConfig(base_channels=16, channel_mult=(1, 2),
                                                               time_embed_dim=16, num_groups=4))
-    dirs = {**tiny_dirs, "ink": other}
+    dirs = {**tiny_dirs, "template": other}
     with pytest.raises(CheckpointError, match="another architecture"):
         run_digits_demo(tmp_path / "out", grid=[0.5], samples=4, steps=2, model_dirs=dirs, progress=False)
     assert not (tmp_path / "out" / "summary.json").exists()

@@ -109,18 +109,17 @@ def test_recipes_build_the_documented_configs():
     from msdda.alignment.dpo import DPOConfig
     from msdda.evaluation import digits_demo
 
-    ink = digits_demo.recipe_config("ink")
-    assert isinstance(ink, DPOConfig) and ink.labels == "hard" and not digits_demo.recipe_kernel_offsets("ink")
-    # a premise recipe is step-RL of the offset head alone
-    digits_demo.RECIPE_ALIGN["_probe"] = dict(digits_demo.PREMISE_RECIPE, beta=0.0625)
-    try:
-        cfg = digits_demo.recipe_config("_probe", seed=3)
-        assert isinstance(cfg, StepRLConfig) and digits_demo.recipe_kernel_offsets("_probe")
-        assert (cfg.beta, cfg.seed, cfg.trainable, cfg.state_weights, cfg.lr_schedule, cfg.samples) == (
-            0.0625, 3, ["offset_head"], "inverse_variance", "cosine", 8)
-    finally:
-        del digits_demo.RECIPE_ALIGN["_probe"]
-    assert isinstance(digits_demo.recipe_config("contrast"), DPOConfig)  # no recipe: Bradley-Terry DPO
+    sym = digits_demo.recipe_config("symmetry")
+    assert isinstance(sym, DPOConfig) and sym.labels == "hard" and digits_demo.recipe_offset_head("symmetry") == {}
+    # the demo's rewards: step-RL of the offset head alone, one recipe but for beta
+    for name, beta in (("ink", 0.05), ("template", 0.0625), ("contrast", 0.05)):
+        cfg = digits_demo.recipe_config(name, seed=3)
+        assert isinstance(cfg, StepRLConfig)
+        assert digits_demo.recipe_offset_head(name) == {"kernel_offsets": True, "offset_head_ranges": [200, 600]}
+        assert (cfg.reward, cfg.beta, cfg.seed, cfg.trainable, cfg.state_weights, cfg.lr_schedule) == (
+            name, beta, 3, ["offset_head"], "inverse_variance", "cosine")
+        assert (cfg.samples, cfg.antithetic, cfg.steps, cfg.lr, cfg.estimator) == (32, True, 600, 3e-3, "reparam")
+    assert isinstance(digits_demo.recipe_config("smoothness"), DPOConfig)  # no recipe: Bradley-Terry DPO
 
 
 def test_importance_sampled_optimum_matches_the_closed_form():

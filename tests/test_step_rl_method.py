@@ -116,6 +116,9 @@ def test_key_changes_with_w_betas_and_config_but_not_bookkeeping(tmp_path):
         changed = dataclasses.replace(key, trainer_config={**key.trainer_config, field: value})
         assert changed.digest != key.digest, field
     assert dataclasses.replace(key, kernel_offsets=True).digest != key.digest
+    ranged = dataclasses.replace(key, kernel_offsets=True, offset_head_ranges=(200, 600))
+    assert ranged.digest != dataclasses.replace(key, kernel_offsets=True).digest
+    assert "offset_head_ranges" not in key.inputs()  # one head: the key is what it was before ranges existed
     assert pol.with_options(trainer_overrides={"steps": 3}).resolve(HALF, 0.05)[2].digest != key.digest
     assert pol.with_options(trainer_overrides={"log_every": 1}).resolve(HALF, 0.05)[2].digest == key.digest
     # the digest is sha256 of the canonical JSON of the inputs (recomputed here independently)
@@ -231,7 +234,7 @@ def test_cli_trains_then_reports_cached(tmp_path, monkeypatch):
     args = [
         "train-step-rl",
         "--objectives",
-        "ink,symmetry",
+        "ink,template",
         "--weights",
         "0.5,0.5",
         "--cache-dir",
@@ -263,7 +266,7 @@ def test_cli_trains_then_reports_cached(tmp_path, monkeypatch):
 
 
 def _digits_with_tiny_policies(tmp_path, **kw):
-    bundle = get_task_bundle("digits", {"objectives": ["ink", "symmetry"]})
+    bundle = get_task_bundle("digits", {"objectives": ["ink", "template"]})
     bundle.weighted_policy = bundle.weighted_policy.with_options(
         cache_dir=tmp_path / "cache", trainer_overrides=TINY_TRAIN, progress=False, **kw
     )
@@ -272,10 +275,10 @@ def _digits_with_tiny_policies(tmp_path, **kw):
 
 def test_sweep_rows_carry_training_seconds_and_the_report_sums_them(tmp_path):
     bundle = _digits_with_tiny_policies(tmp_path)
-    grid = [{"ink": 0.25, "symmetry": 0.75}, {"ink": 0.5, "symmetry": 0.5}]
+    grid = [{"ink": 0.25, "template": 0.75}, {"ink": 0.5, "template": 0.5}]
     cfg = SweepConfig(
         task="digits",
-        objectives=["ink", "symmetry"],
+        objectives=["ink", "template"],
         methods=[STEP_RL, "msdda"],
         weights=grid,
         prompts=[3],
@@ -297,7 +300,7 @@ def test_sweep_rows_carry_training_seconds_and_the_report_sums_them(tmp_path):
         o: json.loads((Path(bundle.weighted_policy.aligned_dirs[o]) / "config.json").read_text())["metadata"][
             "train_seconds"
         ]
-        for o in ("ink", "symmetry")
+        for o in ("ink", "template")
     }
     fused = [r for r in rows if r["method"] == "msdda"]
     assert all(r["aligned_train_seconds"] == pytest.approx(sum(shipped.values())) for r in fused)
@@ -319,8 +322,8 @@ def test_sweep_rows_carry_training_seconds_and_the_report_sums_them(tmp_path):
 def test_diagnose_scores_the_policy_trained_at_each_weight(tmp_path):
     bundle = _digits_with_tiny_policies(tmp_path)
     cfg = DiagnoseConfig(
-        objectives=("ink", "symmetry"),
-        weights=({"ink": 0.5, "symmetry": 0.5},),
+        objectives=("ink", "template"),
+        weights=({"ink": 0.5, "template": 0.5},),
         prompt_indices=(3,),
         timesteps=(900,),
         num_inference_steps=10,
@@ -333,11 +336,11 @@ def test_diagnose_scores_the_policy_trained_at_each_weight(tmp_path):
     assert STEP_RL not in skipped["rules"] and "train-step-rl" in skipped["skipped"][STEP_RL]
     named = dataclasses.replace(cfg, methods=("msdda", STEP_RL))
     summary = run_diagnose(bundle, config=named, progress=False)
-    policy = bundle.weighted_policy(dict(cfg.weights[0]), 0.05).model
+    policy = bundle.weighted_policy(dict(cfg.weights[0]), 0.05625).model  # the default beta: 0.5 * 0.05 + 0.5 * 0.0625
     same = run_diagnose(
         bundle, config=dataclasses.replace(cfg, methods=("msdda",)), policies={"p": policy}, progress=False
     )
-    label = "ink=0.5,symmetry=0.5"
+    label = "ink=0.5,template=0.5"
     got = summary["rules"][STEP_RL][label]["j_star_minus_j"]
     want = same["rules"]["policy:p"][label]["j_star_minus_j"]
     assert got["mean"] == pytest.approx(want["mean"], rel=1e-12) and math.isfinite(got["mean"])

@@ -35,26 +35,35 @@ from msdda.tasks.rewards import get_reward
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OBJECTIVES = ("alignment", "ink")
+DEFAULT_OBJECTIVES = ("ink", "template")
 # The shipped recipes (docs/digits.md), one per reward; --from-scratch reruns them.
-# * alignment, ink (old), symmetry: DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) with
-#   best-vs-worst (hard) labels, made before Bradley-Terry labels became DPOConfig's default; pinned so
-#   --from-scratch reproduces those weights.
-# * "premise" rewards: direct step-level RL (whose fixed point is the step optimum) of a kernel-offset head
-#   alone, the trunk and its noise prediction frozen (docs/method.md, "Training only the offsets").
+# * ink, template, contrast (the demo's objectives): direct step-level RL, whose fixed point is the step optimum,
+#   of a kernel-offset head alone, the trunk and its noise prediction frozen (docs/method.md, "Training only the
+#   offsets"), one head per t-range; 32 antithetic draws per state, 600 steps and lr 3e-3 because template's
+#   offsets are learnt only as the gradient noise falls and the ranges stop sharing a head (docs/digits.md,
+#   "Re-aligning ..."). One recipe for all three: a step-RL policy per w copies its objectives' shared recipe.
+# * alignment, symmetry: DPOConfig defaults (beta 0.05, lr 2e-5, 200 steps, seed 0) with best-vs-worst (hard)
+#   labels, made before Bradley-Terry labels became DPOConfig's default; pinned so --from-scratch reproduces them.
 HARD_DPO: dict[str, Any] = {"trainer": "hard"}
 PREMISE_RECIPE: dict[str, Any] = {
     "trainer": "step-rl",
     "kernel_offsets": True,
+    "offset_head_ranges": [200, 600],
     "estimator": "reparam",
-    "samples": 8,
-    "steps": 300,
-    "lr": 1e-3,
+    "samples": 32,
+    "antithetic": True,
+    "steps": 600,
+    "lr": 3e-3,
     "lr_schedule": "cosine",
     "trainable": ["offset_head"],
     "state_weights": "inverse_variance",
 }
-RECIPE_ALIGN: dict[str, dict[str, Any]] = {name: dict(HARD_DPO) for name in ("alignment", "ink", "symmetry")}
+# template's beta: at 0.05 the mean template leaves the reference at t = 960 with ESS 1 of 2,048 draws.
+PREMISE_BETAS = {"ink": 0.05, "template": 0.0625, "contrast": 0.05}
+RECIPE_ALIGN: dict[str, dict[str, Any]] = {
+    **{name: dict(PREMISE_RECIPE, beta=beta) for name, beta in PREMISE_BETAS.items()},
+    **{name: dict(HARD_DPO) for name in ("alignment", "symmetry")},
+}
 
 
 def _stats(values: Tensor, seed: int) -> dict[str, Any]:
@@ -148,23 +157,27 @@ def train_demo_weights(
             base=dirs["base"],
             resume=False,
             progress=progress,
-            kernel_offsets=recipe_kernel_offsets(name),
+            **recipe_offset_head(name),
         )
         dirs[name] = d
     return dirs
 
 
+# Recipe entries that shape the aligned model's offset head (align_digits' keywords), not the trainer.
+_HEAD_KEYS = ("kernel_offsets", "offset_head_ranges")
+
+
 def recipe_config(reward: str, seed: int = 0) -> Any:
     """The trainer configuration (DPOConfig or StepRLConfig) the shipped aligned-<reward> weights were made with
     (`RECIPE_ALIGN`; a reward without a recipe gets Bradley-Terry DPO at the defaults)."""
-    kw = {k: v for k, v in RECIPE_ALIGN.get(reward, {"trainer": "bt"}).items() if k != "kernel_offsets"}
+    kw = {k: v for k, v in RECIPE_ALIGN.get(reward, {"trainer": "bt"}).items() if k not in _HEAD_KEYS}
     trainer = kw.pop("trainer")
     return digits_train_config(trainer, reward, seed=seed, **kw)
 
 
-def recipe_kernel_offsets(reward: str) -> bool:
-    """Whether the shipped aligned-<reward> model has a kernel-offset head."""
-    return bool(RECIPE_ALIGN.get(reward, {}).get("kernel_offsets", False))
+def recipe_offset_head(reward: str) -> dict[str, Any]:
+    """align_digits' offset-head keywords for the shipped aligned-<reward> model ({} for a plain model)."""
+    return {k: v for k, v in RECIPE_ALIGN.get(reward, {}).items() if k in _HEAD_KEYS}
 
 
 def run_digits_demo(
@@ -257,4 +270,4 @@ def format_digits_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_digits_table", "recipe_config", "run_digits_demo", "train_demo_weights"]
+__all__ = ["format_digits_table", "recipe_config", "recipe_offset_head", "run_digits_demo", "train_demo_weights"]

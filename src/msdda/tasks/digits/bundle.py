@@ -15,7 +15,11 @@ from msdda.tasks.digits.step_rl import DigitsStepRLPolicies
 from msdda.tasks.digits.training import load_digits_models, shipped_dir
 from msdda.tasks.rewards import get_reward
 
-OBJECTIVES = ("alignment", "ink", "symmetry")
+# The default objectives (docs/digits.md, "The demo's objectives"): unsaturated, conflicting rewards of different
+# step curvature (ink linear, template concave, contrast convex) whose aligned models are trained by step-RL.
+OBJECTIVES = ("ink", "template", "contrast")
+# Every objective with a shipped aligned model; alignment and symmetry are the earlier hard-label DPO models.
+SHIPPED_OBJECTIVES = ("ink", "template", "contrast", "alignment", "symmetry")
 DEFAULT_GUIDANCE = 2.0
 # RGG's shift lambda_t * var_t * grad is tiny here at scale 1 (small per-step variances, sqrt(alpha_bar)
 # tempering); 300 moves the rewards about as far as the aligned models do (docs/evaluation.md).
@@ -27,7 +31,8 @@ def digits_bundle(
     model_dirs: Mapping[str, str] | None = None,
     guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> TaskBundle:
-    """Load the base and one aligned model per objective (default: the shipped weights).
+    """Load the base and one aligned model per objective (default: the shipped weights of `OBJECTIVES`; any of
+    `SHIPPED_OBJECTIVES`, or another reward's name with its folder in `model_dirs`).
 
     model_dirs: {"base": dir, objective: dir} overrides. Prompts are the classes 0..9 (one class per
     sampler call); betas come from each aligned model's DPO config.
