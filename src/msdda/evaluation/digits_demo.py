@@ -25,6 +25,7 @@ from msdda.sampling import DBMPA, MSDDA, sample
 from msdda.sampling.methods import BASE, plan_method
 from msdda.tasks.digits.bundle import DEFAULT_GUIDANCE, digits_bundle
 from msdda.tasks.digits.training import (
+    OFFSET_HEAD_FIELDS,
     align_digits,
     class_conditions,
     digits_train_config,
@@ -163,21 +164,17 @@ def train_demo_weights(
     return dirs
 
 
-# Recipe entries that shape the aligned model's offset head (align_digits' keywords), not the trainer.
-_HEAD_KEYS = ("kernel_offsets", "offset_head_ranges")
-
-
 def recipe_config(reward: str, seed: int = 0) -> Any:
     """The trainer configuration (DPOConfig or StepRLConfig) the shipped aligned-<reward> weights were made with
     (`RECIPE_ALIGN`; a reward without a recipe gets Bradley-Terry DPO at the defaults)."""
-    kw = {k: v for k, v in RECIPE_ALIGN.get(reward, {"trainer": "bt"}).items() if k not in _HEAD_KEYS}
+    kw = {k: v for k, v in RECIPE_ALIGN.get(reward, {"trainer": "bt"}).items() if k not in OFFSET_HEAD_FIELDS}
     trainer = kw.pop("trainer")
     return digits_train_config(trainer, reward, seed=seed, **kw)
 
 
 def recipe_offset_head(reward: str) -> dict[str, Any]:
     """align_digits' offset-head keywords for the shipped aligned-<reward> model ({} for a plain model)."""
-    return {k: v for k, v in RECIPE_ALIGN.get(reward, {}).items() if k in _HEAD_KEYS}
+    return {k: v for k, v in RECIPE_ALIGN.get(reward, {}).items() if k in OFFSET_HEAD_FIELDS}
 
 
 def run_digits_demo(

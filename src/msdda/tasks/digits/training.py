@@ -115,7 +115,8 @@ def load_digits_model(
     )
 
 
-_OFFSET_HEAD_FIELDS = ("kernel_offsets", "offset_head_ranges")
+# The architecture fields that shape an aligned model's offset head; also align_digits' keywords of that name.
+OFFSET_HEAD_FIELDS = ("kernel_offsets", "offset_head_ranges")
 
 
 def load_digits_models(
@@ -132,8 +133,8 @@ def load_digits_models(
         expected = None
         if first_arch is not None:
             arch = read_model_config(d).get("architecture", {})
-            expected = {k: v for k, v in first_arch.items() if k not in _OFFSET_HEAD_FIELDS}
-            expected.update({k: arch[k] for k in _OFFSET_HEAD_FIELDS if k in arch})
+            expected = {k: v for k, v in first_arch.items() if k not in OFFSET_HEAD_FIELDS}
+            expected.update({k: arch[k] for k in OFFSET_HEAD_FIELDS if k in arch})
         model, doc = load_digits_model(d, expected_architecture=expected)
         if first_arch is None:
             first_arch, sched_cfg = doc["architecture"], doc.get("scheduler") or None
