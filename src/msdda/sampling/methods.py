@@ -459,7 +459,10 @@ for _spec in (
         DBMPA.name, _plan_mixture(DBMPA), "average the noise predictions, then one scheduler step", "K models per step"
     ),
     MethodSpec(
-        DBMPALS.name, _plan_mixture(DBMPALS), "one model per step, drawn with probability w_k", "K models per step"
+        DBMPALS.name,
+        _plan_mixture(DBMPALS),
+        "one model per step, drawn with probability w_k",
+        "1 model per step (only the drawn one runs; the reference only on steps that draw it)",
     ),
     MethodSpec(
         REWARDED_SOUP,
