@@ -361,9 +361,11 @@ def test_prompt_embeds_equal_prompt(tiny):
 def test_db_mpa_ls_and_output_types(tiny):
     pipe = tiny.pipeline("ddpm")
     a = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
+    calls = count_unet_calls(pipe)
     b = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
     assert torch.equal(a.images, b.images)  # the generator drives the model choice too
-    assert a.cost.model_evals == STEPS * 2 * 2  # msdda.sample evaluates every model, then the rule picks one
+    # only the drawn objective runs at each step: one UNet call (cond + uncond batched, counted 2) per step
+    assert a.cost.model_evals == STEPS * 2 and calls[0] == STEPS
     pt = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pt").images
     assert pt.shape == (1, 3, 16, 16) and float(pt.min()) >= 0 and float(pt.max()) <= 1
     pil = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pil").images
