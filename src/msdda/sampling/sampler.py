@@ -347,5 +347,6 @@ def sample(
                 break
     cost.seconds = time.perf_counter() - start
     cost.peak_memory_bytes = memory.peak_bytes
+    cost.peak_memory_bound = memory.bound
     logger.debug("sampled %s with %s: %s", tuple(x.shape), rule.name, cost)
     return SampleOutput(samples=x, trajectory=trajectory, cost=cost, interrupted=interrupted, steps_run=steps_run)
