@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from msdda.core.fusion import SUM_TO_ONE_RTOL, exponents_from_preferences, fuse_gaussians
-from msdda.core.kernel import GaussianKernel, ReverseKernel
+from msdda.core.kernel import GaussianKernel, ReverseKernel, compute_dtype
 from msdda.core.schedule import KernelScheduler
 from msdda.errors import MSDDAError
 from msdda.sampling.cost import Cost
@@ -288,7 +288,7 @@ class DBMPALS(StepRuleBase):
         # on the generator's device, so one generator serves the noise and the draw (CPU or GPU)
         device = ctx.generator.device if ctx.generator is not None else ctx.x_t.device
         weights = [*self.weights, self.reference_weight] if self.uses_reference else list(self.weights)
-        probs = torch.tensor(weights, dtype=torch.float64, device=device)
+        probs = torch.tensor(weights, dtype=compute_dtype(device), device=device)  # float32 on MPS only
         choice = int(torch.multinomial(probs, 1, generator=ctx.generator).item())
         ctx.info["chosen_model"] = choice
         return choice
