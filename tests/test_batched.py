@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import msdda
-from msdda import DBMPA, MSDDA, KernelScheduler, KernelSchedulerConfig, SingleModel
+from msdda import DBMPA, DBMPALS, MSDDA, KernelScheduler, KernelSchedulerConfig, SingleModel
 from msdda.models import BatchingError, ClassifierFreeGuidance, StackedDenoisers, StackedGuidance, can_stack
 from msdda.models import batched as batched_mod
 from msdda.tasks.digits.network import DigitsDenoiser, DigitsDenoiserConfig
@@ -98,6 +98,17 @@ def test_batched_equals_sequential_with_cfg(rule, monkeypatch):
     assert torch.equal(_run(models, rule, None).samples, seq.samples) and spy.calls == 10
     monkeypatch.setattr(batched_mod, "AUTO_BATCH_ON_CPU", True)
     assert torch.equal(_run(models, rule, None).samples, bat.samples) and spy.calls == 20
+
+
+def test_a_rule_that_selects_one_model_skips_the_stacked_call(monkeypatch):
+    """DB-MPA-LS evaluates only the model it drew: no K-model stacked call, 1 model (x2 for CFG) per step."""
+    models = _digits_models(3)
+    seq = _run(models, DBMPALS([0.2, 0.5, 0.3]), False)
+    spy = _Counting(monkeypatch)
+    bat = _run(models, DBMPALS([0.2, 0.5, 0.3]), True)
+    assert spy.calls == 0
+    assert torch.equal(bat.samples, seq.samples)
+    assert bat.model_evals == seq.model_evals == 10 * 1 * 2
 
 
 def test_batched_outputs_match_per_model_calls_without_and_with_guidance():

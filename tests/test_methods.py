@@ -209,3 +209,33 @@ def test_sample_works_on_its_own_scheduler_copy():
     plan = plan_method("msdda", bundle, {"objective_1": 0.5, "objective_2": 0.5})
     msdda.sample(plan.models, bundle.scheduler, plan.rule, shape=(2, 2), num_inference_steps=7, progress=False)
     assert torch.equal(bundle.scheduler.timesteps, before)
+
+
+def test_rewarded_soup_option_average_reaches_a_builder_that_takes_it():
+    import copy
+
+    bundle = copy.copy(get_task_bundle("gaussian"))
+    calls = []
+    model = bundle.reference
+    bundle.soup = lambda weights: calls.append(("plain", dict(weights))) or model
+    w = {"objective_1": 0.4, "objective_2": 0.6}
+    plain = plan_method("rewarded-soup", bundle, w)
+    delta = plan_method("rewarded-soup", bundle, w, options={"average": "delta"})
+    assert calls == [("plain", w), ("plain", w)] and delta.record["soup_average"] == "delta"
+    assert "soup_average" not in plain.record
+    for options, pattern in [
+        ({"average": "factors"}, "interpolates full parameters"),
+        ({"average": "mean"}, r"average='mean'; choose one of \('delta', 'factors'\)"),
+        ({"scale": 1}, "takes only the option 'average'"),
+    ]:
+        with pytest.raises(PlanError, match=pattern):
+            plan_method("rewarded-soup", bundle, w, options=options)
+
+    def lora_builder(weights, average="delta"):
+        calls.append((average, dict(weights)))
+        return model
+
+    bundle.soup = lora_builder
+    plan = plan_method("rewarded-soup", bundle, w, options={"average": "factors"})
+    assert calls[-1] == ("factors", w) and plan.record == {"method": "rewarded-soup", "weights": w, "soup": w,
+                                                          "soup_average": "factors"}

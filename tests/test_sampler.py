@@ -319,3 +319,141 @@ def test_sampler_refuses_inputs_that_would_fail_deep_inside_torch():
         msdda.sample(m, _ddpm(), "msdda", shape=(2, 2))
     with pytest.raises(msdda.StepRuleError, match="sum to 0.4"):
         DBMPA([0.2, 0.2])
+
+
+# ----- rules that select their models: DB-MPA-LS evaluates only the model it drew ---------------------------
+class _AllModelsLS(msdda.sampling.StepRuleBase):
+    """DB-MPA-LS as it ran before rules could select: every model (and the reference) evaluated at every step,
+    the draw made inside the rule call. The reference implementation the selecting rule must reproduce."""
+
+    name = "db-mpa-ls-all"
+
+    def __init__(self, weights, reference_weight=0.0):
+        self.weights, self.reference_weight = list(weights), float(reference_weight)
+        self.uses_reference = self.reference_weight != 0.0
+
+    def check(self, num_models):
+        pass
+
+    def select(self, ctx):
+        return None  # every model, the reference too
+
+    def __call__(self, ctx):
+        w = [*self.weights, self.reference_weight] if self.uses_reference else self.weights
+        probs = torch.tensor(w, dtype=torch.float64, device=ctx.generator.device)
+        choice = int(torch.multinomial(probs, 1, generator=ctx.generator).item())
+        ctx.info["chosen_model"] = choice
+        return ctx.reference_kernel if choice == len(self.weights) else ctx.kernels[choice]
+
+
+def _ls_models():
+    return [LinearEps(0.2, 0.1), LinearEps(-0.1, 0.3), LinearEps(0.05, -0.2)]
+
+
+_LS_CASES = {
+    # (rule args, reference?, guidance?): samples and draws pinned from the all-models implementation
+    "reference": (
+        ([0.2, 0.3, 0.1], 0.4),
+        True,
+        False,
+        [3, 2, 3, 3, 0, 3, 0, 2, 2, 3, 3, 2],
+        [-0.9425147175788879, 1.0, -0.8462291359901428, 0.5017518997192383, -0.9983336329460144, 1.0,
+         -0.9613820910453796, -1.0],
+    ),
+    "cfg": (
+        ([0.2, 0.3, 0.5], 0.0),
+        False,
+        True,
+        [2, 2, 2, 2, 2, 0, 1, 1, 0, 2, 2, 2],
+        [-0.8717457056045532, 0.3244854509830475, 0.8409122228622437, -0.4454335570335388, -0.26906073093414307,
+         -0.8215319514274597, -0.4274783134460449, -0.743184506893158],
+    ),
+}
+
+
+def _ls_run(rule, models, reference, guided, seen=None):
+    kw = dict(cond=torch.tensor([1, 2]), guidance_scale=2.0, null_cond=torch.tensor([0])) if guided else {}
+    seen = [] if seen is None else seen
+    out = msdda.sample(
+        models,
+        _ddpm(),
+        rule,
+        reference=reference,
+        shape=(2, 1, 2, 2),
+        num_inference_steps=12,
+        seed=5,
+        progress=False,
+        callback=lambda ctx, x: seen.append(ctx),
+        **kw,
+    )
+    return out, seen
+
+
+@pytest.mark.parametrize("case", list(_LS_CASES))
+def test_db_mpa_ls_evaluates_only_the_drawn_model_with_the_same_samples(case):
+    (weights, ref_w), with_ref, guided, pinned_choices, pinned = _LS_CASES[case]
+    models, ref = _ls_models(), LinearEps(0.0, 0.0) if with_ref else None
+    out, seen = _ls_run(DBMPALS(weights, reference_weight=ref_w), models, ref, guided)
+    old_models, old_ref = _ls_models(), LinearEps(0.0, 0.0) if with_ref else None
+    old, _ = _ls_run(_AllModelsLS(weights, ref_w), old_models, old_ref, guided)
+    choices = [c.info["chosen_model"] for c in seen]
+    assert choices == pinned_choices
+    assert torch.equal(out.samples, old.samples)
+    assert torch.equal(out.samples.flatten(), torch.tensor(pinned))
+    per_call = 2 if guided else 1
+    # one model per step (the reference counts when it is the one drawn), instead of K (+1) per step
+    assert out.model_evals == per_call * 12
+    assert old.model_evals == per_call * 12 * (len(models) + with_ref)
+    for k, m in enumerate(models):
+        assert m.calls == choices.count(k)  # a guided call is one forward on the 2B batch
+    if with_ref:
+        assert ref.calls == choices.count(len(weights)) and old_ref.calls == 12
+    for ctx, choice in zip(seen, choices, strict=True):
+        drawn_ref = choice == len(weights)
+        assert ctx.selected == ((None,) if drawn_ref else (choice,))
+        assert (ctx.reference_kernel is not None) == drawn_ref
+        assert [k is not None for k in ctx.kernels] == [k == choice for k in range(len(models))]
+
+
+def test_db_mpa_ls_without_select_draws_in_the_call():
+    """A caller that builds its own context (every slot filled) gets the same draw from the same stream."""
+    models = _ls_models()
+    s = _ddpm()
+    s.set_timesteps(4)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = int(s.timesteps[0])
+    kernels = [s.kernel(m(x, torch.full((2,), t)), t, x, prev_timestep=s.prev_timestep(t)) for m in models]
+    ctx = lambda: msdda.sampling.StepContext(  # noqa: E731
+        x, t, s.prev_timestep(t), 0, False, [None] * 3, kernels, s, torch.Generator().manual_seed(3)
+    )
+    a, b = ctx(), ctx()
+    rule = DBMPALS([0.2, 0.3, 0.5])
+    k = rule(a)
+    assert k is kernels[a.info["chosen_model"]]
+    assert rule.select(b) == [a.info["chosen_model"]]
+
+
+def test_select_results_are_checked():
+    class Bad(msdda.sampling.StepRuleBase):
+        name, uses_reference = "bad", False
+
+        def __init__(self, picked):
+            self.picked = picked
+
+        def check(self, num_models):
+            pass
+
+        def select(self, ctx):
+            return self.picked
+
+        def __call__(self, ctx):
+            return ctx.kernels[0]
+
+    kw = dict(shape=(1, 1, 2, 2), num_inference_steps=2, progress=False)
+    for picked, pattern in [(3, "returned 3"), ([5], "model index 5"), ([True], "model index True")]:
+        with pytest.raises(msdda.StepRuleError, match=pattern):
+            msdda.sample([LinearEps(0.1, 0.0)], _ddpm(), Bad(picked), **kw)
+    with pytest.raises(msdda.StepRuleError, match="selected the reference"):
+        msdda.sample([LinearEps(0.1, 0.0)], _ddpm(), Bad([None]), **kw)
+    out = msdda.sample([LinearEps(0.1, 0.0), LinearEps(0.2, 0.0)], _ddpm(), Bad([0, 0]), **kw)
+    assert out.model_evals == 2  # duplicates are evaluated once

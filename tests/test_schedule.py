@@ -244,3 +244,41 @@ def test_cached_step_coefficients_follow_the_schedule():
     ks.timesteps[1] = 850  # the step grid changed in place: 900 now steps to 850
     assert ks.prev_timestep(900) == 850
     assert_same(900)
+
+
+# ----- MPS has no float64: the kernel math there runs in float32 ------------------------------------------
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(kind="ddpm"), dict(kind="ddpm", variance_type="learned_range"), dict(kind="ddim", eta=0.5),
+     dict(kind="ddim", eta=0.0, clip_sample=False)],
+    ids=["ddpm", "ddpm-learned", "ddim-eta", "ddim-det"],
+)
+def test_float32_kernel_math_is_within_the_documented_tolerance(cfg, monkeypatch):
+    """What an MPS device computes (compute_dtype -> float32), forced on the CPU, against the float64 path."""
+    import msdda.core.schedule as schedule
+    from msdda.core.kernel import compute_dtype
+
+    assert compute_dtype("mps") is torch.float32 and compute_dtype("cpu") is torch.float64
+
+    def kernels():
+        s = KernelScheduler(KernelSchedulerConfig(**cfg))
+        s.set_timesteps(50)
+        g = torch.Generator().manual_seed(0)
+        channels = 4 if cfg.get("variance_type") == "learned_range" else 2
+        out = []
+        for t in [int(x) for x in s.timesteps]:
+            x = torch.randn(4, 2, 8, 8, generator=g)
+            k = s.kernel(torch.randn(4, channels, 8, 8, generator=g).clamp(-1, 1), t, x, prev_timestep=s.prev_timestep(t))
+            out.append((k.mean, torch.broadcast_to(k.var, k.mean.shape), s.predict_x0(torch.ones(4, 2, 8, 8), t, x)))
+        return out
+
+    exact = kernels()
+    seen = []
+    monkeypatch.setattr(schedule, "compute_dtype", lambda device: seen.append(1) or torch.float32)
+    rounded = kernels()
+    assert seen  # the float32 path ran
+    for (m64, v64, x64), (m32, v32, x32) in zip(exact, rounded, strict=True):
+        assert m32.dtype == torch.float32
+        assert float((m64 - m32).abs().max()) <= 2e-6 * max(1.0, float(m64.abs().max()))
+        assert float(((v64 - v32).abs() / v64.abs().clamp_min(1e-30)).max()) <= 2e-5
+        assert float((x64 - x32).abs().max()) <= 2e-6 * max(1.0, float(x64.abs().max()))

@@ -361,9 +361,11 @@ def test_prompt_embeds_equal_prompt(tiny):
 def test_db_mpa_ls_and_output_types(tiny):
     pipe = tiny.pipeline("ddpm")
     a = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
+    calls = count_unet_calls(pipe)
     b = run(pipe, {"aes": 0.5, "align": 0.5}, method="db-mpa-ls")
     assert torch.equal(a.images, b.images)  # the generator drives the model choice too
-    assert a.cost.model_evals == STEPS * 2 * 2  # msdda.sample evaluates every model, then the rule picks one
+    # only the drawn objective runs at each step: one UNet call (cond + uncond batched, counted 2) per step
+    assert a.cost.model_evals == STEPS * 2 and calls[0] == STEPS
     pt = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pt").images
     assert pt.shape == (1, 3, 16, 16) and float(pt.min()) >= 0 and float(pt.max()) <= 1
     pil = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="pil").images
@@ -496,6 +498,68 @@ def test_rewarded_soup_is_exact(tiny):
     assert (soup.images - theirs).abs().max() < ATOL
     assert soup.config["soup"] == weights and soup.cost.model_evals == STEPS * 2
 
+
+# The factor average: two adapters of one configuration (rank 4, alpha 8, the attention projections).
+_FACTOR_CFG = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def _lora_state(tiny, seed: int, cfg: dict) -> dict[str, torch.Tensor]:
+    u = copy.deepcopy(tiny.unet)
+    u.add_adapter(LoraConfig(**cfg), adapter_name="x")
+    _randomise_lora(u, seed)
+    return get_peft_model_state_dict(u, adapter_name="x")
+
+
+def _save_lora(tiny, name: str, state: dict[str, torch.Tensor], cfg: dict) -> Path:
+    folder = tiny.root / name
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, unet_lora_adapter_metadata=LoraConfig(**cfg).to_dict()
+    )
+    return folder
+
+
+def test_factor_soup_equals_hand_averaged_lora_factors(tiny):
+    """average='factors': the adapters' A and B averaged separately (their state dicts averaged by hand,
+    loaded into diffusers' own pipeline); the default 'delta' soup is unchanged and differs from it."""
+    states = {"f1": _lora_state(tiny, 21, _FACTOR_CFG), "f2": _lora_state(tiny, 22, _FACTOR_CFG)}
+    folders = {k: _save_lora(tiny, k, s, _FACTOR_CFG) for k, s in states.items()}
+    weights = {"f1": 0.3, "f2": 0.7}
+    averaged = {key: 0.3 * states["f1"][key] + 0.7 * states["f2"][key] for key in states["f1"]}
+    hand = _save_lora(tiny, "f-hand-averaged", averaged, _FACTOR_CFG)
+    pipe = MSDDAPipeline(tiny.base("ddpm"), folders)
+    factors = run(pipe, weights, method="rewarded-soup", method_options={"average": "factors"})
+    ref = tiny.base("ddpm")
+    ref.load_lora_weights(hand, adapter_name="hand")
+    theirs = diffusers_latents(ref)
+    assert (factors.images - theirs).abs().max() < ATOL
+    assert factors.config["soup_average"] == "factors" and factors.cost.model_evals == STEPS * 2
+    assert set(pipe.unet.peft_config) == {pipe.objectives[k].adapter for k in folders}  # the soup is gone
+    delta = run(pipe, weights, method="rewarded-soup")
+    assert torch.equal(run(pipe, weights, method="rewarded-soup", method_options={"average": "delta"}).images,
+                       delta.images)
+    assert (delta.images - factors.images).abs().max() > 1e-3  # the two averages are different models
+
+
+def test_factor_soup_needs_one_rank_scaling_and_target_set(tiny):
+    pipe = tiny.pipeline("ddpm")  # aes: rank 4 on to_q/k/v/out; align: rank 2 on to_q/to_v/proj_in
+    with pytest.raises(AdapterError, match=r"average='factors': adapter\(s\) \['.*'\] have no LoRA at"):
+        run(pipe, {"aes": 0.5, "align": 0.5}, method="rewarded-soup", method_options={"average": "factors"})
+    assert set(pipe.unet.peft_config) == {pipe.objectives[k].adapter for k in ("aes", "align")}
+    f1 = _save_lora(tiny, "g1", _lora_state(tiny, 31, _FACTOR_CFG), _FACTOR_CFG)
+    for cfg, pattern in [
+        ({**_FACTOR_CFG, "r": 2, "lora_alpha": 4}, "have ranks"),
+        ({**_FACTOR_CFG, "lora_alpha": 4}, r"scalings \(alpha / r\)"),
+    ]:
+        other = _save_lora(tiny, f"g-{cfg['r']}-{cfg['lora_alpha']}", _lora_state(tiny, 32, cfg), cfg)
+        p = MSDDAPipeline(tiny.base("ddpm"), {"g1": f1, "g2": other})
+        with pytest.raises(AdapterError, match=pattern):
+            run(p, {"g1": 0.5, "g2": 0.5}, method="rewarded-soup", method_options={"average": "factors"})
+        assert torch.isfinite(run(p, {"g1": 0.5, "g2": 0.5}, method="rewarded-soup").images).all()  # delta works
+    full = MSDDAPipeline(tiny.base("ddim"), {"full": tiny.full_dir})
+    with pytest.raises(PipelineError, match="average='factors' averages LoRA factors"):
+        run(full, {"full": 1.0}, method="rewarded-soup", method_options={"average": "factors"})
+    with pytest.raises(PlanError, match="choose one of"):
+        run(pipe, {"aes": 1.0}, method="rewarded-soup", method_options={"average": "both"})
 
 def test_rewarded_soup_of_full_unets(tiny):
     pipe = MSDDAPipeline(tiny.base("ddim"), {"full": tiny.full_dir})

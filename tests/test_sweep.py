@@ -94,6 +94,11 @@ def test_sweep_rows_and_common_random_numbers(tmp_path):
     # at one-hot weights MSDDA and DB-MPA both reduce to the aligned model: same noise, same samples
     one_hot = json.dumps({"objective_1": 1.0, "objective_2": 0.0})
     assert by[("msdda", one_hot, 0, 0)] == pytest.approx(by[("db-mpa", one_hot, 0, 0)], rel=1e-9)
+    # rows carry the true model count: K = 2 per step for the fusions, 1 (the drawn model) for DB-MPA-LS
+    evals = {(r["method"], json.dumps(r["weights"])): r["cost"]["model_evals"] for r in rows}
+    half = json.dumps({"objective_1": 0.5, "objective_2": 0.5})
+    assert evals[("msdda", half)] == evals[("db-mpa", half)] == 2 * 6
+    assert evals[("db-mpa-ls", half)] == evals[("base", "null")] == 6
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["task"] == "gaussian" and cfg["batch_size"] == 4
 

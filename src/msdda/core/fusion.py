@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from msdda.core.errors import FusionError
+from msdda.core.kernel import compute_dtype
 
 # Weights whose sum is within this relative distance of 1 leave no exponent for the reference.
 SUM_TO_ONE_RTOL = 1e-6
@@ -136,8 +137,8 @@ def _rescale_below(cdt: torch.dtype) -> float:
 
 def _compute_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps the precision-weighted sums exact to the input dtype even under extrapolation
-    # (a_0 < 0 cancels); MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
+    # (a_0 < 0 cancels); MPS has no float64 (msdda.core.kernel.compute_dtype).
+    return compute_dtype(device)
 
 
 def fuse_gaussians(

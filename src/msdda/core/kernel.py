@@ -11,6 +11,16 @@ from torch import Tensor
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of the kernel and fusion math on `device`: float64, except on Apple's MPS, which has no
+    float64 and computes in float32 instead (the schedule's coefficients are still computed in float64 on the
+    CPU and rounded once). Measured on CPU with float32 forced, 50 steps of DDPM (fixed and learned_range
+    variance) and DDIM (eta 0 and 0.5) on unit-scale samples: kernel means within 7.2e-7 absolute (a few
+    float32 ulps) and variances within 5.8e-6 relative of the float64 path (tests/test_schedule.py checks
+    2e-6 and 2e-5). A float32 model output carries about as much rounding already. MPS itself was not run."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _event_sum(x: Tensor, batch_dims: int) -> Tensor:
     """Sum over every dimension after the first `batch_dims` ones."""
     if x.dim() <= batch_dims:

@@ -7,7 +7,8 @@ For every supported configuration `mean + sqrt(var) * z` equals the `prev_sample
 `step()` returns with the same noise z (tested at every timestep), except at the final DDPM step
 (t -> -1): there `step()` adds no noise and returns the mean, while the kernel keeps the variance its
 variance_type defines (beta_0 for fixed_large, ~0 for fixed_small); the sampler returns the mean at the
-last step too, so samples agree. Coefficients are computed in float64.
+last step too, so samples agree. Coefficients are computed in float64, and so is the kernel math on the
+device, except on MPS (no float64 there): float32, means within ~1e-6 (`msdda.core.kernel.compute_dtype`).
 Timesteps are checked: an integer in [0, num_train_timesteps) (prev_timestep may be -1), and a DDIM
 schedule must have its inference timesteps set (`set_timesteps`) before a kernel steps back from t.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from msdda.config import JSONConfig
 from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
-from msdda.core.kernel import ReverseKernel
+from msdda.core.kernel import ReverseKernel, compute_dtype
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 KERNEL_KINDS = ("ddpm", "ddim")
@@ -217,7 +218,7 @@ class KernelScheduler:
         """q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; timesteps [B] (long)."""
         _check_timestep(timesteps, self.config.num_train_timesteps, "timesteps")
         ab = _bc(self.alpha_bar(timesteps), x0)
-        return (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).to(x0.dtype)
+        return (ab.sqrt() * _hi(x0) + (1 - ab).sqrt() * _hi(noise)).to(x0.dtype)
 
     def q_posterior(
         self, x0: Tensor, x_t: Tensor, timestep: int | Tensor, prev_timestep: int | Tensor
@@ -227,9 +228,9 @@ class KernelScheduler:
         a_t = _bc(self.alpha_bar(timestep), x_t)
         a_p = _bc(self.alpha_bar(prev_timestep), x_t)
         beta_t = 1 - a_t / a_p
-        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * x0.double() + (
+        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * _hi(x0) + (
             (a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)
-        ) * x_t.double()
+        ) * _hi(x_t)
         var = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
         return mean.to(x_t.dtype), var.to(x_t.dtype)
 
@@ -313,8 +314,8 @@ class KernelScheduler:
         elif eta is not None:
             raise ScheduleError("eta applies to DDIM only; a DDPM kernel's variance is set by variance_type")
         coef = self._coefficients(t_val, prev, sample, eta, batched_t)
-        x = sample.double()
-        out = model_output.double()
+        x = _hi(sample)
+        out = _hi(model_output)
         x0, eps = _x0_eps(out, x, coef.sqrt_a, coef.sqrt_1ma, cfg.prediction_type)
         x0 = self._clip_or_threshold(x0)
 
@@ -328,7 +329,7 @@ class KernelScheduler:
             var = self._ddpm_variance(coef, predicted_variance)
 
         if offsets is not None:
-            mean, var = apply_kernel_offsets(mean, var, offsets.double())
+            mean, var = apply_kernel_offsets(mean, var, _hi(offsets))
         dtype = sample.dtype
         return ReverseKernel(
             mean=mean.to(dtype),
@@ -402,7 +403,7 @@ class KernelScheduler:
             assert coef.var is not None
             return coef.var
         assert predicted_variance is not None
-        v = predicted_variance.double()
+        v = _hi(predicted_variance)
         if vt == "learned":
             return v
         frac = (v + 1) / 2  # learned_range: interpolate log-variance between posterior and beta_t
@@ -426,8 +427,8 @@ class KernelScheduler:
         c = sample.shape[1]
         out = model_output[:, :c] if model_output.shape[1] > c else model_output  # the prediction comes first
         a_t = self.alpha_bar(timestep)
-        x = sample.double()
-        x0, _ = _x0_eps(out.double(), x, _bc(a_t**0.5, x), _bc((1 - a_t) ** 0.5, x), self.config.prediction_type)
+        x = _hi(sample)
+        x0, _ = _x0_eps(_hi(out), x, _bc(a_t**0.5, x), _bc((1 - a_t) ** 0.5, x), self.config.prediction_type)
         return x0.to(sample.dtype)
 
     # ----- conversion ------------------------------------------------------------------------------
@@ -502,9 +503,16 @@ def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor) -> tuple[Te
     return mean + var * d_mean, var * torch.exp(var * d_logvar)
 
 
+def _hi(x: Tensor) -> Tensor:
+    """`x` in the kernel math's dtype on its device: float64, or float32 on MPS (`compute_dtype`)."""
+    return x.to(compute_dtype(x.device))
+
+
 def _bc(value: Tensor, like: Tensor) -> Tensor:
-    """A 0-dim or [B] coefficient as float64 on `like`'s device, shaped to broadcast against [B, ...]."""
-    value = value.to(like.device, torch.float64)
+    """A 0-dim or [B] coefficient in the kernel math's dtype (float64; float32 on MPS, rounded on the CPU
+    before the move, as MPS cannot hold float64) on `like`'s device, shaped to broadcast against [B, ...]."""
+    cdt = compute_dtype(like.device)
+    value = value.to(cdt).to(like.device) if cdt != torch.float64 else value.to(like.device, torch.float64)
     if value.dim() == 0:
         return value
     return value.reshape(-1, *([1] * (like.dim() - 1)))

@@ -172,6 +172,8 @@ def _cost(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
         cost = dict(r["cost"])
         if isinstance(cost.get("seconds"), int | float):  # rows of older or foreign stores may lack it
             cost["seconds_per_sample"] = cost["seconds"] / r["batch"]
+        if cost.get("peak_memory_bound"):  # an upper bound only (a CUDA run below an earlier peak): not a value
+            cost.pop("peak_memory_bytes", None)
         for k in COST_KEYS:
             if isinstance(cost.get(k), int | float):
                 acc[r["method"]][k].append(cost[k])
@@ -414,7 +416,8 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ backgr
 <table><tr><th>baseline</th>{"".join(f"<th>{e(wl)}</th>" for wl in weight_labels)}</tr>{win_rows}</table>
 <h2>Cost per sampler call (one batch)</h2>
 <table><tr><th>method</th>{"".join(f"<th>{k}</th>" for k in COST_KEYS)}<th>training (s)</th></tr>{cost_rows}</table>
-<p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth.
+<p>peak_memory_bytes is per sampler call (a batch); on CPU it is the process's resident-set growth; on CUDA
+the allocator's peak growth, leaving out calls that stayed below an earlier peak (only a bound is known).
 training (s): step-rl trains one model per w (the sum over the weights it ran); a fusion method trains its K
 aligned models once, shared by every w (their sum); base and the reward-guided methods 0; "-": not recorded.</p>
 <h2>Samples</h2>{grid_html or "<p>No image samples stored.</p>"}

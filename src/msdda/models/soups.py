@@ -2,7 +2,8 @@
 
 theta = sum_k w_k theta_k over every floating-point parameter and buffer (integer buffers, e.g. step
 counters, are taken from the first model). For LoRA adapters the interpolation is of the low-rank updates
-dW = sum_k w_k B_k A_k (see msdda.pipelines), not of A and B separately.
+dW = sum_k w_k B_k A_k (see msdda.pipelines), not of A and B separately; `build_lora_soup(average="factors")`
+offers the factor average as well, for reproducing baselines that used it.
 """
 
 from __future__ import annotations

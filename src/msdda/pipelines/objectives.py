@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import AdapterError, ObjectiveError
+from msdda.sampling.methods import SOUP_AVERAGES
 
 logger = logging.getLogger(__name__)
 
@@ -486,14 +487,26 @@ def resolve_objective(base_unet: nn.Module, name: str, source: Any) -> Objective
 # ----- rewarded soups ---------------------------------------------------------------------------------
 
 
-def build_lora_soup(unet: nn.Module, weights: Mapping[str, float], soup: str) -> dict[str, int]:
-    """Add adapter `soup` to `unet` with delta W = sum_k w_k dW_k, dW_k = scaling_k B_k A_k, exactly.
+def build_lora_soup(
+    unet: nn.Module, weights: Mapping[str, float], soup: str, *, average: str = "delta"
+) -> dict[str, int]:
+    """Add adapter `soup` to `unet`, the Rewarded-Soups interpolation of the LoRA adapters in `weights`.
 
-    Construction (as peft's `add_weighted_adapter(combination_type="cat")`): per layer, the soup's A is the
-    row-concatenation of w_k scaling_k A_k and its B the column-concatenation of B_k, with scaling 1, so
-    B_soup A_soup = sum_k w_k scaling_k B_k A_k up to float rounding (rank = sum of the ranks). Works for
-    Linear and Conv2d LoRA layers. Returns {module name: soup rank}. The soup is left disabled.
+    weights: {adapter name: w_k}; adapters with weight 0 are left out. Per LoRA layer with adapters k
+    (A_k [r_k, in], B_k [out, r_k], Conv2d kernels flattened alike; scaling_k = alpha_k / r_k):
+    average="delta" (default, exact): delta W = sum_k w_k scaling_k B_k A_k, the interpolation of the
+      weight updates. Built as peft's `add_weighted_adapter(combination_type="cat")`: the soup's A is the
+      row-concatenation of w_k scaling_k A_k and its B the column-concatenation of B_k, scaling 1, so
+      B_soup A_soup equals the sum up to float rounding (rank = sum of the ranks).
+    average="factors": delta W = scaling (sum_k w_k B_k)(sum_k w_k A_k), the factors averaged separately
+      (as averaging the adapters' state dicts does; Diffusion Blend's released Rewarded-Soups baseline).
+      It is not the interpolation of the updates: it adds cross terms w_j w_k B_j A_k and scales with
+      (sum_k w_k)^2. It needs every adapter at every soup layer with one rank and one scaling there;
+      AdapterError names the layer otherwise. The soup keeps that rank.
+    Works for Linear and Conv2d LoRA layers. Returns {module name: soup rank}. The soup is left disabled.
     """
+    if average not in SOUP_AVERAGES:
+        raise AdapterError(f"rewarded-soup: average={average!r}; choose one of {SOUP_AVERAGES}")
     peft = require("peft", "rewarded-soup over LoRA objectives")
     from peft.tuners.lora import LoraLayer
 
@@ -519,7 +532,52 @@ def build_lora_soup(unet: nn.Module, weights: Mapping[str, float], soup: str) ->
         records.append((module_name, layer, present))
     if not records:
         raise AdapterError(f"rewarded-soup: none of the adapters {sorted(active)} is present in the UNet")
-    ranks = {name: sum(layer.r[a] for a, _ in present) for name, layer, present in records}
+    if average == "factors":
+        ranks = _factor_ranks(records, active)
+    else:
+        ranks = {name: sum(layer.r[a] for a, _ in present) for name, layer, present in records}
+    return _add_soup_adapter(peft, unet, soup, records, ranks, average)
+
+
+def _factor_ranks(
+    records: list[tuple[str, Any, list[tuple[str, float]]]], active: Mapping[str, float]
+) -> dict[str, int]:
+    """The soup's rank per layer for the factor average, after checking that the adapters line up there."""
+    ranks: dict[str, int] = {}
+    for name, layer, present in records:
+        missing = sorted(set(active) - {a for a, _ in present})
+        if missing:
+            raise AdapterError(
+                f"rewarded-soup average='factors': adapter(s) {missing} have no LoRA at {name!r} while "
+                f"{sorted(a for a, _ in present)} do; averaging factors needs the same target modules in every "
+                "adapter; use average='delta' (the exact interpolation of the updates)"
+            )
+        rank = {a: int(layer.r[a]) for a, _ in present}
+        scaling = {a: float(layer.scaling[a]) for a, _ in present}
+        if len(set(rank.values())) > 1:
+            raise AdapterError(
+                f"rewarded-soup average='factors': the adapters have ranks {rank} at {name!r}; averaging factors "
+                "needs one rank; use average='delta' (the exact interpolation of the updates)"
+            )
+        if len(set(scaling.values())) > 1:
+            raise AdapterError(
+                f"rewarded-soup average='factors': the adapters have scalings (alpha / r) {scaling} at {name!r}; "
+                "averaging factors needs one scaling; use average='delta'"
+            )
+        ranks[name] = next(iter(rank.values()))
+    return ranks
+
+
+def _add_soup_adapter(
+    peft: Any,
+    unet: nn.Module,
+    soup: str,
+    records: list[tuple[str, Any, list[tuple[str, float]]]],
+    ranks: dict[str, int],
+    average: str,
+) -> dict[str, int]:
+    """Add adapter `soup` (scaling 1, rank ranks[layer]) and fill it: the concatenated, weighted factors
+    (average='delta') or the weighted sums of the factors, the scaling folded into A (average='factors')."""
     top = max(ranks.values())
     pattern = {re.escape(name): r for name, r in ranks.items()}
     config = peft.LoraConfig(
@@ -545,10 +603,15 @@ def build_lora_soup(unet: nn.Module, weights: Mapping[str, float], soup: str) ->
                         f"rewarded-soup: peft built rank {layer.r[soup]} / scaling {layer.scaling[soup]} at {name!r}, "
                         f"expected rank {ranks[name]} / scaling 1; this peft version is not supported"
                     )
-                a_cat = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], dim=0)
-                b_cat = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
-                a_soup.copy_(a_cat.to(a_soup.dtype))
-                b_soup.copy_(b_cat.to(b_soup.dtype))
+                if average == "delta":
+                    a_new = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present])
+                    b_new = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
+                else:  # one rank and one scaling at this layer (checked by _factor_ranks)
+                    scale = layer.scaling[present[0][0]]
+                    a_new = scale * sum(w * layer.lora_A[a].weight.float() for a, w in present)
+                    b_new = sum(w * layer.lora_B[a].weight.float() for a, w in present)
+                a_soup.copy_(a_new.to(a_soup.dtype))
+                b_soup.copy_(b_new.to(b_soup.dtype))
     except Exception:
         _cleanup_adapter(unet, soup)
         raise

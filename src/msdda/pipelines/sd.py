@@ -534,12 +534,20 @@ class _ObjectiveStore:
     def beta_of(self, objective: str) -> float:
         return 1.0
 
-    def soup(self, weights: Mapping[str, float]) -> UNetDenoiser:
+    def soup(self, weights: Mapping[str, float], average: str = "delta") -> UNetDenoiser:
+        """The Rewarded-Soups model for {objective: w}. LoRA objectives: a temporary adapter with
+        average="delta" dW = sum_k w_k B_k A_k (exact) or "factors" (sum_k w_k B_k)(sum_k w_k A_k)
+        (see build_lora_soup); full-UNet objectives: theta_base + sum_k w_k (theta_k - theta_base)."""
         pipe = self.pipe
         kinds = {pipe.objectives[k].kind for k in weights}
+        if average == "factors" and kinds != {"lora"}:
+            raise PipelineError(
+                f"{REWARDED_SOUP} average='factors' averages LoRA factors; objectives {sorted(weights)} include "
+                "full UNets; use average='delta' (the parameter interpolation)"
+            )
         if kinds == {"lora"}:
             adapters = {pipe.objectives[k].adapter: v for k, v in weights.items()}
-            build_lora_soup(pipe.unet, adapters, SOUP_ADAPTER)
+            build_lora_soup(pipe.unet, adapters, SOUP_ADAPTER, average=average)
             self._soup_built = True
             pipe.switch.refresh()
             pipe.switch.disable()

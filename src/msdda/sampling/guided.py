@@ -28,7 +28,10 @@ def _model_kernel(ctx: StepContext, model: int | None) -> ReverseKernel:
         if ctx.reference_kernel is None:
             raise StepRuleError("the rule works on the reference model; pass `reference=` to sample()")
         return ctx.reference_kernel
-    return ctx.kernels[model]
+    kernel = ctx.kernels[model]
+    if kernel is None:  # only if a subclass's select() left its own model out
+        raise StepRuleError(f"model {model}'s kernel was not evaluated at this step; include {model} in select()")
+    return kernel
 
 
 def _scalarised(rewards: Sequence[Reward], weights: Sequence[float], x0: Tensor, cond: Any) -> Tensor:

@@ -18,6 +18,7 @@ Adding a method is one `register_method(MethodSpec(...))` (docs/extending.md).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ BASE = "base"
 REWARDED_SOUP = "rewarded-soup"
 STEP_RL = "step-rl"  # one policy per w trained by multi-objective step-level RL (the expensive baseline)
 SINGLE_PREFIX = f"{SingleModel.name}:"  # "single:<objective>"
+# rewarded-soup's option "average": "delta" interpolates the weight updates (for LoRA dW = sum_k w_k B_k A_k,
+# exact; for full models theta = sum_k w_k theta_k), "factors" averages LoRA factors separately,
+# (sum_k w_k B_k)(sum_k w_k A_k), as Diffusion Blend's released baseline does (LoRA objective sets only)
+SOUP_AVERAGES = ("delta", "factors")
 
 
 class PlanError(MSDDAError):
@@ -65,7 +70,9 @@ class ObjectiveSet(Protocol):
     objectives: names of the aligned models, in order. reference: the base model. aligned[name]: the
     single-objective model for `name`; beta_of(name): the KL strength it was aligned with. rewards[name]:
     reward callables `(x0, cond) -> [B]` for the reward-guided methods (may be empty). soup(weights): one
-    model with interpolated parameters for {name: w}, or None when the set has no parameters to mix.
+    model with interpolated parameters for {name: w}, or None when the set has no parameters to mix; a
+    builder that also takes a keyword `average` (one of SOUP_AVERAGES) serves rewarded-soup's option of
+    that name (the SD pipeline's, for LoRA factors).
     rgg_scale: the reward-gradient guidance scale calibrated for this set.
 
     Optional (read with getattr, so a set need not define it): `weighted_policy(weights, beta, *, train=True)
@@ -371,15 +378,40 @@ def _plan_mixture(rule_cls: type[DBMPA] | type[DBMPALS]) -> Callable[[PlanReques
     return build
 
 
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: assume not
+        return False
+    return any(p.name == name and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
 def _plan_soup(req: PlanRequest) -> MethodPlan:
-    _no_options(req)
+    """One model with interpolated parameters. Option `average` (SOUP_AVERAGES): "delta" (default) or
+    "factors" (LoRA adapters only: the builder must take the keyword `average`)."""
+    opts = dict(req.options)
+    average = opts.pop("average", None)
+    if opts:
+        raise PlanError(f"method {req.method!r} takes only the option 'average' {SOUP_AVERAGES}, got {sorted(opts)}")
+    if average is not None and average not in SOUP_AVERAGES:
+        raise PlanError(f"{REWARDED_SOUP}: options average={average!r}; choose one of {SOUP_AVERAGES}")
     builder = req.objective_set.soup
     if builder is None:
         raise PlanError(f"{REWARDED_SOUP} needs models with parameters to interpolate; this objective set has none")
+    takes_average = _takes_keyword(builder, "average")
+    if average == "factors" and not takes_average:
+        raise PlanError(
+            f"{REWARDED_SOUP}: options average='factors' averages LoRA factors, but this objective set's soup "
+            "interpolates full parameters (no LoRA adapters); drop the option (its soup is the 'delta' one)"
+        )
     objs = {k: v for k, v in req.weights.items() if v != 0.0} if req.reference_weight is not None else req.weights
+    record: dict[str, Any] = {"soup": dict(objs)}
+    if average is not None:
+        record["soup_average"] = average
     if not objs:
-        return MethodPlan(req.method, [req.objective_set.reference], SingleModel(), None, {"soup": {}})
-    return MethodPlan(req.method, [builder(dict(objs))], SingleModel(), None, {"soup": dict(objs)})
+        return MethodPlan(req.method, [req.objective_set.reference], SingleModel(), None, record)
+    model = builder(dict(objs), average=average) if average is not None and takes_average else builder(dict(objs))
+    return MethodPlan(req.method, [model], SingleModel(), None, record)
 
 
 def _plan_step_rl(req: PlanRequest) -> MethodPlan:
@@ -459,12 +491,15 @@ for _spec in (
         DBMPA.name, _plan_mixture(DBMPA), "average the noise predictions, then one scheduler step", "K models per step"
     ),
     MethodSpec(
-        DBMPALS.name, _plan_mixture(DBMPALS), "one model per step, drawn with probability w_k", "K models per step"
+        DBMPALS.name,
+        _plan_mixture(DBMPALS),
+        "one model per step, drawn with probability w_k",
+        "1 model per step (only the drawn one runs; the reference only on steps that draw it)",
     ),
     MethodSpec(
         REWARDED_SOUP,
         _plan_soup,
-        "one model with interpolated parameters",
+        "one model with interpolated parameters (option average: delta | factors)",
         "1 model per step + one soup build",
         needs_soup=True,
     ),

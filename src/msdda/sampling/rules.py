@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from msdda.core.fusion import SUM_TO_ONE_RTOL, exponents_from_preferences, fuse_gaussians
-from msdda.core.kernel import GaussianKernel, ReverseKernel
+from msdda.core.kernel import GaussianKernel, ReverseKernel, compute_dtype
 from msdda.core.schedule import KernelScheduler
 from msdda.errors import MSDDAError
 from msdda.sampling.cost import Cost
@@ -28,8 +28,12 @@ class StepRuleError(MSDDAError):
 class StepContext:
     """Everything a rule may use at one reverse step t -> prev_t.
 
-    x_t: the current sample [B, C, ...]; outputs: the (guided) model outputs, one per model;
-    kernels: their reverse kernels; reference_*: the reference model's, when the rule asked for it.
+    x_t: the current sample [B, C, ...]; outputs: the (guided) model outputs [B, C or 2C, ...], one slot per
+    model (K slots); kernels: their reverse kernels, one slot per model; reference_*: the reference model's,
+    when it was evaluated. A slot is None for a model the rule's `select` left out at this step (see
+    `StepRuleBase.select`); with the default selection every slot is filled.
+    selected: what `select` returned at this step (model indices, None for the reference), or None when
+    every model was evaluated. num_models: K. While `select` runs, outputs and kernels are still empty.
     """
 
     x_t: Tensor
@@ -37,8 +41,8 @@ class StepContext:
     prev_timestep: int
     index: int
     is_last: bool
-    outputs: list[Tensor]
-    kernels: list[ReverseKernel]
+    outputs: list[Tensor | None]
+    kernels: list[ReverseKernel | None]
     scheduler: KernelScheduler
     generator: torch.Generator | None
     cond: Any = None
@@ -54,6 +58,10 @@ class StepContext:
     kernel: GaussianKernel | None = None
     # a step callback sets this to end the run after the current step (the sample so far is returned)
     stop: bool = False
+    # K, the number of models the sampler was given (set by the sampler before `select`)
+    num_models: int | None = None
+    # what the rule's `select` returned at this step (None: every model, and the reference if it is used)
+    selected: tuple[int | None, ...] | None = None
 
     def draw(self, kernel: GaussianKernel) -> Tensor:
         """A plain draw mean + sqrt(var) * z from `kernel`, with z from the run's noise source."""
@@ -68,6 +76,8 @@ class StepRule(Protocol):
     `draw(ctx, kernel) -> x_prev` turns the rule's kernel into the next sample at every step but the last;
     `StepRuleBase.draw` is the plain Gaussian draw, CoDe replaces it (it branches candidates and keeps the
     best). What the last step returns is the sampler's choice (`final_step`).
+    Optional: `select(ctx) -> indices | None`, called before any model is evaluated at a step, says which
+    models the step needs (see `StepRuleBase.select`); a rule without it gets every model.
     """
 
     name: str
@@ -81,7 +91,21 @@ class StepRule(Protocol):
 
 
 class StepRuleBase:
-    """What every step rule shares: the plain draw from the kernel through the run's noise source."""
+    """What every step rule shares: the plain draw from the kernel through the run's noise source, and the
+    default selection (every model, and the reference when `uses_reference`)."""
+
+    def select(self, ctx: StepContext) -> Sequence[int | None] | None:
+        """Which models this step needs, decided before any is evaluated.
+
+        Return None (the default) for all K models plus the reference when `uses_reference`, or a sequence of
+        model indices in [0, K) with None standing for the reference: only those are evaluated (and counted
+        in the run's cost); the other slots of ctx.outputs / ctx.kernels stay None, ctx.reference_* stay None
+        unless None is in the sequence. ctx carries x_t, the timesteps, index, is_last, generator, cond, info
+        and num_models; outputs and kernels are still empty. Randomness must come from ctx.generator, so a
+        seed still fixes the run. `__call__` must also work when `select` was never called (a caller that
+        builds its own StepContext, such as the step-optimality diagnostic, fills every slot).
+        """
+        return None
 
     def draw(self, ctx: StepContext, kernel: GaussianKernel) -> Tensor:
         return ctx.draw(kernel)
@@ -231,6 +255,11 @@ class DBMPALS(StepRuleBase):
     """DB-MPA-LS: at each step use one model's kernel, drawn with probability w_k (caller's generator).
 
     reference_weight: the probability of the reference's kernel (drawn as model K, after the K models).
+    The draw happens in `select`, before any model runs, so a step evaluates only the drawn model (the
+    reference only on steps that draw it): 1 model evaluation per step, as the method is published, not K.
+    The draw is torch.multinomial on the run's generator (on the generator's device), one per step before
+    that step's noise draw; Diffusion Blend's released code draws with the global RNG instead, so seeds
+    do not carry over between the two. `ctx.info["chosen_model"]` records the choice (K: the reference).
     """
 
     weights: Sequence[float]
@@ -254,15 +283,33 @@ class DBMPALS(StepRuleBase):
     def check(self, num_models: int) -> None:
         _check_count("DB-MPA-LS", self.weights, num_models)
 
-    def __call__(self, ctx: StepContext) -> GaussianKernel:
+    def _draw_choice(self, ctx: StepContext) -> int:
+        """One draw in [0, K] (K: the reference) with probabilities w_k, from ctx.generator."""
         # on the generator's device, so one generator serves the noise and the draw (CPU or GPU)
         device = ctx.generator.device if ctx.generator is not None else ctx.x_t.device
         weights = [*self.weights, self.reference_weight] if self.uses_reference else list(self.weights)
-        probs = torch.tensor(weights, dtype=torch.float64, device=device)
+        probs = torch.tensor(weights, dtype=compute_dtype(device), device=device)  # float32 on MPS only
         choice = int(torch.multinomial(probs, 1, generator=ctx.generator).item())
         ctx.info["chosen_model"] = choice
+        return choice
+
+    def select(self, ctx: StepContext) -> list[int | None]:
+        """Draw this step's model; only it is evaluated ([None]: the reference)."""
+        choice = self._draw_choice(ctx)
+        return [None] if choice == len(self.weights) else [choice]
+
+    def __call__(self, ctx: StepContext) -> GaussianKernel:
+        choice = ctx.info.get("chosen_model")
+        if choice is None:  # no select at this step (a caller's own context): draw here, from the same stream
+            choice = self._draw_choice(ctx)
         if choice == len(self.weights):
             if ctx.reference_kernel is None:
                 raise StepRuleError("DB-MPA-LS with a reference weight needs the reference; pass `reference=`")
             return ctx.reference_kernel
-        return ctx.kernels[choice]
+        kernel = ctx.kernels[choice] if choice < len(ctx.kernels) else None
+        if kernel is None:
+            raise StepRuleError(
+                f"DB-MPA-LS drew model {choice} but its kernel was not evaluated at this step; let the sampler "
+                "call select() first, or fill ctx.kernels for every model"
+            )
+        return kernel

@@ -1,4 +1,5 @@
-"""The one sampling loop: evaluate K denoisers at the same x_t, build their kernels, apply a step rule."""
+"""The one sampling loop: evaluate the K denoisers a step rule needs at the same x_t, build their kernels, apply
+the rule."""
 
 from __future__ import annotations
 
@@ -149,6 +150,31 @@ def _check_inputs(
     return dev
 
 
+def _selection(
+    rule: StepRule, chosen: Sequence[int | None] | None, num_models: int, reference: Denoiser | None
+) -> tuple[int | None, ...] | None:
+    """A rule's `select` result checked: None (every model), or distinct indices in [0, K) / None (reference)."""
+    if chosen is None:
+        return None
+    if isinstance(chosen, str | bytes) or not isinstance(chosen, Sequence):
+        raise StepRuleError(
+            f"rule {rule.name!r}: select() returned {chosen!r}; return None (every model) or a sequence of model "
+            "indices (None for the reference)"
+        )
+    picked: list[int | None] = []
+    for k in chosen:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_models):
+            raise StepRuleError(
+                f"rule {rule.name!r}: select() returned model index {k!r}; indices must be integers in "
+                f"[0, {num_models}) (None for the reference)"
+            )
+        if k is None and reference is None:
+            raise StepRuleError(f"rule {rule.name!r} selected the reference at this step; pass `reference=`")
+        if k not in picked:
+            picked.append(k)
+    return tuple(picked)
+
+
 def sample(
     models: Sequence[Denoiser],
     scheduler: Any,
@@ -185,11 +211,13 @@ def sample(
     the last step returns the kernel mean; "sample": it draws, as diffusers' DDIM step with eta > 0 does),
     `callback(ctx, x_prev)` after every step (may return a replacement x_prev, or set ctx.stop = True to
     end the run; ctx.kernel is the kernel the rule returned). Every step but the last draws with
-    `rule.draw(ctx, kernel)`.
+    `rule.draw(ctx, kernel)`. A rule's `select(ctx)` hook, when it has one, runs first at every step and
+    names the models that step needs (DB-MPA-LS: the one it drew); only those are evaluated and counted.
     batch_models: evaluate the K models in one vmapped call (msdda.models.batched) when they are
     nn.Modules of one architecture: None (auto) batches when they can be stacked and sit on an accelerator
     (on CPU one by one is faster), else evaluates them one by one; True requires it (BatchingError says why
-    not); False never batches. Samples agree to float rounding; cost counts are the same.
+    not); False never batches. Samples agree to float rounding; cost counts are the same. A step whose rule
+    selects a subset of the models evaluates just those, one by one, even when batching.
     Same generator state or seed -> bit-identical samples.
     """
     if not models:
@@ -253,30 +281,45 @@ def sample(
     def drawer(kernel_: GaussianKernel) -> Tensor:
         return noise.draw(kernel_, gen)
 
+    select = getattr(rule, "select", None)
+    num_models = len(models)
+
     interrupted = False
     steps_run = 0
     start = time.perf_counter()
     with PeakMemory(x.device) as memory, torch.no_grad():
         for i, t in enumerate(tqdm(timesteps, desc=rule.name, disable=None if progress else True, leave=False)):
             prev_t = ks.prev_timestep(t)
-            outputs = evaluate_all(x, t)
-            kernels = [ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]
             ctx = StepContext(
                 x_t=x,
                 timestep=t,
                 prev_timestep=prev_t,
                 index=i,
                 is_last=i == len(timesteps) - 1,
-                outputs=outputs,
-                kernels=kernels,
+                outputs=[],
+                kernels=[],
                 scheduler=ks,
                 generator=gen,
                 cond=cond,
                 evaluate=evaluate,
                 cost=cost,
                 drawer=drawer,
+                num_models=num_models,
             )
-            if rule.uses_reference:
+            chosen = _selection(rule, select(ctx) if select is not None else None, num_models, reference)
+            ctx.selected = chosen
+            if chosen is None:
+                outputs: list[Tensor | None] = list(evaluate_all(x, t))
+                use_reference = bool(rule.uses_reference)
+            else:
+                outputs = [None] * num_models
+                for k in chosen:
+                    if k is not None:
+                        outputs[k] = evaluate(k, x, t)
+                use_reference = None in chosen
+            ctx.outputs = outputs
+            ctx.kernels = [None if o is None else ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]
+            if use_reference:
                 ctx.reference_output = evaluate(None, x, t)
                 ctx.reference_kernel = ks.kernel(ctx.reference_output, t, x, prev_timestep=prev_t)
             kernel: GaussianKernel = rule(ctx)
@@ -304,5 +347,6 @@ def sample(
                 break
     cost.seconds = time.perf_counter() - start
     cost.peak_memory_bytes = memory.peak_bytes
+    cost.peak_memory_bound = memory.bound
     logger.debug("sampled %s with %s: %s", tuple(x.shape), rule.name, cost)
     return SampleOutput(samples=x, trajectory=trajectory, cost=cost, interrupted=interrupted, steps_run=steps_run)
