@@ -284,6 +284,8 @@ CASES: list[tuple[str, Cli | Api]] = [
                                      "--out", "a"], r"offset_head_ranges=\[600, 200\] must be increasing")),
     ("align-head-ranges-no-offsets", Cli(["align", "--reward", "ink", "--offset-head-ranges", "200", "--out", "a"],
                                          r"needs kernel_offsets=True")),
+    ("align-head-x0-no-offsets", Cli(["align", "--reward", "ink", "--offset-head-x0", "--out", "a"],
+                                     r"offset_head_x0=True needs kernel_offsets=True")),
     ("align-reward-unknown", Cli(["align", "--reward", "beauty", "--out", "a"], r"unknown reward 'beauty'")),
     ("align-lr-inf", Cli(["align", "--reward", "ink", "--lr", "inf", "--out", "a"], r"--lr inf must be")),
     ("align-lr-nan", Cli(["align", "--reward", "ink", "--lr", "nan", "--out", "a"], r"--lr nan must be")),

@@ -139,3 +139,28 @@ def test_offset_heads_per_timestep_range_route_each_sample_by_its_t():
             DigitsDenoiserConfig(kernel_offsets=True, offset_head_ranges=bad)
     with pytest.raises(DigitsTaskError, match="kernel_offsets=True"):
         DigitsDenoiserConfig(offset_head_ranges=(200,))
+
+
+def test_offset_head_x0_input_is_the_schedules_clipped_tweedie_estimate():
+    from msdda.alignment.diffusion import training_scheduler_config
+    from msdda.tasks.digits.data import DigitsTaskError
+
+    torch.manual_seed(0)
+    base = DigitsDenoiser(DigitsDenoiserConfig(base_channels=8, channel_mult=(1, 2), num_groups=4)).double()
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, c = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([980, 450, 120, 3]), torch.tensor([1, 2, 3, 10])
+    ranged = with_kernel_offsets(base, (200, 600), x0_input=True)
+    assert ranged.config.offset_head_x0 and ranged.config.offset_head_ranges == (200, 600)
+    out = ranged(x, t, c)
+    assert torch.equal(out[:, :2], base(x, t, c)) and not out[:, 2:].any()  # a fresh head: the base kernel
+    model = with_kernel_offsets(base, x0_input=True)  # one head: its input rows are the batch's, in order
+    seen = []
+    model.offset_head.register_forward_hook(lambda mod, args, res: seen.append(args[1][:, -1:].detach()))
+    model(x, t, c)
+    sched = KernelScheduler(training_scheduler_config())
+    expected = sched.predict_x0(base(x, t, c)[:, :1], t, x).clamp(-1, 1)  # the estimate the step reward scores
+    assert torch.allclose(seen[0], expected, atol=1e-10)
+    assert "x0_coefs" not in model.state_dict()  # rebuilt from the schedule, not saved
+    with pytest.raises(DigitsTaskError, match="offset_head_x0"):
+        DigitsDenoiserConfig(offset_head_x0=True)

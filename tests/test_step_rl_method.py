@@ -119,6 +119,8 @@ def test_key_changes_with_w_betas_and_config_but_not_bookkeeping(tmp_path):
     ranged = dataclasses.replace(key, kernel_offsets=True, offset_head_ranges=(200, 600))
     assert ranged.digest != dataclasses.replace(key, kernel_offsets=True).digest
     assert "offset_head_ranges" not in key.inputs()  # one head: the key is what it was before ranges existed
+    assert dataclasses.replace(ranged, offset_head_x0=True).digest != ranged.digest
+    assert "offset_head_x0" not in ranged.inputs()  # unset: keys of the shipped policies are unchanged
     assert pol.with_options(trainer_overrides={"steps": 3}).resolve(HALF, 0.05)[2].digest != key.digest
     assert pol.with_options(trainer_overrides={"log_every": 1}).resolve(HALF, 0.05)[2].digest == key.digest
     # the digest is sha256 of the canonical JSON of the inputs (recomputed here independently)

@@ -294,6 +294,9 @@ def align(
         help="digits, with --kernel-offsets: comma-separated timestep boundaries, one offset head per range "
         "(e.g. 200,600: t < 200, 200-599, >= 600). Default: one head.",
     ),
+    offset_head_x0: bool = typer.Option(
+        False, "--offset-head-x0", help="digits, with --kernel-offsets: feed the offset head the clean estimate x0_hat."
+    ),
     seed: int = typer.Option(0, callback=_seed, help="Seed of the training generator."),
     lr: float = typer.Option(None, help="Adam learning rate (digits 2e-5)."),
     lr_schedule: str = typer.Option(None, help="constant (default) or cosine (decays to 0 at the last step)."),
@@ -390,6 +393,7 @@ def align(
         throttle=throttle,
         kernel_offsets=kernel_offsets,
         offset_head_ranges=_parse_ints(offset_head_ranges, "--offset-head-ranges"),
+        offset_head_x0=offset_head_x0,
     )
     if not result.history:  # ranks other than 0 of a multi-process run: rank 0 reports
         return

@@ -5,7 +5,7 @@ r_w = sum_k w_k r_k at beta_w (MSDDA.md §5). Such a policy is a pure function o
 once and kept under a key: the sha256 of the canonical JSON of
 
     {key_version, task, sha256 of the base model.safetensors, objectives (in order), weights and betas (float
-     repr), target beta, the trainer config the policy is trained with, kernel_offsets, offset_head_ranges when set}
+     repr), target beta, the trainer config the policy is trained with, kernel_offsets, offset_head_ranges and offset_head_x0 when set}
 
 (trainer fields that do not change the trained weights, `IGNORED_CONFIG_FIELDS`, and fields at their default,
 `PolicyKey.config_defaults`, are left out: a trainer option added later does not orphan the cache). A policy lives
@@ -120,6 +120,7 @@ class PolicyKey:
     trainer_config: Mapping[str, Any] = field(hash=False)
     kernel_offsets: bool = False
     offset_head_ranges: tuple[int, ...] = ()
+    offset_head_x0: bool = False
     config_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def inputs(self) -> dict[str, Any]:
@@ -143,6 +144,7 @@ class PolicyKey:
             "kernel_offsets": bool(self.kernel_offsets),
             # only when set, so keys of policies with one offset head stay what they were
             **({"offset_head_ranges": [int(b) for b in self.offset_head_ranges]} if self.offset_head_ranges else {}),
+            **({"offset_head_x0": True} if self.offset_head_x0 else {}),
         }
 
     @property

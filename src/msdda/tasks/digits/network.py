@@ -43,6 +43,10 @@ class DigitsDenoiserConfig(JSONConfig):
         offset_head_ranges: timestep boundaries b_1 < b_2 < ... splitting [0, 1000) into ranges with a kernel-offset
             head each (t < b_1 to the first, ...); empty (default): one head for every t. Heads of their own keep
             the large, noisy gradients of the first steps out of the last steps' parameters and Adam statistics.
+        offset_head_x0: also feed the kernel-offset head the clean estimate x0_hat = clip((x_t - sqrt(1 - ab_t) eps)
+            / sqrt(ab_t)) of the digits schedule (msdda.alignment.diffusion.training_scheduler_config): the step
+            optimum's mean shift for a reward of x0 is its gradient at x0_hat, which the head otherwise has to
+            build from x_t and eps with a t-dependent ratio (1/sqrt(ab_t): 1.2-6 between t = 200 and 600).
         time_embed_dim: width of the time/class embedding.
         time_freq_dim: width of the sinusoidal timestep features fed to the time MLP (even).
         num_groups: GroupNorm groups (each width must be divisible by it).
@@ -66,6 +70,7 @@ class DigitsDenoiserConfig(JSONConfig):
     learned_variance: bool = True
     kernel_offsets: bool = False
     offset_head_ranges: tuple[int, ...] = ()
+    offset_head_x0: bool = False
     time_embed_dim: int = 128
     time_freq_dim: int = 64
     num_groups: int = 8
@@ -117,6 +122,8 @@ class DigitsDenoiserConfig(JSONConfig):
                 f"DigitsDenoiserConfig.offset_head_ranges={list(bounds)} must be increasing positive timesteps, with "
                 "kernel_offsets=True (e.g. [200, 600] for heads at t < 200, 200-599 and >= 600)"
             )
+        if self.offset_head_x0 and not self.kernel_offsets:
+            raise DigitsTaskError("DigitsDenoiserConfig.offset_head_x0=True needs kernel_offsets=True (it is a head input)")
 
     @property
     def out_channels(self) -> int:
@@ -288,6 +295,14 @@ class DigitsDenoiser(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         # A head of its own, so the base model's weights load unchanged into an aligned model with offsets.
         extra = cfg.in_channels + cfg.out_channels - offsets  # x_t and the trunk's (eps, v)
+        if cfg.offset_head_x0:
+            from msdda.alignment.diffusion import training_scheduler_config
+            from msdda.core.schedule import KernelScheduler
+
+            ab = KernelScheduler(training_scheduler_config()).alphas_cumprod
+            # not saved: rebuilt from the schedule, so the weights file holds weights only
+            self.register_buffer("x0_coefs", torch.stack([ab.rsqrt(), (1 / ab - 1).sqrt()]), persistent=False)
+            extra += cfg.in_channels
         def make_head() -> OffsetHead:
             return OffsetHead(ch, extra, offsets, e, g, p, cfg.num_classes + 1, cfg.image_size**2)
 
@@ -363,16 +378,25 @@ class DigitsDenoiser(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         if self.offset_head is None:
             return out
-        offsets = self.offset_head(h, torch.cat([x_t.to(out.dtype), out], dim=1), emb, cond, t)
+        inputs = [x_t.to(out.dtype), out]
+        if self.config.offset_head_x0:
+            c = self.x0_coefs.to(out.dtype)[:, t.long().clamp(0, self.x0_coefs.shape[1] - 1)]
+            eps = out[:, : self.config.in_channels]
+            x0 = c[0].view(-1, 1, 1, 1) * x_t.to(out.dtype) - c[1].view(-1, 1, 1, 1) * eps
+            inputs.append(x0.clamp(-1, 1))
+        offsets = self.offset_head(h, torch.cat(inputs, dim=1), emb, cond, t)
         return torch.cat([out, offsets], dim=1)
 
 
-def with_kernel_offsets(model: DigitsDenoiser, ranges: Sequence[int] = ()) -> DigitsDenoiser:
+def with_kernel_offsets(model: DigitsDenoiser, ranges: Sequence[int] = (), x0_input: bool = False) -> DigitsDenoiser:
     """A copy of `model` with a zero-initialised kernel-offset head (one per timestep range when `ranges` gives
-    boundaries, see `DigitsDenoiserConfig.offset_head_ranges`): the same kernel until trained."""
+    boundaries, see `DigitsDenoiserConfig.offset_head_ranges`; x0_input: `offset_head_x0`): the same kernel
+    until trained."""
     import dataclasses
 
-    cfg = dataclasses.replace(model.config, kernel_offsets=True, offset_head_ranges=tuple(ranges))
+    cfg = dataclasses.replace(
+        model.config, kernel_offsets=True, offset_head_ranges=tuple(ranges), offset_head_x0=bool(x0_input)
+    )
     out = DigitsDenoiser(cfg).to(next(model.parameters()).dtype)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("offset_head.") for k in missing):

@@ -218,19 +218,20 @@ class DigitsStepRLPolicies:
             self._base_sha = file_sha256(self.base_dir / WEIGHTS_FILE)
         return self._base_sha
 
-    def _offset_head(self, objectives: Sequence[str]) -> tuple[bool, tuple[int, ...]]:
-        """(kernel_offsets, offset_head_ranges) of the aligned models of `objectives`, which must agree: the policy
-        gets the same offset head."""
+    def _offset_head(self, objectives: Sequence[str]) -> tuple[bool, tuple[int, ...], bool]:
+        """(kernel_offsets, offset_head_ranges, offset_head_x0) of the aligned models of `objectives`, which must
+        agree: the policy gets the same offset head."""
 
-        def layout(o: str) -> tuple[bool, tuple[int, ...]]:
+        def layout(o: str) -> tuple[bool, tuple[int, ...], bool]:
             arch = self.doc(o).get("architecture", {})
-            return bool(arch.get("kernel_offsets", False)), tuple(int(b) for b in arch.get("offset_head_ranges", ()))
+            ranges = tuple(int(b) for b in arch.get("offset_head_ranges", ()))
+            return bool(arch.get("kernel_offsets", False)), ranges, bool(arch.get("offset_head_x0", False))
 
         layouts = {o: layout(o) for o in objectives}
         if len(set(layouts.values())) > 1:
             raise PolicyCacheError(
-                f"the aligned models differ in their offset head (kernel_offsets, offset_head_ranges: {layouts}); "
-                "align every objective the same way"
+                "the aligned models differ in their offset head (kernel_offsets, offset_head_ranges, offset_head_x0: "
+                f"{layouts}); align every objective the same way"
             )
         return next(iter(layouts.values()))
 
@@ -241,7 +242,7 @@ class DigitsStepRLPolicies:
         w = canonical_weights(weights, self.objectives)
         docs = {o: self.doc(o) for o in w}
         config, _ = step_rl_config_for(docs, w, beta, self.trainer_overrides)
-        offsets, ranges = self._offset_head(list(w))
+        offsets, ranges, x0_input = self._offset_head(list(w))
         key = PolicyKey(
             task=TASK,
             base_sha256=self.base_sha256(),
@@ -252,6 +253,7 @@ class DigitsStepRLPolicies:
             trainer_config=config.to_dict(),
             kernel_offsets=offsets,
             offset_head_ranges=ranges,
+            offset_head_x0=x0_input,
             config_defaults=StepRLConfig().to_dict(),
         )
         return w, config, key
@@ -312,6 +314,7 @@ class DigitsStepRLPolicies:
                     progress=self.progress,
                     kernel_offsets=key.kernel_offsets,
                     offset_head_ranges=key.offset_head_ranges,
+                    offset_head_x0=key.offset_head_x0,
                 )
             return float(result.seconds), {
                 **notes,

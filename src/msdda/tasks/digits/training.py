@@ -116,7 +116,7 @@ def load_digits_model(
 
 
 # The architecture fields that shape an aligned model's offset head; also align_digits' keywords of that name.
-OFFSET_HEAD_FIELDS = ("kernel_offsets", "offset_head_ranges")
+OFFSET_HEAD_FIELDS = ("kernel_offsets", "offset_head_ranges", "offset_head_x0")
 
 
 def load_digits_models(
@@ -124,7 +124,7 @@ def load_digits_models(
 ) -> tuple[list[DigitsDenoiser], KernelScheduler]:
     """Load several digits models that must share the first one's architecture and schedule.
 
-    Only the offset head (`kernel_offsets`, `offset_head_ranges`) may differ: aligned models carry one the reference
+    Only the offset head (`OFFSET_HEAD_FIELDS`) may differ: aligned models carry one the reference
     lacks (DB-MPA, which averages outputs, counts a model without one as zero offsets)."""
     models: list[DigitsDenoiser] = []
     first_arch: dict[str, Any] | None = None
@@ -176,6 +176,7 @@ def align_digits(
     throttle: float = 0.0,
     kernel_offsets: bool = False,
     offset_head_ranges: Sequence[int] = (),
+    offset_head_x0: bool = False,
 ) -> DPOResult:
     """Step-level training of the digits base model (default: shipped base) towards `reward`; saves to `out`.
 
@@ -186,6 +187,7 @@ def align_digits(
     its kernel can reach the step optimum (the scheduler's parametrisation caps the mean by x0 clipping
     and confines the variance to [beta_tilde_t, beta_t]); the reference stays as it is. offset_head_ranges:
     timestep boundaries for one head per range (`DigitsDenoiserConfig.offset_head_ranges`; needs kernel_offsets).
+    offset_head_x0: feed the head the clean estimate x0_hat too (`DigitsDenoiserConfig.offset_head_x0`).
 
     reward: a callable (x0 [B,1,8,8], cond [B]) -> [B]. The result directory holds model.safetensors,
     config.json, train_log.jsonl, train_config.json and checkpoints/. Under torchrun / accelerate launch
@@ -204,8 +206,10 @@ def align_digits(
     policy.load_state_dict(reference.state_dict())
     if offset_head_ranges and not kernel_offsets:
         raise DigitsTaskError(f"offset_head_ranges={list(offset_head_ranges)} needs kernel_offsets=True")
+    if offset_head_x0 and not kernel_offsets:
+        raise DigitsTaskError("offset_head_x0=True needs kernel_offsets=True")
     if kernel_offsets:
-        policy = with_kernel_offsets(policy, offset_head_ranges)
+        policy = with_kernel_offsets(policy, offset_head_ranges, offset_head_x0)
         arch = policy.config
     out = Path(out)
     from msdda.alignment.step_rl import StepRLConfig, StepRLTrainer
