@@ -473,3 +473,12 @@ def test_load_reward_model_reaches_all_five(imagereward_dirs, pickscore_dirs, hp
         load_reward_model("blipscore", model_dir)
     with pytest.raises(RewardModelError, match="bad options .*'scal'"):
         load_reward_model("clip-score", model_dir, scal=3)
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
+    from msdda.pipelines import MissingDependencyError
+
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    for loader in (ImageRewardScorer.from_pretrained, hpsv2):
+        with pytest.raises(MissingDependencyError, match=r"pip install 'msdda\[rewards\]'"):
+            loader(tmp_path)
