@@ -8,17 +8,19 @@ from types import ModuleType
 from msdda.pipelines.errors import MissingDependencyError
 
 _EXTRA = "pip install 'msdda[diffusers]'  (diffusers, peft, transformers, accelerate)"
+REWARDS_EXTRA = "pip install 'msdda[rewards]'  (transformers)"
 
 
-def require(module: str, feature: str) -> ModuleType:
-    """Import `module` (e.g. "peft") or raise MissingDependencyError naming `feature` and the install line."""
+def require(module: str, feature: str, install: str | None = None) -> ModuleType:
+    """Import `module` (e.g. "peft") or raise MissingDependencyError naming `feature` and the install line
+    (`install`, default: the diffusers extra)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         top = module.split(".")[0]
         raise MissingDependencyError(
             f"{feature} needs the optional package {top!r}, which could not be imported ({exc}); "
-            f"install it with: {_EXTRA}"
+            f"install it with: {install or _EXTRA}"
         ) from exc
 
 

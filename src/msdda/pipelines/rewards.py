@@ -7,7 +7,8 @@
 * `CLIPSimilarityScorer`: PickScore / CLIPScore style. scale * cos(text embedding, image embedding);
   scale = the model's learned `logit_scale.exp()` (PickScore's definition; a PickScore checkpoint is a
   CLIPModel) or a number you give (CLIPScore uses 100 with w = 2.5 and clips at 0; we do not clip).
-  ImageReward itself (a BLIP backbone) is not implemented.
+  ImageReward (a BLIP backbone), PickScore, HPSv2 and one entry point for all five kinds are in
+  msdda.pipelines.reward_models (`load_reward_model`).
 
 Both are callables `scorer(images, prompts) -> Tensor [B]` on images [B, 3, H, W] in [0, 1] (the Reward
 protocol of msdda.core.rewards, with the prompts as cond; errors are RewardModelError, a RewardError), fully
@@ -159,7 +160,18 @@ class AestheticHead(nn.Module):
                 f"aesthetic head: weight file {file} not found; pass head_path= (a safetensors MLP head with keys "
                 "layers.<i>.weight/bias)"
             )
-        state = load_file(str(file))
+        return cls.from_state_dict(load_file(str(file)), source=str(file), activation=activation)
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Tensor], *, source: str = "state dict", activation: str | None = None
+    ) -> AestheticHead:
+        """Build the head from tensors `layers.<i>.weight` [out, in] and `layers.<i>.bias` [out] (eval, no grad).
+
+        `source` names the file in error messages. ImageReward's head (`mlp.layers.*` of its checkpoint,
+        prefix stripped) has this layout too.
+        """
+        file = source
         linears: dict[int, nn.Linear] = {}
         for key, value in state.items():
             m = _HEAD_KEY.match(key)
