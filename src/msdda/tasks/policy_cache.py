@@ -5,7 +5,8 @@ r_w = sum_k w_k r_k at beta_w (MSDDA.md §5). Such a policy is a pure function o
 once and kept under a key: the sha256 of the canonical JSON of
 
     {key_version, task, sha256 of the base model.safetensors, objectives (in order), weights and betas (float
-     repr), target beta, the trainer config the policy is trained with, kernel_offsets, offset_head_ranges and offset_head_x0 when set}
+     repr), target beta, the trainer config the policy is trained with, kernel_offsets, offset_head_ranges and
+     offset_head_x0 when set}
 
 (trainer fields that do not change the trained weights, `IGNORED_CONFIG_FIELDS`, and fields at their default,
 `PolicyKey.config_defaults`, are left out: a trainer option added later does not orphan the cache). A policy lives

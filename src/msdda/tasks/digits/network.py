@@ -123,7 +123,9 @@ class DigitsDenoiserConfig(JSONConfig):
                 "kernel_offsets=True (e.g. [200, 600] for heads at t < 200, 200-599 and >= 600)"
             )
         if self.offset_head_x0 and not self.kernel_offsets:
-            raise DigitsTaskError("DigitsDenoiserConfig.offset_head_x0=True needs kernel_offsets=True (it is a head input)")
+            raise DigitsTaskError(
+                "DigitsDenoiserConfig.offset_head_x0=True needs kernel_offsets=True (it is an input of the offset head)"
+            )
 
     @property
     def out_channels(self) -> int:
