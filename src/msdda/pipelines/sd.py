@@ -29,6 +29,7 @@ from msdda.core.errors import UnsupportedSchedulerError
 from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
+from msdda.errors import MSDDAError
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import ObjectiveError, PipelineError, RewardModelError
 from msdda.pipelines.objectives import (
@@ -281,18 +282,34 @@ class MSDDAPipeline:
             )
 
     def _check_batch(
-        self, prompt: Any, prompt_embeds: Any, num_images: Any, latents: Any, height: int | None, width: int | None
+        self,
+        prompt: Any,
+        prompt_embeds: Any,
+        num_images: Any,
+        latents: Any,
+        height: int | None,
+        width: int | None,
+        generator: Any,
     ) -> None:
-        """num_images_per_prompt and latents must make the batch diffusers would build (else it fails deep inside)."""
+        """num_images_per_prompt, latents and a generator list must fit the batch diffusers would build, B =
+        prompts x num_images_per_prompt (else it fails deep inside, or a list silently seeds the wrong images)."""
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise PipelineError(f"num_images_per_prompt={num_images!r}; it must be an integer >= 1")
+        prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+        if prompts is None and not isinstance(prompt_embeds, Tensor):
+            return  # base.check_inputs names the missing prompt
+        batch = (prompts if prompts is not None else int(prompt_embeds.shape[0])) * num_images
+        if isinstance(generator, list | tuple) and len(generator) != batch:
+            raise PipelineError(
+                f"generator is a list of {len(generator)} generators but this call makes {batch} image(s) "
+                f"({batch // num_images} prompt(s) x num_images_per_prompt={num_images}); pass one generator per "
+                "image, in the order prompt 0's images, then prompt 1's, ..."
+            )
         if latents is None:
             return
         if not isinstance(latents, Tensor):
             raise PipelineError(f"latents is a {type(latents).__name__}; pass a tensor [B, 4, H/8, W/8] or None")
         cfg, scale = self.base.unet.config, self.base.vae_scale_factor
-        prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
-        batch = (prompts if prompts is not None else int(prompt_embeds.shape[0])) * num_images
         h = (height or cfg.sample_size * scale) // scale
         w = (width or cfg.sample_size * scale) // scale
         if tuple(latents.shape) != (batch, cfg.in_channels, h, w):
@@ -334,7 +351,7 @@ class MSDDAPipeline:
         guidance_scale: float = 7.5,
         eta: float = 0.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         latents: Tensor | None = None,
         output_type: str = "pil",
@@ -365,7 +382,11 @@ class MSDDAPipeline:
         method_options: CoDe's num_candidates / block_size, RGG's scale / tempering, and "model".
         guidance_scale: classifier-free guidance applied per objective (cond and uncond batched); <= 1
           disables it, as in diffusers. eta: DDIM only. generator or seed: the only randomness (neither:
-          seed 0). latents: initial noise [B, 4, H/8, W/8] (scaled by init_noise_sigma like diffusers).
+          seed 0). generator may be a list of B = prompts x num_images_per_prompt generators, one per image
+          (as in diffusers): image b's initial latents and every step's noise come from generator b, so it
+          equals a single-image call with that generator; CoDe draws image b's candidates from generator b;
+          DB-MPA-LS draws its per-step model choice (shared by the batch) from the first generator.
+          latents: initial noise [B, 4, H/8, W/8] (scaled by init_noise_sigma like diffusers).
         callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict: may return replacement "latents";
           setting `pipeline.interrupt = True` stops after that step.
         final_noise: the last step draws from its kernel as diffusers' step() does (True, for parity with
@@ -376,13 +397,16 @@ class MSDDAPipeline:
         # 1. check inputs
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         self._check_call(output_type, num_inference_steps, tensor_inputs)
-        self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width)
+        self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width, generator)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(
             guidance_scale
         ):  # nan > 1 is False: a nan scale would silently turn guidance off
             raise PipelineError(f"guidance_scale={guidance_scale!r}; pass a finite number (<= 1 turns guidance off)")
         kind = self._check_scheduler(float(eta))
-        generator = make_generator(generator, seed, "cpu")
+        try:
+            generator = make_generator(generator, seed, "cpu")
+        except MSDDAError as exc:
+            raise PipelineError(str(exc)) from None
         height = height or base.unet.config.sample_size * base.vae_scale_factor
         width = width or base.unet.config.sample_size * base.vae_scale_factor
         try:
