@@ -386,8 +386,8 @@ def test_callback_on_step_end(tiny):
     assert [t for _, t in seen] == [int(t) for t in expected.timesteps]
     assert len(pipe.base.scheduler.timesteps) != STEPS  # the run set the timesteps of its own scheduler copy
     assert torch.equal(out.images, torch.zeros_like(out.images))
-    with pytest.raises(PipelineError, match="prompt_embeds"):
-        run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with pytest.raises(PipelineError, match=r"\['noise_pred'\] are not supported.*'negative_prompt_embeds'"):
+        run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
 def test_reward_guided_methods(tiny):
@@ -872,3 +872,110 @@ def test_generator_list_reproduces_single_images(tiny):
     with pytest.raises(PipelineError, match="not both"):
         run(pipe, method="base", generator=[gen(1)], seed=3)
     assert calls[0] == 0
+
+
+def test_return_dict_false_returns_a_tuple(tiny):
+    pipe = tiny.pipeline("ddim")
+    out = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="np")
+    images, nsfw = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="np", return_dict=False)
+    assert images.shape == (1, 16, 16, 3) and nsfw is None and (images == out.images).all()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_guidance_rescale_matches_diffusers(tiny, scheduler):
+    pipe = tiny.pipeline(scheduler)
+    theirs = diffusers_latents(tiny.base(scheduler), guidance_rescale=0.7)
+    ours = run(pipe, method="base", guidance_rescale=0.7)
+    assert (ours.images - theirs).abs().max() < ATOL
+    assert (ours.images - run(pipe, method="base").images).abs().max() > 1e-3  # the rescale matters
+    assert ours.cost.model_evals == STEPS * 2 and ours.config["guidance_rescale"] == 0.7
+    # with a LoRA objective, against diffusers with the adapter loaded
+    ref = tiny.base(scheduler)
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    lora = run(pipe, {"aes": 1.0}, guidance_rescale=0.7).images
+    assert (lora - diffusers_latents(ref, guidance_rescale=0.7)).abs().max() < ATOL
+    # MSDDA with the reference: every model (and the reference) is guided and rescaled; costs as without
+    fused = run(pipe, {"aes": 0.5, "align": 0.3}, guidance_rescale=0.5)
+    assert fused.cost.model_evals == run(pipe, {"aes": 0.5, "align": 0.3}).cost.model_evals == STEPS * 2 * 3
+    calls = count_unet_calls(pipe)
+    for bad in (-0.1, 1.5, float("nan"), "0.7"):
+        with pytest.raises(PipelineError, match=r"guidance_rescale=.*\[0, 1\]"):
+            run(pipe, method="base", guidance_rescale=bad)
+    assert calls[0] == 0
+
+
+def test_cross_attention_kwargs_scale_lora_as_diffusers(tiny):
+    pipe = tiny.pipeline("ddim")
+    ref = tiny.base("ddim")
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    scale = {"scale": 0.5}
+    ours = run(pipe, method="single:aes", cross_attention_kwargs=scale).images
+    theirs = diffusers_latents(ref, cross_attention_kwargs=scale)
+    assert (ours - theirs).abs().max() < ATOL
+    full = run(pipe, method="single:aes").images
+    assert (ours - full).abs().max() > 1e-3 and scale == {"scale": 0.5}
+    # scale 0 is the base model; every UNet call gets the kwargs (all models of a fused call, the soup)
+    zero = run(pipe, method="single:aes", cross_attention_kwargs={"scale": 0.0}).images
+    assert (zero - run(pipe, method="base").images).abs().max() < ATOL
+    for method in ("msdda", "rewarded-soup"):
+        off = run(pipe, {"aes": 0.5, "align": 0.5}, method=method, cross_attention_kwargs={"scale": 0.0})
+        assert (off.images - run(pipe, method="base").images).abs().max() < ATOL
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("cross_attention_kwargs")), with_kwargs=True
+    )
+    run(pipe, {"aes": 0.5, "align": 0.3}, cross_attention_kwargs={"scale": 0.9})
+    assert len(seen) == STEPS * 3 and all(k == {"scale": 0.9} for k in seen)
+    with pytest.raises(PipelineError, match="cross_attention_kwargs is a float"):
+        run(pipe, method="base", cross_attention_kwargs=0.5)
+
+
+def test_callback_tensor_inputs_and_interrupt(tiny):
+    pipe = tiny.pipeline("ddim")
+    embeds, negative = pipe.base.encode_prompt(PROMPT, "cpu", 1, True)
+    seen = {}
+
+    def callback(p, i, t, kwargs):
+        seen[i] = kwargs
+        return kwargs  # the common diffusers idiom: hand back what was given
+
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    out = run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)
+    assert sorted(seen) == list(range(STEPS)) and set(seen[0]) == set(inputs)
+    # laid out as in diffusers' SD pipeline: prompt_embeds = [negative; positive] under guidance
+    assert torch.equal(seen[0]["prompt_embeds"], torch.cat([negative, embeds]))
+    assert torch.equal(seen[0]["negative_prompt_embeds"], negative)
+    assert torch.equal(seen[STEPS - 1]["latents"], out.images)
+    # diffusers' own pipeline hands the callback the same embeddings
+    theirs = {}
+    tiny.base("ddim")(
+        PROMPT,
+        generator=gen(),
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: theirs.setdefault(i, dict(kw)) and kw,
+        callback_on_step_end_tensor_inputs=inputs,
+    )
+    assert torch.allclose(theirs[0]["prompt_embeds"], seen[0]["prompt_embeds"])
+    assert torch.equal(theirs[0]["negative_prompt_embeds"], seen[0]["negative_prompt_embeds"])
+    # a callback that replaces the embeddings is refused (they are fixed for the run)
+    with pytest.raises(PipelineError, match="returned a new 'prompt_embeds'"):
+        run(
+            pipe,
+            {"aes": 1.0},
+            callback_on_step_end=lambda p, i, t, kw: {"prompt_embeds": kw["prompt_embeds"].chunk(2)[-1]},
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
+
+    # interrupt: the run stops after the step whose callback set it, and returns that step's latents
+    def stop(p, i, t, kwargs):
+        seen["stop"] = kwargs["latents"]
+        p.interrupt = True
+        return {}
+
+    halted = run(pipe, {"aes": 1.0}, callback_on_step_end=stop)
+    assert halted.config["interrupted"] and halted.config["steps_run"] == 1
+    assert torch.equal(halted.images, seen["stop"])
+    again = run(pipe, {"aes": 1.0})  # the next call starts with interrupt False
+    assert not again.config["interrupted"] and again.config["steps_run"] == STEPS

@@ -178,15 +178,25 @@ class UNetDenoiser:
     """A Denoiser over latents: `(x_t [B, 4, h, w], t LongTensor [B], cond=prompt_embeds [B, L, D]) -> eps`.
 
     unet: the UNet2DConditionModel to call. adapter: the LoRA adapter to activate for the pass (None with a
-    `switch`: the base weights, adapters disabled). The output has the UNet's out_channels (the
-    scheduler's prediction_type says whether it is epsilon, x0 or v).
+    `switch`: the base weights, adapters disabled). cross_attention_kwargs: passed to every UNet call as
+    diffusers does (e.g. {"scale": 0.5} scales the active LoRA adapter). The output has the UNet's
+    out_channels (the scheduler's prediction_type says whether it is epsilon, x0 or v).
     """
 
-    def __init__(self, unet: nn.Module, *, name: str, adapter: str | None = None, switch: AdapterSwitch | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        name: str,
+        adapter: str | None = None,
+        switch: AdapterSwitch | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ):
         self.unet = unet
         self.name = name
         self.adapter = adapter
         self.switch = switch
+        self.cross_attention_kwargs = cross_attention_kwargs
         self.forwards = 0  # UNet forwards, counted in samples (a CFG pass of batch 2B counts 2B)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -196,10 +206,11 @@ class UNetDenoiser:
                 f"got {type(cond).__name__}"
             )
         self.forwards += x_t.shape[0]
+        kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
         if self.switch is None:
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
         with self.switch.active(self.adapter):
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
 
 
 # ----- loading ----------------------------------------------------------------------------------------

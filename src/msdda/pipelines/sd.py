@@ -30,6 +30,7 @@ from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
 from msdda.errors import MSDDAError
+from msdda.models.denoiser import combine_guidance
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import ObjectiveError, PipelineError, RewardModelError
 from msdda.pipelines.objectives import (
@@ -49,7 +50,7 @@ METHODS = tuple(method_names())  # the planner's registry (msdda.sampling.method
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SOUP_ADAPTER = "msdda_rewarded_soup"
 SCHEDULERS = ("ddim", "ddpm")
-_CALLBACK_TENSOR_INPUTS = ("latents",)
+_CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 RewardCallable = Callable[[Tensor, Any], Tensor]
 
@@ -85,6 +86,33 @@ class DiffusersNoise(GaussianNoise):
         if (var.dim() == 0 and float(var) == 0.0) or (var.dim() > 0 and not bool((var != 0).any())):
             return kernel.mean
         return super().draw(kernel, generator)
+
+
+class _RescaledGuidance:
+    """Classifier-free guidance followed by diffusers' guidance rescale (Lin et al. 2023), for one denoiser.
+
+    out = rescale_noise_cfg(uncond + scale * (cond - uncond), cond, phi) on the prediction channels (a
+    learned-variance half is taken from the conditional pass, as msdda.models.combine_guidance does). Cond
+    and uncond run as one UNet call of batch 2B, as the sampler's ClassifierFreeGuidance does.
+    """
+
+    def __init__(self, denoiser: Any, scale: float, rescale: float, null_cond: Tensor) -> None:
+        self.denoiser = denoiser
+        self.name = getattr(denoiser, "name", "model")
+        self.unet = getattr(denoiser, "unet", None)
+        self.scale = float(scale)
+        self.rescale = float(rescale)
+        self.null_cond = null_cond
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        b, channels = x_t.shape[0], x_t.shape[1]
+        out = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.null_cond]))
+        out_c, out_u = out[:b], out[b:]
+        guided = combine_guidance(out_c, out_u, self.scale, channels)
+        rescaled = rescale_noise_cfg(guided[:, :channels], out_c[:, :channels], guidance_rescale=self.rescale)
+        return torch.cat([rescaled, guided[:, channels:]], dim=1) if guided.shape[1] > channels else rescaled
 
 
 class _LatentReward:
@@ -318,17 +346,35 @@ class MSDDAPipeline:
                 f"(prompts x num_images_per_prompt, the UNet's channels, height/{scale}, width/{scale})"
             )
 
-    def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
-        """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler step callback;
-        `pipeline.interrupt = True` (set by the callback) ends the run after the current step."""
+    def _step_callback(
+        self, callback: Callable[..., Any] | None, inputs: Sequence[str], embeds: dict[str, Tensor | None]
+    ) -> Callable[[StepContext, Tensor], Tensor] | None:
+        """diffusers' callback_on_step_end(pipeline, i, t, callback_kwargs) -> dict as a sampler step callback.
+
+        callback_kwargs holds the requested `inputs`: "latents" x [B, 4, h, w] after the step, and as in
+        diffusers' SD pipeline "prompt_embeds" ([negative; positive], [2B, L, D], with guidance, else [B, L, D])
+        and "negative_prompt_embeds" [B, L, D] (None without guidance). A returned "latents" replaces x; the
+        embeddings are read-only (returning them unchanged is fine). `pipeline.interrupt = True` (set by the
+        callback) ends the run after the current step.
+        """
         if callback is None:
             return None
 
         def on_step(ctx: StepContext, x: Tensor) -> Tensor:
-            out = callback(self, ctx.index, torch.tensor(ctx.timestep), {"latents": x})
-            new = (out or {}).get("latents", x)
+            given = {k: (x if k == "latents" else embeds[k]) for k in inputs}
+            out = callback(self, ctx.index, torch.tensor(ctx.timestep), dict(given)) or {}
+            new = out.get("latents", x)
             if not isinstance(new, Tensor) or new.shape != x.shape:
                 raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
+            for key in ("prompt_embeds", "negative_prompt_embeds"):
+                if key in out and out[key] is not embeds[key]:
+                    same = isinstance(out[key], Tensor) and isinstance(embeds[key], Tensor)
+                    if not (same and out[key].shape == embeds[key].shape and torch.equal(out[key], embeds[key])):
+                        raise PipelineError(
+                            f"callback_on_step_end returned a new {key!r}; MSDDAPipeline conditions every objective "
+                            "on one prompt encoding fixed for the run, so only 'latents' may be replaced (return "
+                            f"the {key} unchanged or leave it out)"
+                        )
             if self.interrupt:
                 ctx.stop = True
             return new
@@ -362,10 +408,13 @@ class MSDDAPipeline:
         method_options: Mapping[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict[str, Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         final_noise: bool = True,
         progress: bool | None = None,
-    ) -> MSDDAPipelineOutput:
+        return_dict: bool = True,
+    ) -> MSDDAPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images for `prompt` (or `prompt_embeds`) under preference `weights`.
 
         weights: {objective name: w}; objectives with weight 0 are never evaluated. "reference" may carry an
@@ -387,11 +436,18 @@ class MSDDAPipeline:
           equals a single-image call with that generator; CoDe draws image b's candidates from generator b;
           DB-MPA-LS draws its per-step model choice (shared by the batch) from the first generator.
           latents: initial noise [B, 4, H/8, W/8] (scaled by init_noise_sigma like diffusers).
-        callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict: may return replacement "latents";
-          setting `pipeline.interrupt = True` stops after that step.
+        guidance_rescale: diffusers' rescale_noise_cfg (Lin et al. 2023, e.g. 0.7) applied to each objective's
+          guided prediction, as diffusers does (0: off; needs guidance_scale > 1).
+        cross_attention_kwargs: passed to every UNet call as in diffusers, e.g. {"scale": 0.5} scales the
+          active LoRA adapter (each LoRA objective, the soup); its "scale" also goes to encode_prompt.
+        callback_on_step_end(pipeline, i, t, callback_kwargs) -> dict, with callback_kwargs holding the names
+          in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds", "negative_prompt_embeds", laid
+          out as diffusers' SD pipeline does): may return replacement "latents" (the embeddings are
+          read-only); setting `pipeline.interrupt = True` stops after that step.
         final_noise: the last step draws from its kernel as diffusers' step() does (True, for parity with
           diffusers: DDIM with eta > 0 adds noise there); False returns the kernel mean as msdda.sample.
-        Returns MSDDAPipelineOutput. Raises before any denoising on bad names, weights, scheduler, shapes.
+        Returns MSDDAPipelineOutput, or with return_dict=False the tuple (images, nsfw_content_detected) as
+        diffusers does. Raises before any denoising on bad names, weights, scheduler, shapes.
         """
         base = self.base
         # 1. check inputs
@@ -402,6 +458,20 @@ class MSDDAPipeline:
             guidance_scale
         ):  # nan > 1 is False: a nan scale would silently turn guidance off
             raise PipelineError(f"guidance_scale={guidance_scale!r}; pass a finite number (<= 1 turns guidance off)")
+        if (
+            isinstance(guidance_rescale, bool)
+            or not isinstance(guidance_rescale, int | float)
+            or not 0.0 <= guidance_rescale <= 1.0
+        ):
+            raise PipelineError(
+                f"guidance_rescale={guidance_rescale!r}; pass a number in [0, 1] (0: off; Lin et al. 2023 use 0.7)"
+            )
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, Mapping):
+            raise PipelineError(
+                f"cross_attention_kwargs is a {type(cross_attention_kwargs).__name__}; pass a dict such as "
+                "{'scale': 0.5} or None"
+            )
+        attn_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         kind = self._check_scheduler(float(eta))
         try:
             generator = make_generator(generator, seed, "cpu")
@@ -438,7 +508,7 @@ class MSDDAPipeline:
                 negative_prompt,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
-                lora_scale=None,
+                lora_scale=attn_kwargs.get("scale") if attn_kwargs else None,
                 clip_skip=clip_skip,
             )
             # 4. prepare the latents exactly as diffusers does
@@ -448,15 +518,29 @@ class MSDDAPipeline:
             # 5. denoise: every objective evaluated at the same latents, the planned rule at every step
             if progress is None:
                 progress = not getattr(base, "_progress_bar_config", {}).get("disable", False)
+            models, reference = list(plan.models), plan.reference
+            for den in [*models, reference]:
+                if isinstance(den, UNetDenoiser):
+                    den.cross_attention_kwargs = attn_kwargs
+            rescale = do_cfg and guidance_rescale > 0.0
+            if rescale:  # guidance (and the rescale) applied here: the sampler runs the guided denoisers as given
+                null = negative_prompt_embeds
+                models = [_RescaledGuidance(m, guidance_scale, guidance_rescale, null) for m in models]
+                if reference is not None:
+                    reference = _RescaledGuidance(reference, guidance_scale, guidance_rescale, null)
+            embeds = {
+                "prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            }
             start = time.perf_counter()
             out = sample(
-                plan.models,
+                models,
                 base.scheduler,
                 plan.rule,
                 x_T=x_T,
                 cond=prompt_embeds,
-                reference=plan.reference,
-                guidance_scale=guidance_scale if do_cfg else None,
+                reference=reference,
+                guidance_scale=guidance_scale if do_cfg and not rescale else None,
                 null_cond=negative_prompt_embeds,
                 num_inference_steps=num_inference_steps,
                 eta=float(eta) if kind == "ddim" else None,
@@ -464,10 +548,12 @@ class MSDDAPipeline:
                 device=device,
                 dtype=x_T.dtype,
                 progress=progress,
-                callback=self._step_callback(callback_on_step_end),
+                callback=self._step_callback(callback_on_step_end, tensor_inputs, embeds),
                 noise=DiffusersNoise(),
                 final_step="sample" if final_noise else "mean",
             )
+            if rescale:
+                out.cost.model_evals *= 2  # every evaluation above was a cond + uncond pair
         finally:
             store.release()
             self.switch.disable()
@@ -484,6 +570,8 @@ class MSDDAPipeline:
             "steps_run": out.steps_run,
             "interrupted": out.interrupted,
             "guidance_scale": guidance_scale,
+            "guidance_rescale": guidance_rescale,
+            "cross_attention_kwargs": attn_kwargs,
             "eta": float(eta),
             "scheduler": type(base.scheduler).__name__,
             "height": height,
@@ -493,6 +581,8 @@ class MSDDAPipeline:
             "seconds_total": time.perf_counter() - start,
         }
         logger.info("generated %d image(s) with %s in %.2fs (%s)", batch, method, out.seconds, out.cost)
+        if not return_dict:
+            return images, nsfw
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=nsfw, cost=out.cost, config=config)
 
     @property
