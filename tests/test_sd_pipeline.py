@@ -42,7 +42,6 @@ from msdda.pipelines import (  # noqa: E402
     RewardModelError,
     build_lora_soup,
 )
-from msdda.pipelines.objectives import base_state_dict  # noqa: E402
 from msdda.pipelines.rewards import AestheticScorer, CLIPSimilarityScorer, clip_preprocess  # noqa: E402
 from msdda.sampling.methods import PlanError  # noqa: E402
 
@@ -516,9 +515,9 @@ def test_adapter_for_another_base_is_refused(tiny):
     before = _snapshot(base.unet)
     with pytest.raises(AdapterError, match=r"does not fit this base model: module '.*attn2\.to_k' is Linear\(in=16"):
         MSDDAPipeline(base, {"aes": tiny.aes, "foreign": tiny.foreign})
-    # The foreign adapter never reached the UNet (only the valid one loaded before it did); weights unchanged.
-    assert set(base.unet.peft_config) == {"aes"}
-    after = base_state_dict(base.unet)
+    # Nothing half-done: the adapter loaded before the foreign one is removed again, the UNet is as it was.
+    assert not getattr(base.unet, "peft_config", None)
+    after = _snapshot(base.unet)
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -979,3 +978,86 @@ def test_callback_tensor_inputs_and_interrupt(tiny):
     assert torch.equal(halted.images, seen["stop"])
     again = run(pipe, {"aes": 1.0})  # the next call starts with interrupt False
     assert not again.config["interrupted"] and again.config["steps_run"] == STEPS
+
+
+def _assert_same_state(before: dict[str, torch.Tensor], unet: nn.Module) -> None:
+    after = unet.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wrapped_pipeline_is_not_mutated(tiny):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = tiny.base("ddpm")
+    base.unet.train()  # a non-default flag, to see that it is restored
+    scheduler, config = base.scheduler, dict(base.scheduler.config)
+    before = _snapshot(base.unet)
+    pointers = {k: v.data_ptr() for k, v in base.unet.state_dict().items()}
+    pipe = MSDDAPipeline(base, {"aes": tiny.aes, "align": tiny.align, "full": tiny.full_dir}, scheduler="ddim")
+    # the pipeline has its own handle and scheduler; the modules are shared, not copied
+    assert base.scheduler is scheduler and dict(base.scheduler.config) == config
+    assert isinstance(pipe.base.scheduler, DDIMScheduler) and isinstance(base.scheduler, DDPMScheduler)
+    assert pipe.base is not base and pipe.unet is base.unet and pipe.base.vae is base.vae
+    for kw in (
+        {"weights": {"aes": 0.5, "align": 0.5}},
+        {"weights": {"aes": 0.5, "align": 0.5}, "method": "rewarded-soup"},
+    ):
+        run(pipe, **kw)
+    assert base.scheduler is scheduler and dict(base.scheduler.config) == config
+    assert (diffusers_latents(base) - diffusers_latents(tiny.base("ddpm"))).abs().max() < ATOL  # adapters are off
+    pipe.release()
+    _assert_same_state(before, base.unet)
+    assert {k: v.data_ptr() for k, v in base.unet.state_dict().items()} == pointers  # the very same tensors
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+    assert not hasattr(base.unet, "peft_config") and base.unet.training
+    assert not any(p.requires_grad is False for p in base.unet.parameters())
+    pipe.release()  # idempotent
+    with pytest.raises(PipelineError, match="was released"):
+        run(pipe, {"aes": 1.0})
+
+
+def test_release_keeps_the_callers_own_adapters(tiny):
+    base = tiny.base("ddim")
+    base.load_lora_weights(tiny.aes, adapter_name="mine")
+    before = _snapshot(base.unet)
+    grads = {n: p.requires_grad for n, p in base.unet.named_parameters()}
+    expected = diffusers_latents(base)  # with the caller's adapter active
+    with MSDDAPipeline(base, {"own": "mine", "align": tiny.align}) as pipe:
+        single = run(pipe, method="single:own").images
+        run(pipe, {"own": 0.5, "align": 0.5})
+    assert (single - expected).abs().max() < ATOL
+    _assert_same_state(before, base.unet)
+    assert set(base.unet.peft_config) == {"mine"}
+    assert {n: p.requires_grad for n, p in base.unet.named_parameters()} == grads
+    assert torch.equal(diffusers_latents(base), expected)  # the caller's adapter is active again
+    # a failing call inside the block still restores the UNet
+    with pytest.raises(PlanError), MSDDAPipeline(base, {"align": tiny.align}) as pipe:
+        run(pipe, {"nope": 1.0})
+    _assert_same_state(before, base.unet)
+
+
+def test_from_pipe_reuses_the_components(tiny):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    base = tiny.base("ddim")
+    before = _snapshot(base.unet)
+    expected = run(tiny.pipeline("ddim"), {"aes": 0.5, "align": 0.5}).images
+    with MSDDAPipeline.from_pipe(base, {"aes": tiny.aes, "align": tiny.align}) as pipe:
+        assert pipe.unet is base.unet and pipe.base.text_encoder is base.text_encoder
+        assert torch.equal(run(pipe, {"aes": 0.5, "align": 0.5}).images, expected)
+        # from another MSDDAPipeline: its modules (and the adapters loaded into them), not its objectives
+        with MSDDAPipeline.from_pipe(pipe, {"own": "aes"}, scheduler="ddpm") as other:
+            assert other.objective_names == ["own"] and isinstance(other.base.scheduler, DDPMScheduler)
+            assert other.unet is base.unet
+    _assert_same_state(before, base.unet)
+    # a sibling pipeline (img2img) and diffusers-style component overrides, the scheduler among them
+    img2img = StableDiffusionImg2ImgPipeline(**base.components, requires_safety_checker=False)
+    ddpm = DDPMScheduler.from_config(base.scheduler.config)
+    with MSDDAPipeline.from_pipe(img2img, {"aes": tiny.aes}, scheduler=ddpm, safety_checker=None) as pipe:
+        assert isinstance(pipe.base.scheduler, DDPMScheduler) and pipe.base.scheduler is not ddpm
+        out = run(pipe, method="base").images
+    assert (out - diffusers_latents(tiny.base("ddpm"))).abs().max() < ATOL
+    with pytest.raises(PipelineError, match=r"from_pipe got \['unet2'\], which are not components"):
+        MSDDAPipeline.from_pipe(base, {}, unet2=None)
+    _assert_same_state(before, base.unet)

@@ -37,6 +37,7 @@ from msdda.pipelines.objectives import (
     AdapterSwitch,
     Objective,
     UNetDenoiser,
+    UNetRestorePoint,
     build_lora_soup,
     build_unet_soup,
     resolve_objective,
@@ -158,15 +159,45 @@ def _check_base(base: Any) -> None:
         raise PipelineError("the base UNet has time_cond_proj_dim set (an LCM model); its kernels are not DDPM/DDIM")
 
 
-def convert_scheduler(base: Any, scheduler: str | None) -> None:
-    """Replace the base pipeline's scheduler by DDIM or DDPM built from its config (None: keep it)."""
-    if scheduler is None:
-        return
+def own_scheduler(scheduler: Any, kind: str | None) -> Any:
+    """A new scheduler built from `scheduler`'s config: DDIM or DDPM for kind "ddim" / "ddpm", the same class
+    for None. `scheduler` itself is never changed."""
     diffusers = require("diffusers", "MSDDAPipeline")
     classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}
-    if scheduler not in classes:
-        raise PipelineError(f"scheduler={scheduler!r}; choose one of {SCHEDULERS} (or None to keep the base's)")
-    base.scheduler = classes[scheduler].from_config(base.scheduler.config)
+    if kind is not None and kind not in classes:
+        raise PipelineError(f"scheduler={kind!r}; choose one of {SCHEDULERS} (or None to keep the base's)")
+    cls = type(scheduler) if kind is None else classes[kind]
+    return cls.from_config(scheduler.config)
+
+
+def _signature_keys(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "requires_safety_checker"}
+
+
+def _own_pipeline(base: Any, scheduler: str | None) -> Any:
+    """A StableDiffusionPipeline holding the caller's modules (shared, not copied) and a scheduler of its own."""
+    diffusers = require("diffusers", "MSDDAPipeline")
+    components = base.components
+    safety_checker = components.get("safety_checker")
+    try:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            unet=base.unet,
+            scheduler=own_scheduler(base.scheduler, scheduler),
+            safety_checker=safety_checker,
+            feature_extractor=components.get("feature_extractor"),
+            image_encoder=components.get("image_encoder"),
+            requires_safety_checker=bool(base.config.get("requires_safety_checker", safety_checker is not None)),
+        )
+    except ImportError as exc:  # a package diffusers found installed but cannot import (e.g. a broken peft)
+        require(exc.name or "diffusers", "MSDDAPipeline")
+        raise
+    pipe.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
+    return pipe
 
 
 class MSDDAPipeline:
@@ -176,8 +207,21 @@ class MSDDAPipeline:
       objectives are loaded into it as adapters named after the objectives.
     objectives: {name: source}; a source is a LoRA path (diffusers or peft format, `.safetensors` only),
       the name of an adapter already loaded into base.unet, a full-UNet folder, or a UNet module.
-    scheduler: "ddim" or "ddpm" to rebuild the base scheduler from its config (SD 1.5 ships PNDM, whose
-      kernel is not implemented); None keeps it (it must then be DDIM or DDPM at call time).
+    scheduler: "ddim" or "ddpm" to build the pipeline's scheduler from the base's config (SD 1.5 ships
+      PNDM, whose kernel is not implemented); None copies the base's (it must then be DDIM or DDPM).
+
+    What is shared with the caller's `base` and what is not:
+    * shared, not copied (to save memory): the modules (UNet, VAE, text encoder, tokenizer, safety
+      checker), so `pipeline.to(...)` moves the caller's modules too;
+    * the pipeline's own: `self.base`, a StableDiffusionPipeline built from those modules with its own
+      scheduler; the caller's `base.scheduler` and its config are never touched;
+    * LoRA objectives are injected into the shared UNet as peft adapters (as diffusers' load_lora_weights
+      does), disabled outside the pipeline's own UNet calls, so the caller's pipeline still computes the
+      base model. `release()` (or leaving a `with MSDDAPipeline(...) as pipe:` block) deletes every
+      adapter the pipeline added and restores the UNet exactly: the same state_dict keys and tensors,
+      adapter states, requires_grad flags and train/eval mode. A failed construction releases itself.
+      Adapters the caller had loaded before (named as sources) are kept. After release the pipeline
+      cannot be called.
     """
 
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | None = None) -> None:
@@ -188,17 +232,23 @@ class MSDDAPipeline:
                 f"objectives must be a mapping name -> source, got {type(objectives).__name__}; e.g. "
                 "{'aesthetic': 'loras/aesthetic', 'alignment': 'loras/alignment'}"
             )
-        self.base = base
-        convert_scheduler(base, scheduler)
-        self.unet: nn.Module = base.unet.eval()
+        self._origin = base  # the caller's pipeline: only its offload hooks are reset after a call
+        self.base = _own_pipeline(base, scheduler)
+        self.unet: nn.Module = self.base.unet
+        self._restore_point = UNetRestorePoint(self.unet)
+        self._added_adapters: list[str] = []
+        self._released = False
+        self.unet.eval()
         self.objectives: dict[str, Objective] = {}
         self.switch = AdapterSwitch(self.unet)
         try:
             for name, source in objectives.items():
                 self.add_objective(name, source)
-        finally:
-            self.switch.refresh()
-            self.switch.disable()
+        except BaseException:
+            self.release()
+            raise
+        self.switch.refresh()
+        self.switch.disable()
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -238,21 +288,96 @@ class MSDDAPipeline:
             pipe = pipe.to(device)
         return cls(pipe, objectives, scheduler=scheduler)
 
+    @classmethod
+    def from_pipe(
+        cls, pipe: Any, objectives: Mapping[str, Any], *, scheduler: Any = None, **components: Any
+    ) -> MSDDAPipeline:
+        """An MSDDAPipeline on the modules of an already loaded pipeline (no reload, no copy), as diffusers'
+        `from_pipe`.
+
+        pipe: a diffusers pipeline with Stable Diffusion components (StableDiffusionPipeline, its img2img
+          or inpaint siblings, ...) or another MSDDAPipeline (its modules; its objectives are not taken over).
+        scheduler: "ddim" / "ddpm" / None as in the constructor, or a scheduler object (its config is used).
+        components: replacement modules by name (e.g. safety_checker=None, unet=my_unet), as diffusers'
+          from_pipe takes them. `pipe` itself is not changed (see the class docstring for what is shared).
+        """
+        diffusers = require("diffusers", "MSDDAPipeline")
+        origin = pipe
+        if isinstance(pipe, MSDDAPipeline):
+            pipe._check_alive()
+            origin, pipe = pipe._origin, pipe.base
+        _check_base(pipe)
+        if scheduler is not None and not isinstance(scheduler, str):
+            components["scheduler"], scheduler = scheduler, None
+        if not components:
+            out = cls(pipe, objectives, scheduler=scheduler)
+        else:
+            known = set(pipe.components)
+            unknown = sorted(set(components) - known)
+            if unknown:
+                raise PipelineError(
+                    f"from_pipe got {unknown}, which are not components of {type(pipe).__name__} (it has "
+                    f"{sorted(known)}); pass modules by component name, e.g. safety_checker=None"
+                )
+            keys = _signature_keys(diffusers.StableDiffusionPipeline)
+            merged = {k: v for k, v in {**pipe.components, **components}.items() if k in keys}
+            requires = merged.get("safety_checker") is not None and pipe.config.get("requires_safety_checker", True)
+            view = diffusers.StableDiffusionPipeline(**merged, requires_safety_checker=bool(requires))
+            view.set_progress_bar_config(**dict(getattr(pipe, "_progress_bar_config", {})))
+            out = cls(view, objectives, scheduler=scheduler)
+        out._origin = origin
+        return out
+
     def add_objective(self, name: str, source: Any) -> Objective:
         """Add one objective (see the class docstring for sources); its adapter is left disabled."""
+        self._check_alive()
         if name in self.objectives:
             raise ObjectiveError(f"objective {name!r} already exists; choose another name")
+        before = set(getattr(self.unet, "peft_config", None) or {})
         try:
             obj = resolve_objective(self.unet, name, source)
         finally:
+            self._added_adapters += [a for a in (getattr(self.unet, "peft_config", None) or {}) if a not in before]
             self.switch.refresh()
             self.switch.disable()
         self.objectives[name] = obj
         logger.info("objective %r: %s from %s", name, obj.kind, obj.source)
         return obj
 
+    def release(self) -> None:
+        """Delete every adapter this pipeline added to the shared UNet and restore the UNet exactly as it was
+        (see the class docstring). Idempotent; the pipeline cannot be called afterwards."""
+        if self._released:
+            return
+        self._released = True
+        for adapter in reversed(self._added_adapters):
+            self.switch.delete(adapter)
+        self.switch.delete(SOUP_ADAPTER)  # only present when a call was killed mid-way
+        self._added_adapters = []
+        self.objectives = {}
+        self._restore_point.restore(self.unet)
+        self.switch.layers = []  # nothing of this pipeline touches the UNet again
+
+    def __enter__(self) -> MSDDAPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _check_alive(self) -> None:
+        if self._released:
+            raise PipelineError(
+                "this MSDDAPipeline was released (its adapters were removed from the UNet); build a new one, e.g. "
+                "MSDDAPipeline.from_pipe(base, objectives)"
+            )
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """diffusers' progress-bar settings (e.g. disable=True) for this pipeline's denoising loop."""
+        self.base.set_progress_bar_config(**kwargs)
+
     def to(self, *args: Any, **kwargs: Any) -> MSDDAPipeline:
-        """Move the base pipeline and every full-UNet objective (same arguments as nn.Module.to)."""
+        """Move the modules (shared with the caller's pipeline) and every full-UNet objective (nn.Module.to's
+        arguments)."""
         self.base = self.base.to(*args, **kwargs)
         for obj in self.objectives.values():
             if obj.unet is not None:
@@ -449,6 +574,7 @@ class MSDDAPipeline:
         Returns MSDDAPipelineOutput, or with return_dict=False the tuple (images, nsfw_content_detected) as
         diffusers does. Raises before any denoising on bad names, weights, scheduler, shapes.
         """
+        self._check_alive()
         base = self.base
         # 1. check inputs
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
@@ -559,7 +685,9 @@ class MSDDAPipeline:
             self.switch.disable()
         # 6. decode
         images, nsfw = self._decode(out.samples, output_type, device, prompt_embeds.dtype, generator)
-        base.maybe_free_model_hooks()
+        free_hooks = getattr(self._origin, "maybe_free_model_hooks", None)
+        if callable(free_hooks):
+            free_hooks()  # the caller's offload hooks, as its own call would
         config = {
             **plan.record,
             "weights": dict(weights) if weights is not None else None,
