@@ -1061,3 +1061,155 @@ def test_from_pipe_reuses_the_components(tiny):
     with pytest.raises(PipelineError, match=r"from_pipe got \['unet2'\], which are not components"):
         MSDDAPipeline.from_pipe(base, {}, unet2=None)
     _assert_same_state(before, base.unet)
+
+
+# ----- CLI: diffusers-style options ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli(tiny, tmp_path_factory):
+    """(invoke, base_dir): invoke(*extra_args, out=folder) runs `sample` on the tiny base with 2 DDIM steps."""
+    import typer
+    from typer.testing import CliRunner
+
+    from msdda.pipelines.cli import register
+
+    base_dir = tmp_path_factory.mktemp("cli_base") / "base"
+    tiny.base("ddim").save_pretrained(base_dir)
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+
+    def invoke(*extra: str, out: Path, base: Path = base_dir, prompt: bool = True):
+        args = ["sample", "--base", str(base), "--objective", f"aes={tiny.aes}", "--out", str(out)]
+        args += ["--steps", "2", "--guidance-scale", "3", *(["--prompt", PROMPT] if prompt else []), *extra]
+        return CliRunner().invoke(app, args)
+
+    return invoke, base_dir
+
+
+def _flat(output: str) -> str:
+    """CLI output with rich's error box and line wrapping removed."""
+    import re
+
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())
+
+
+def _png(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_cli_betas(cli, tmp_path):
+    invoke, _ = cli
+    a = invoke("--weights", "aes=1", "--betas", "aes=0.5", "--beta", "1", "--quiet", out=tmp_path / "a")
+    assert a.exit_code == 0, a.output
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["exponents"] == {"aes": 0.5, "reference": 0.5} and config["betas_option"] == {"aes": 0.5}
+    b = invoke("--weights", "aes=0.5", "--quiet", out=tmp_path / "b")  # the same exponents, reached by weights
+    assert b.exit_code == 0, b.output
+    assert (_png(tmp_path / "a" / "image_000.png") == _png(tmp_path / "b" / "image_000.png")).all()
+    for bad, match in ((["--betas", "nope=1"], "no --objective is named 'nope'"), (["--betas", "aes=0"], "> 0")):
+        r = invoke("--weights", "aes=1", *bad, out=tmp_path / "bad")
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_prompt_file(cli, tmp_path):
+    invoke, _ = cli
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\n\na red cube\n  \n# another\na blue ball  \n")
+    r = invoke("--weights", "aes=1", "--prompt-file", str(prompts), "--quiet", out=tmp_path / "o", prompt=False)
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["prompts"] == ["a red cube", "a blue ball"] and config["prompt_file"] == str(prompts)
+    assert config["images"] == ["image_000.png", "image_001.png"]
+    assert config["image_prompts"] == ["a red cube", "a blue ball"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    for args, match in (
+        (["--prompt-file", str(empty)], "holds no prompts"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read it"),
+        (["--prompt-file", str(prompts), "--prompt", "x"], "--prompt or --prompt-file, not both"),
+        ([], "pass --prompt TEXT"),
+    ):
+        r = invoke("--weights", "aes=1", *args, out=tmp_path / "bad", prompt=False)
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_seeds(cli, tmp_path):
+    invoke, _ = cli
+    r = invoke("--weights", "aes=1", "--seeds", "3,4", "--eta", "1", "--quiet", out=tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["seeds"] == [3, 4] and config["image_seeds"] == [3, 4] and len(config["images"]) == 2
+    one = invoke("--weights", "aes=1", "--seed", "4", "--eta", "1", "--quiet", out=tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    # image 1 of the --seeds run is the --seed 4 image (up to a PNG rounding step from batch-size float rounding)
+    diff = abs(_png(tmp_path / "s" / "image_001.png") - _png(tmp_path / "one" / "image_000.png"))
+    assert diff.max() <= 1
+    assert abs(_png(tmp_path / "s" / "image_000.png") - _png(tmp_path / "one" / "image_000.png")).max() > 1
+    for args, match in (
+        (["--seeds", "1", "--seed", "2"], "--seed or --seeds, not both"),
+        (["--seeds", "1,x"], "not a comma-separated list"),
+        (["--seeds", "1,-2"], "outside"),
+        (["--seeds", "1,2", "--num-images", "2"], "drop --num-images 2"),
+    ):
+        r = invoke("--weights", "aes=1", *args, out=tmp_path / "bad")
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_safety_checker(cli, tiny, tmp_path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    invoke, _ = cli
+    torch.manual_seed(8)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2),
+            projection_dim=8,
+        )
+    ).eval()  # fmt: skip
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    base = tiny.base("ddim")
+    with_checker = StableDiffusionPipeline(
+        **{**base.components, "safety_checker": checker, "feature_extractor": processor}
+    )
+    folder = tmp_path / "with_checker"
+    with_checker.save_pretrained(folder)
+    kept = invoke("--weights", "aes=1", "--quiet", out=tmp_path / "kept", base=folder)
+    assert kept.exit_code == 0, kept.output
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert config["safety_checker"] is True and isinstance(config["nsfw_content_detected"], list)
+    off = invoke("--weights", "aes=1", "--quiet", "--no-safety-checker", out=tmp_path / "off", base=folder)
+    assert off.exit_code == 0, off.output
+    config = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert config["safety_checker"] is False and config["nsfw_content_detected"] is None
+
+
+def test_cli_quiet_silences_diffusers_and_restores_it(cli, tmp_path):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    invoke, _ = cli
+    verbosity = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    loud = invoke("--weights", "aes=1", out=tmp_path / "loud")
+    assert loud.exit_code == 0 and "Loading pipeline components" in loud.output
+    quiet = invoke("--weights", "aes=1", "--quiet", out=tmp_path / "quiet")
+    assert quiet.exit_code == 0 and "Loading pipeline components" not in quiet.output, quiet.output
+    assert quiet.output.strip().splitlines() == [f"wrote 1 image(s) and config.json to {tmp_path / 'quiet'}"]
+    # the libraries' global settings are back as they were (the command may run inside a larger program)
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    assert (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()) == verbosity
