@@ -100,7 +100,6 @@ class _RescaledGuidance:
     def __init__(self, denoiser: Any, scale: float, rescale: float, null_cond: Tensor) -> None:
         self.denoiser = denoiser
         self.name = getattr(denoiser, "name", "model")
-        self.unet = getattr(denoiser, "unet", None)
         self.scale = float(scale)
         self.rescale = float(rescale)
         self.null_cond = null_cond
@@ -191,7 +190,8 @@ def _own_pipeline(base: Any, scheduler: str | None) -> Any:
             safety_checker=safety_checker,
             feature_extractor=components.get("feature_extractor"),
             image_encoder=components.get("image_encoder"),
-            requires_safety_checker=bool(base.config.get("requires_safety_checker", safety_checker is not None)),
+            # without a checker, False: the caller's pipeline already warned about it once
+            requires_safety_checker=safety_checker is not None and bool(base.config.get("requires_safety_checker", 1)),
         )
     except ImportError as exc:  # a package diffusers found installed but cannot import (e.g. a broken peft)
         require(exc.name or "diffusers", "MSDDAPipeline")
