@@ -367,7 +367,7 @@ CASES: list[tuple[str, Cli | Api]] = [
         "sample-out-file",
         Cli(["sample", "--base", "b", "--method", "base", "--prompt", "p", "--out", "f"], r"existing file", _file("f")),
     ),
-    ("sample-missing-prompt", Cli(["sample", "--base", "b", "--out", "o"], r"Missing option '--prompt'")),
+    ("sample-missing-prompt", Cli(["sample", "--base", "b", "--out", "o"], r"pass --prompt TEXT .* or --prompt-file")),
     # --- global
     ("no-such-command", Cli(["bogus"], r"No such command 'bogus'")),
     # --- fusion API
@@ -910,6 +910,9 @@ class _FakePipe:
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         return cls()
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
 
     def __call__(self, prompt, weights, **kw):
         from types import SimpleNamespace

@@ -42,7 +42,6 @@ from msdda.pipelines import (  # noqa: E402
     RewardModelError,
     build_lora_soup,
 )
-from msdda.pipelines.objectives import base_state_dict  # noqa: E402
 from msdda.pipelines.rewards import AestheticScorer, CLIPSimilarityScorer, clip_preprocess  # noqa: E402
 from msdda.sampling.methods import PlanError  # noqa: E402
 
@@ -388,8 +387,8 @@ def test_callback_on_step_end(tiny):
     assert [t for _, t in seen] == [int(t) for t in expected.timesteps]
     assert len(pipe.base.scheduler.timesteps) != STEPS  # the run set the timesteps of its own scheduler copy
     assert torch.equal(out.images, torch.zeros_like(out.images))
-    with pytest.raises(PipelineError, match="prompt_embeds"):
-        run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with pytest.raises(PipelineError, match=r"\['noise_pred'\] are not supported.*'negative_prompt_embeds'"):
+        run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
 def test_reward_guided_methods(tiny):
@@ -580,9 +579,9 @@ def test_adapter_for_another_base_is_refused(tiny):
     before = _snapshot(base.unet)
     with pytest.raises(AdapterError, match=r"does not fit this base model: module '.*attn2\.to_k' is Linear\(in=16"):
         MSDDAPipeline(base, {"aes": tiny.aes, "foreign": tiny.foreign})
-    # The foreign adapter never reached the UNet (only the valid one loaded before it did); weights unchanged.
-    assert set(base.unet.peft_config) == {"aes"}
-    after = base_state_dict(base.unet)
+    # Nothing half-done: the adapter loaded before the foreign one is removed again, the UNet is as it was.
+    assert not getattr(base.unet, "peft_config", None)
+    after = _snapshot(base.unet)
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -887,3 +886,394 @@ def test_batch_mistakes_fail_before_denoising(tiny):
         with pytest.raises(PipelineError, match=match):
             run(pipe, {"aes": 1.0}, **kwargs)
     assert calls[0] == 0
+
+
+# ----- diffusers conventions --------------------------------------------------------------------------------
+
+
+def test_generator_list_reproduces_single_images(tiny):
+    """DDIM eta=1 draws noise at every step: image i of a batched call with generators [g(s_i)] equals the
+    single-image call with seed s_i, for the base model (also diffusers' own batched call) and for MSDDA."""
+    pipe = tiny.pipeline("ddim")
+    seeds = [5, 9, 2]
+    for kw in ({"method": "base"}, {"weights": {"aes": 0.6, "align": 0.4}}):
+        batched = run(pipe, eta=1.0, num_images_per_prompt=3, generator=[gen(s) for s in seeds], **kw).images
+        assert batched.shape == (3, 4, 8, 8)
+        for i, s in enumerate(seeds):
+            single = run(pipe, eta=1.0, generator=gen(s), **kw).images
+            assert torch.allclose(batched[i : i + 1], single, rtol=1e-5, atol=1e-5)  # batch-size float rounding
+        assert (batched[0] - batched[1]).abs().max() > 1e-2
+    theirs = tiny.base("ddim")(
+        PROMPT,
+        generator=[gen(s) for s in seeds],
+        num_images_per_prompt=3,
+        eta=1.0,
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        output_type="latent",
+    ).images
+    ours = run(pipe, method="base", eta=1.0, num_images_per_prompt=3, generator=[gen(s) for s in seeds]).images
+    assert (ours - theirs).abs().max() < ATOL
+    # two prompts x two images: four generators, in the order prompt 0's images, then prompt 1's
+    two = pipe(
+        [PROMPT, "a blue ball"],
+        method="base",
+        num_images_per_prompt=2,
+        generator=[gen(s) for s in (1, 2, 3, 4)],
+        num_inference_steps=STEPS,
+        eta=1.0,
+        output_type="latent",
+        progress=False,
+    ).images
+    alone = pipe(
+        "a blue ball", method="base", generator=gen(4), num_inference_steps=STEPS, eta=1.0, output_type="latent"
+    )
+    assert torch.allclose(two[3:4], alone.images, rtol=1e-5, atol=1e-5)
+    calls = count_unet_calls(pipe)
+    with pytest.raises(PipelineError, match=r"list of 2 generators but this call makes 3 image\(s\)"):
+        run(pipe, method="base", num_images_per_prompt=3, generator=[gen(1), gen(2)])
+    with pytest.raises(PipelineError, match="not both"):
+        run(pipe, method="base", generator=[gen(1)], seed=3)
+    assert calls[0] == 0
+
+
+def test_return_dict_false_returns_a_tuple(tiny):
+    pipe = tiny.pipeline("ddim")
+    out = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="np")
+    images, nsfw = run(pipe, {"aes": 0.5, "align": 0.5}, output_type="np", return_dict=False)
+    assert images.shape == (1, 16, 16, 3) and nsfw is None and (images == out.images).all()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_guidance_rescale_matches_diffusers(tiny, scheduler):
+    pipe = tiny.pipeline(scheduler)
+    theirs = diffusers_latents(tiny.base(scheduler), guidance_rescale=0.7)
+    ours = run(pipe, method="base", guidance_rescale=0.7)
+    assert (ours.images - theirs).abs().max() < ATOL
+    assert (ours.images - run(pipe, method="base").images).abs().max() > 1e-3  # the rescale matters
+    assert ours.cost.model_evals == STEPS * 2 and ours.config["guidance_rescale"] == 0.7
+    # with a LoRA objective, against diffusers with the adapter loaded
+    ref = tiny.base(scheduler)
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    lora = run(pipe, {"aes": 1.0}, guidance_rescale=0.7).images
+    assert (lora - diffusers_latents(ref, guidance_rescale=0.7)).abs().max() < ATOL
+    # MSDDA with the reference: every model (and the reference) is guided and rescaled; costs as without
+    fused = run(pipe, {"aes": 0.5, "align": 0.3}, guidance_rescale=0.5)
+    assert fused.cost.model_evals == run(pipe, {"aes": 0.5, "align": 0.3}).cost.model_evals == STEPS * 2 * 3
+    calls = count_unet_calls(pipe)
+    for bad in (-0.1, 1.5, float("nan"), "0.7"):
+        with pytest.raises(PipelineError, match=r"guidance_rescale=.*\[0, 1\]"):
+            run(pipe, method="base", guidance_rescale=bad)
+    assert calls[0] == 0
+
+
+def test_cross_attention_kwargs_scale_lora_as_diffusers(tiny):
+    pipe = tiny.pipeline("ddim")
+    ref = tiny.base("ddim")
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    scale = {"scale": 0.5}
+    ours = run(pipe, method="single:aes", cross_attention_kwargs=scale).images
+    theirs = diffusers_latents(ref, cross_attention_kwargs=scale)
+    assert (ours - theirs).abs().max() < ATOL
+    full = run(pipe, method="single:aes").images
+    assert (ours - full).abs().max() > 1e-3 and scale == {"scale": 0.5}
+    # scale 0 is the base model; every UNet call gets the kwargs (all models of a fused call, the soup)
+    zero = run(pipe, method="single:aes", cross_attention_kwargs={"scale": 0.0}).images
+    assert (zero - run(pipe, method="base").images).abs().max() < ATOL
+    for method in ("msdda", "rewarded-soup"):
+        off = run(pipe, {"aes": 0.5, "align": 0.5}, method=method, cross_attention_kwargs={"scale": 0.0})
+        assert (off.images - run(pipe, method="base").images).abs().max() < ATOL
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("cross_attention_kwargs")), with_kwargs=True
+    )
+    run(pipe, {"aes": 0.5, "align": 0.3}, cross_attention_kwargs={"scale": 0.9})
+    assert len(seen) == STEPS * 3 and all(k == {"scale": 0.9} for k in seen)
+    with pytest.raises(PipelineError, match="cross_attention_kwargs is a float"):
+        run(pipe, method="base", cross_attention_kwargs=0.5)
+
+
+def test_callback_tensor_inputs_and_interrupt(tiny):
+    pipe = tiny.pipeline("ddim")
+    embeds, negative = pipe.base.encode_prompt(PROMPT, "cpu", 1, True)
+    seen = {}
+
+    def callback(p, i, t, kwargs):
+        seen[i] = kwargs
+        return kwargs  # the common diffusers idiom: hand back what was given
+
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    out = run(pipe, {"aes": 1.0}, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)
+    assert sorted(seen) == list(range(STEPS)) and set(seen[0]) == set(inputs)
+    # laid out as in diffusers' SD pipeline: prompt_embeds = [negative; positive] under guidance
+    assert torch.equal(seen[0]["prompt_embeds"], torch.cat([negative, embeds]))
+    assert torch.equal(seen[0]["negative_prompt_embeds"], negative)
+    assert torch.equal(seen[STEPS - 1]["latents"], out.images)
+    # diffusers' own pipeline hands the callback the same embeddings
+    theirs = {}
+    tiny.base("ddim")(
+        PROMPT,
+        generator=gen(),
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: theirs.setdefault(i, dict(kw)) and kw,
+        callback_on_step_end_tensor_inputs=inputs,
+    )
+    assert torch.allclose(theirs[0]["prompt_embeds"], seen[0]["prompt_embeds"])
+    assert torch.equal(theirs[0]["negative_prompt_embeds"], seen[0]["negative_prompt_embeds"])
+    # a callback that replaces the embeddings is refused (they are fixed for the run)
+    with pytest.raises(PipelineError, match="returned a new 'prompt_embeds'"):
+        run(
+            pipe,
+            {"aes": 1.0},
+            callback_on_step_end=lambda p, i, t, kw: {"prompt_embeds": kw["prompt_embeds"].chunk(2)[-1]},
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
+
+    # interrupt: the run stops after the step whose callback set it, and returns that step's latents
+    def stop(p, i, t, kwargs):
+        seen["stop"] = kwargs["latents"]
+        p.interrupt = True
+        return {}
+
+    halted = run(pipe, {"aes": 1.0}, callback_on_step_end=stop)
+    assert halted.config["interrupted"] and halted.config["steps_run"] == 1
+    assert torch.equal(halted.images, seen["stop"])
+    again = run(pipe, {"aes": 1.0})  # the next call starts with interrupt False
+    assert not again.config["interrupted"] and again.config["steps_run"] == STEPS
+
+
+def _assert_same_state(before: dict[str, torch.Tensor], unet: nn.Module) -> None:
+    after = unet.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wrapped_pipeline_is_not_mutated(tiny):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = tiny.base("ddpm")
+    base.unet.train()  # a non-default flag, to see that it is restored
+    scheduler, config = base.scheduler, dict(base.scheduler.config)
+    before = _snapshot(base.unet)
+    pointers = {k: v.data_ptr() for k, v in base.unet.state_dict().items()}
+    pipe = MSDDAPipeline(base, {"aes": tiny.aes, "align": tiny.align, "full": tiny.full_dir}, scheduler="ddim")
+    # the pipeline has its own handle and scheduler; the modules are shared, not copied
+    assert base.scheduler is scheduler and dict(base.scheduler.config) == config
+    assert isinstance(pipe.base.scheduler, DDIMScheduler) and isinstance(base.scheduler, DDPMScheduler)
+    assert pipe.base is not base and pipe.unet is base.unet and pipe.base.vae is base.vae
+    for kw in (
+        {"weights": {"aes": 0.5, "align": 0.5}},
+        {"weights": {"aes": 0.5, "align": 0.5}, "method": "rewarded-soup"},
+    ):
+        run(pipe, **kw)
+    assert base.scheduler is scheduler and dict(base.scheduler.config) == config
+    assert (diffusers_latents(base) - diffusers_latents(tiny.base("ddpm"))).abs().max() < ATOL  # adapters are off
+    pipe.release()
+    _assert_same_state(before, base.unet)
+    assert {k: v.data_ptr() for k, v in base.unet.state_dict().items()} == pointers  # the very same tensors
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+    assert not hasattr(base.unet, "peft_config") and base.unet.training
+    assert not any(p.requires_grad is False for p in base.unet.parameters())
+    pipe.release()  # idempotent
+    with pytest.raises(PipelineError, match="was released"):
+        run(pipe, {"aes": 1.0})
+
+
+def test_release_keeps_the_callers_own_adapters(tiny):
+    base = tiny.base("ddim")
+    base.load_lora_weights(tiny.aes, adapter_name="mine")
+    before = _snapshot(base.unet)
+    grads = {n: p.requires_grad for n, p in base.unet.named_parameters()}
+    expected = diffusers_latents(base)  # with the caller's adapter active
+    with MSDDAPipeline(base, {"own": "mine", "align": tiny.align}) as pipe:
+        single = run(pipe, method="single:own").images
+        run(pipe, {"own": 0.5, "align": 0.5})
+    assert (single - expected).abs().max() < ATOL
+    _assert_same_state(before, base.unet)
+    assert set(base.unet.peft_config) == {"mine"}
+    assert {n: p.requires_grad for n, p in base.unet.named_parameters()} == grads
+    assert torch.equal(diffusers_latents(base), expected)  # the caller's adapter is active again
+    # a failing call inside the block still restores the UNet
+    with pytest.raises(PlanError), MSDDAPipeline(base, {"align": tiny.align}) as pipe:
+        run(pipe, {"nope": 1.0})
+    _assert_same_state(before, base.unet)
+
+
+def test_from_pipe_reuses_the_components(tiny):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    base = tiny.base("ddim")
+    before = _snapshot(base.unet)
+    expected = run(tiny.pipeline("ddim"), {"aes": 0.5, "align": 0.5}).images
+    with MSDDAPipeline.from_pipe(base, {"aes": tiny.aes, "align": tiny.align}) as pipe:
+        assert pipe.unet is base.unet and pipe.base.text_encoder is base.text_encoder
+        assert torch.equal(run(pipe, {"aes": 0.5, "align": 0.5}).images, expected)
+        # from another MSDDAPipeline: its modules (and the adapters loaded into them), not its objectives
+        with MSDDAPipeline.from_pipe(pipe, {"own": "aes"}, scheduler="ddpm") as other:
+            assert other.objective_names == ["own"] and isinstance(other.base.scheduler, DDPMScheduler)
+            assert other.unet is base.unet
+    _assert_same_state(before, base.unet)
+    # a sibling pipeline (img2img) and diffusers-style component overrides, the scheduler among them
+    img2img = StableDiffusionImg2ImgPipeline(**base.components, requires_safety_checker=False)
+    ddpm = DDPMScheduler.from_config(base.scheduler.config)
+    with MSDDAPipeline.from_pipe(img2img, {"aes": tiny.aes}, scheduler=ddpm, safety_checker=None) as pipe:
+        assert isinstance(pipe.base.scheduler, DDPMScheduler) and pipe.base.scheduler is not ddpm
+        out = run(pipe, method="base").images
+    assert (out - diffusers_latents(tiny.base("ddpm"))).abs().max() < ATOL
+    with pytest.raises(PipelineError, match=r"from_pipe got \['unet2'\], which are not components"):
+        MSDDAPipeline.from_pipe(base, {}, unet2=None)
+    _assert_same_state(before, base.unet)
+
+
+# ----- CLI: diffusers-style options ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli(tiny, tmp_path_factory):
+    """(invoke, base_dir): invoke(*extra_args, out=folder) runs `sample` on the tiny base with 2 DDIM steps."""
+    import typer
+    from typer.testing import CliRunner
+
+    from msdda.pipelines.cli import register
+
+    base_dir = tmp_path_factory.mktemp("cli_base") / "base"
+    tiny.base("ddim").save_pretrained(base_dir)
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+
+    def invoke(*extra: str, out: Path, base: Path = base_dir, prompt: bool = True):
+        args = ["sample", "--base", str(base), "--objective", f"aes={tiny.aes}", "--out", str(out)]
+        args += ["--steps", "2", "--guidance-scale", "3", *(["--prompt", PROMPT] if prompt else []), *extra]
+        return CliRunner().invoke(app, args)
+
+    return invoke, base_dir
+
+
+def _flat(output: str) -> str:
+    """CLI output with rich's error box and line wrapping removed."""
+    import re
+
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())
+
+
+def _png(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_cli_betas(cli, tmp_path):
+    invoke, _ = cli
+    a = invoke("--weights", "aes=1", "--betas", "aes=0.5", "--beta", "1", "--quiet", out=tmp_path / "a")
+    assert a.exit_code == 0, a.output
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["exponents"] == {"aes": 0.5, "reference": 0.5} and config["betas_option"] == {"aes": 0.5}
+    b = invoke("--weights", "aes=0.5", "--quiet", out=tmp_path / "b")  # the same exponents, reached by weights
+    assert b.exit_code == 0, b.output
+    assert (_png(tmp_path / "a" / "image_000.png") == _png(tmp_path / "b" / "image_000.png")).all()
+    for bad, match in ((["--betas", "nope=1"], "no --objective is named 'nope'"), (["--betas", "aes=0"], "> 0")):
+        r = invoke("--weights", "aes=1", *bad, out=tmp_path / "bad")
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_prompt_file(cli, tmp_path):
+    invoke, _ = cli
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\n\na red cube\n  \n# another\na blue ball  \n")
+    r = invoke("--weights", "aes=1", "--prompt-file", str(prompts), "--quiet", out=tmp_path / "o", prompt=False)
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["prompts"] == ["a red cube", "a blue ball"] and config["prompt_file"] == str(prompts)
+    assert config["images"] == ["image_000.png", "image_001.png"]
+    assert config["image_prompts"] == ["a red cube", "a blue ball"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    for args, match in (
+        (["--prompt-file", str(empty)], "holds no prompts"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read it"),
+        (["--prompt-file", str(prompts), "--prompt", "x"], "--prompt or --prompt-file, not both"),
+        ([], "pass --prompt TEXT"),
+    ):
+        r = invoke("--weights", "aes=1", *args, out=tmp_path / "bad", prompt=False)
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_seeds(cli, tmp_path):
+    invoke, _ = cli
+    r = invoke("--weights", "aes=1", "--seeds", "3,4", "--eta", "1", "--quiet", out=tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["seeds"] == [3, 4] and config["image_seeds"] == [3, 4] and len(config["images"]) == 2
+    one = invoke("--weights", "aes=1", "--seed", "4", "--eta", "1", "--quiet", out=tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    # image 1 of the --seeds run is the --seed 4 image (up to a PNG rounding step from batch-size float rounding)
+    diff = abs(_png(tmp_path / "s" / "image_001.png") - _png(tmp_path / "one" / "image_000.png"))
+    assert diff.max() <= 1
+    assert abs(_png(tmp_path / "s" / "image_000.png") - _png(tmp_path / "one" / "image_000.png")).max() > 1
+    for args, match in (
+        (["--seeds", "1", "--seed", "2"], "--seed or --seeds, not both"),
+        (["--seeds", "1,x"], "not a comma-separated list"),
+        (["--seeds", "1,-2"], "outside"),
+        (["--seeds", "1,2", "--num-images", "2"], "drop --num-images 2"),
+    ):
+        r = invoke("--weights", "aes=1", *args, out=tmp_path / "bad")
+        assert r.exit_code == 2 and match in _flat(r.output), r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_safety_checker(cli, tiny, tmp_path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    invoke, _ = cli
+    torch.manual_seed(8)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2),
+            projection_dim=8,
+        )
+    ).eval()  # fmt: skip
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    base = tiny.base("ddim")
+    with_checker = StableDiffusionPipeline(
+        **{**base.components, "safety_checker": checker, "feature_extractor": processor}
+    )
+    folder = tmp_path / "with_checker"
+    with_checker.save_pretrained(folder)
+    kept = invoke("--weights", "aes=1", "--quiet", out=tmp_path / "kept", base=folder)
+    assert kept.exit_code == 0, kept.output
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert config["safety_checker"] is True and isinstance(config["nsfw_content_detected"], list)
+    off = invoke("--weights", "aes=1", "--quiet", "--no-safety-checker", out=tmp_path / "off", base=folder)
+    assert off.exit_code == 0, off.output
+    config = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert config["safety_checker"] is False and config["nsfw_content_detected"] is None
+
+
+def test_cli_quiet_silences_diffusers_and_restores_it(cli, tmp_path):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    invoke, _ = cli
+    verbosity = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    loud = invoke("--weights", "aes=1", out=tmp_path / "loud")
+    assert loud.exit_code == 0 and "Loading pipeline components" in loud.output
+    quiet = invoke("--weights", "aes=1", "--quiet", out=tmp_path / "quiet")
+    assert quiet.exit_code == 0 and "Loading pipeline components" not in quiet.output, quiet.output
+    assert quiet.output.strip().splitlines() == [f"wrote 1 image(s) and config.json to {tmp_path / 'quiet'}"]
+    # the libraries' global settings are back as they were (the command may run inside a larger program)
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    assert (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()) == verbosity

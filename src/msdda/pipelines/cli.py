@@ -1,20 +1,25 @@
 """`msdda sample`: generate images with MSDDAPipeline from local checkpoints (a typer command).
 
     msdda sample --base PATH --objective NAME=PATH ... --weights NAME=W ... --prompt TEXT --out DIR
-                 [--method msdda] [--steps 50] [--guidance-scale 7.5] [--seed 0] [--eta 0]
+                 [--method msdda] [--steps 50] [--guidance-scale 7.5] [--seed 0 | --seeds 0,1,2] [--eta 0]
+                 [--prompt-file FILE] [--betas NAME=B ...] [--no-safety-checker] [--quiet]
 
-Writes DIR/image_000.png, ... and DIR/config.json (the resolved configuration, the cost and the image
-file names). Every file is written to a temporary name and renamed, so nothing is half-written; while the
-images are written DIR holds a file INCOMPLETE (removed at the end), so a killed run says so. Every argument
-and the output folder are checked before the model is loaded.
+Writes DIR/image_000.png, ... (prompt by prompt, each prompt's images in seed order) and DIR/config.json
+(the resolved configuration, the cost, the image file names and each image's prompt and seed). Every
+file is written to a temporary name and renamed, so nothing is half-written; while the images are written
+DIR holds a file INCOMPLETE (removed at the end), so a killed run says so. Every argument and the output
+folder are checked before the model is loaded.
 `register(app)` adds the command to a typer app (msdda.cli calls it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +54,61 @@ def _parse_pairs(values: list[str], what: str, *, number: bool) -> dict[str, Any
     return out
 
 
-def _seed(value: int) -> int:
-    if not 0 <= value <= 2**63 - 1:
+def _seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= 2**63 - 1:
         raise typer.BadParameter(f"seed {value} is outside [0, {2**63 - 1}] (it seeds a torch.Generator)")
     return value
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; each a valid torch seed."""
+    items = [t.strip() for t in text.split(",")]
+    try:
+        seeds = [int(t) for t in items]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    for value in seeds:
+        _seed(value)
+    return seeds
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"--prompt-file {path}: cannot read it ({exc})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise typer.BadParameter(
+            f"--prompt-file {path} holds no prompts (blank lines and lines starting with # are skipped); "
+            "write one prompt per line"
+        )
+    return prompts
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """With quiet: diffusers' and transformers' progress bars (loading, denoising) off and their logging at
+    error level, restored afterwards."""
+    saved = []
+    if quiet:
+        for name in ("diffusers", "transformers"):
+            try:
+                logs = importlib.import_module(f"{name}.utils.logging")
+            except ImportError:
+                continue
+            saved.append((logs, logs.get_verbosity(), logs.is_progress_bar_enabled()))
+            logs.set_verbosity_error()
+            logs.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logs, verbosity, bars in saved:
+            logs.set_verbosity(verbosity)
+            if bars:
+                logs.enable_progress_bar()
 
 
 def _finite(value: float, option: str, *, positive: bool = False) -> float:
@@ -75,14 +131,24 @@ def sample_command(
         [], help="NAME=PATH: a LoRA (diffusers or peft format, safetensors) or a full-UNet folder; repeatable."
     ),
     weights: list[str] = typer.Option([], help="NAME=W per objective ('reference' allowed); repeatable."),
-    prompt: list[str] = typer.Option(..., help="Prompt text; repeat for several prompts."),
+    prompt: list[str] = typer.Option([], help="Prompt text; repeat for several prompts (or use --prompt-file)."),
+    prompt_file: Path | None = typer.Option(
+        None, help="A text file with one prompt per line (blank lines and lines starting with # are skipped)."
+    ),
     out: Path = typer.Option(..., help="Output folder for image_###.png and config.json."),
     method: str | None = typer.Option(
         None, help="A method name (`msdda methods` lists them; default msdda). Reward-guided ones need Python."
     ),
     steps: int = typer.Option(50, min=1, max=1000, help="Denoising steps."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance per objective (<= 1: off)."),
-    seed: int = typer.Option(0, callback=_seed, help="Seed of the one torch.Generator (CPU) used for all randomness."),
+    seed: int | None = typer.Option(
+        None, callback=_seed, help="Seed of the one torch.Generator (CPU) used for all randomness (default 0)."
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        help="Comma-separated seeds, e.g. 0,1,2 (instead of --seed): one image per seed per prompt, each from its "
+        "own generator, so each image equals the --seed run with that seed.",
+    ),
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
     scheduler: str = typer.Option("ddim", help="ddim | ddpm (rebuilt from the base's config) | keep."),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt for classifier-free guidance."),
@@ -92,9 +158,19 @@ def sample_command(
     beta: float | None = typer.Option(
         None, help="Target KL strength (exponents a_k = w_k beta_k / beta); default sum_k w_k beta_k / sum_k w_k."
     ),
+    betas: list[str] = typer.Option(
+        [], help="NAME=B: the KL strength beta_k an objective was aligned with (default 1); repeatable."
+    ),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
     dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    no_safety_checker: bool = typer.Option(
+        False,
+        "--no-safety-checker",
+        help="Do not load the safety checker the base folder ships (SD 1.5 does). It blacks out images it flags "
+        "as NSFW; turn it off for research runs where its false positives would blank images and bias scores, "
+        "or to save its memory and time. The default keeps it.",
+    ),
+    quiet: bool = typer.Option(False, help="No progress bars (also diffusers' and transformers' loading bars)."),
 ) -> None:
     """Generate images with K objectives (LoRAs or UNets) fused at every denoising step (MSDDA)."""
     import torch
@@ -104,6 +180,31 @@ def sample_command(
 
     objectives = _parse_pairs(objective, "--objective", number=False)
     weight_map = _parse_pairs(weights, "--weights", number=True)
+    beta_map = _parse_pairs(betas, "--betas", number=True)
+    for name, value in beta_map.items():
+        if name not in objectives:
+            raise typer.BadParameter(
+                f"--betas {name}={value:g}: no --objective is named {name!r} (objectives: {sorted(objectives)})"
+            )
+        if value <= 0:
+            raise typer.BadParameter(f"--betas {name}={value:g}: a KL strength must be > 0")
+    if prompt and prompt_file is not None:
+        raise typer.BadParameter("pass --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        prompt = _read_prompt_file(prompt_file)
+    elif not prompt:
+        raise typer.BadParameter("pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    seed_list: list[int] | None = None
+    if seeds is not None:
+        if seed is not None:
+            raise typer.BadParameter("pass --seed or --seeds, not both")
+        seed_list = _parse_seeds(seeds)
+        if num_images != 1:
+            raise typer.BadParameter(
+                f"--seeds gives one image per seed per prompt; drop --num-images {num_images} (or use --seed)"
+            )
+    elif seed is None:
+        seed = 0
     from msdda.sampling import MSDDA
     from msdda.sampling.methods import PlanError, get_method
 
@@ -131,17 +232,25 @@ def sample_command(
     if negative_prompt is not None and len(prompt) > 1:
         negative = [negative_prompt] * len(prompt)
     check_output_dir(out)  # before the model is loaded
+    generator = None
+    if seed_list is not None:
+        generator = [torch.Generator().manual_seed(s) for _ in prompt for s in seed_list]
+    per_prompt = len(seed_list) if seed_list is not None else num_images
+    image_seeds = [s for _ in prompt for s in seed_list] if seed_list is not None else None
+    extra = {"safety_checker": None, "requires_safety_checker": False} if no_safety_checker else {}
     try:
         from safetensors import SafetensorError
 
         try:
-            pipe = MSDDAPipeline.from_pretrained(
-                base,
-                objectives,
-                scheduler=None if scheduler == "keep" else scheduler,
-                dtype=getattr(torch, dtype),
-                device=device,
-            )
+            with _quiet_libraries(quiet):
+                pipe = MSDDAPipeline.from_pretrained(
+                    base,
+                    objectives,
+                    scheduler=None if scheduler == "keep" else scheduler,
+                    dtype=getattr(torch, dtype),
+                    device=device,
+                    **extra,
+                )
         except (MSDDAError, OSError):
             raise
         except (ValueError, KeyError, SafetensorError) as exc:  # a corrupt model_index.json or weights file
@@ -149,22 +258,27 @@ def sample_command(
                 f"cannot load the model from --base {base} or an --objective: {type(exc).__name__}: {exc}; "
                 "check that the folders are complete diffusers/safetensors files"
             ) from exc
-        result = pipe(
-            prompt if len(prompt) > 1 else prompt[0],
-            weight_map if needs_weights else None,
-            method=method,
-            negative_prompt=negative,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            num_images_per_prompt=num_images,
-            seed=seed,
-            height=height,
-            width=width,
-            beta=beta,
-            output_type="pil",
-            progress=not quiet,
-        )
+        if quiet:
+            pipe.set_progress_bar_config(disable=True)
+        with _quiet_libraries(quiet):
+            result = pipe(
+                prompt if len(prompt) > 1 else prompt[0],
+                weight_map if needs_weights else None,
+                method=method,
+                negative_prompt=negative,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                num_images_per_prompt=per_prompt,
+                generator=generator,
+                seed=seed,
+                height=height,
+                width=width,
+                beta=beta,
+                betas=beta_map or None,
+                output_type="pil",
+                progress=not quiet,
+            )
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -179,13 +293,19 @@ def sample_command(
             "msdda_version": __version__,
             "base": str(base),
             "prompts": list(prompt),
+            "prompt_file": None if prompt_file is None else str(prompt_file),
             "negative_prompt": negative_prompt,
             "device": device,
             "dtype": dtype,
             "scheduler_option": scheduler,
             "beta": beta,
+            "betas_option": beta_map or None,
+            "safety_checker": not no_safety_checker,
             **result.config,
             "seed": seed,
+            "seeds": seed_list,
+            "image_prompts": [p for p in prompt for _ in range(per_prompt)],
+            "image_seeds": image_seeds,
             "cost": result.cost.to_dict(),
             "nsfw_content_detected": result.nsfw_content_detected,
             "images": files,

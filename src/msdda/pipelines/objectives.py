@@ -175,19 +175,93 @@ class AdapterSwitch:
             self.disable()
 
 
+class UNetRestorePoint:
+    """What a UNet's adapter bookkeeping looked like before the pipeline touched it, to put it back exactly.
+
+    Recorded: the train/eval flag, which modules were peft tuner layers, the peft_config keys, each tuner
+    layer's active adapters and disabled flag, and every parameter's requires_grad. `restore` (after the
+    pipeline deleted the adapters it added) unwraps every tuner layer that was a plain module before (so the
+    state_dict keys are the original ones again, `x.base_layer.weight` -> `x.weight`, same tensors), drops a
+    peft_config the UNet did not have and resets the rest. The base weights are never written, so their
+    values need no copy.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.training = unet.training
+        self.had_peft_config = "peft_config" in vars(unet)
+        self.peft_loaded = vars(unet).get("_hf_peft_config_loaded", _MISSING)
+        self.tuner_layers: dict[str, tuple[list[str], bool]] = {}
+        for name, module in unet.named_modules():
+            if _is_tuner_layer(module):
+                self.tuner_layers[name] = (list(module.active_adapters), bool(module.disable_adapters))
+        self.requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+
+    def added_tuner_layers(self, unet: nn.Module) -> list[str]:
+        """Names of the tuner layers that were plain modules when the restore point was taken."""
+        return [n for n, m in unet.named_modules() if _is_tuner_layer(m) and n not in self.tuner_layers]
+
+    def restore(self, unet: nn.Module) -> None:
+        """Put the bookkeeping back; call after deleting every adapter added since the restore point."""
+        for name in self.added_tuner_layers(unet):
+            layer = unet.get_submodule(name)
+            if getattr(layer, "lora_A", None):
+                raise AdapterError(
+                    f"layer {name!r} still holds adapters {sorted(layer.lora_A)} that were added after the pipeline "
+                    "was built; delete them (unet.delete_adapters) before release()"
+                )
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, layer.get_base_layer())
+        if not self.had_peft_config and "peft_config" in vars(unet) and not unet.peft_config:
+            del unet.peft_config
+        if self.peft_loaded is _MISSING:
+            vars(unet).pop("_hf_peft_config_loaded", None)
+        else:
+            unet._hf_peft_config_loaded = self.peft_loaded
+        for name, (active, disabled) in self.tuner_layers.items():
+            layer = unet.get_submodule(name)
+            if active and all(a in getattr(layer, "lora_A", {a: None}) for a in active):
+                layer.set_adapter(active)
+            layer.enable_adapters(not disabled)
+        for name, p in unet.named_parameters():
+            if name in self.requires_grad:
+                p.requires_grad_(self.requires_grad[name])
+        unet.train(self.training)
+
+
+_MISSING = object()
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
 class UNetDenoiser:
     """A Denoiser over latents: `(x_t [B, 4, h, w], t LongTensor [B], cond=prompt_embeds [B, L, D]) -> eps`.
 
     unet: the UNet2DConditionModel to call. adapter: the LoRA adapter to activate for the pass (None with a
-    `switch`: the base weights, adapters disabled). The output has the UNet's out_channels (the
-    scheduler's prediction_type says whether it is epsilon, x0 or v).
+    `switch`: the base weights, adapters disabled). cross_attention_kwargs: passed to every UNet call as
+    diffusers does (e.g. {"scale": 0.5} scales the active LoRA adapter). The output has the UNet's
+    out_channels (the scheduler's prediction_type says whether it is epsilon, x0 or v).
     """
 
-    def __init__(self, unet: nn.Module, *, name: str, adapter: str | None = None, switch: AdapterSwitch | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        name: str,
+        adapter: str | None = None,
+        switch: AdapterSwitch | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ):
         self.unet = unet
         self.name = name
         self.adapter = adapter
         self.switch = switch
+        self.cross_attention_kwargs = cross_attention_kwargs
         self.forwards = 0  # UNet forwards, counted in samples (a CFG pass of batch 2B counts 2B)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -197,10 +271,11 @@ class UNetDenoiser:
                 f"got {type(cond).__name__}"
             )
         self.forwards += x_t.shape[0]
+        kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
         if self.switch is None:
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
         with self.switch.active(self.adapter):
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
 
 
 # ----- loading ----------------------------------------------------------------------------------------

@@ -29,12 +29,15 @@ from msdda.core.errors import UnsupportedSchedulerError
 from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
+from msdda.errors import MSDDAError
+from msdda.models.denoiser import combine_guidance
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import ObjectiveError, PipelineError, RewardModelError
 from msdda.pipelines.objectives import (
     AdapterSwitch,
     Objective,
     UNetDenoiser,
+    UNetRestorePoint,
     build_lora_soup,
     build_unet_soup,
     resolve_objective,
@@ -48,7 +51,7 @@ METHODS = tuple(method_names())  # the planner's registry (msdda.sampling.method
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SOUP_ADAPTER = "msdda_rewarded_soup"
 SCHEDULERS = ("ddim", "ddpm")
-_CALLBACK_TENSOR_INPUTS = ("latents",)
+_CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 RewardCallable = Callable[[Tensor, Any], Tensor]
 
@@ -84,6 +87,32 @@ class DiffusersNoise(GaussianNoise):
         if (var.dim() == 0 and float(var) == 0.0) or (var.dim() > 0 and not bool((var != 0).any())):
             return kernel.mean
         return super().draw(kernel, generator)
+
+
+class _RescaledGuidance:
+    """Classifier-free guidance followed by diffusers' guidance rescale (Lin et al. 2023), for one denoiser.
+
+    out = rescale_noise_cfg(uncond + scale * (cond - uncond), cond, phi) on the prediction channels (a
+    learned-variance half is taken from the conditional pass, as msdda.models.combine_guidance does). Cond
+    and uncond run as one UNet call of batch 2B, as the sampler's ClassifierFreeGuidance does.
+    """
+
+    def __init__(self, denoiser: Any, scale: float, rescale: float, null_cond: Tensor) -> None:
+        self.denoiser = denoiser
+        self.name = getattr(denoiser, "name", "model")
+        self.scale = float(scale)
+        self.rescale = float(rescale)
+        self.null_cond = null_cond
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        b, channels = x_t.shape[0], x_t.shape[1]
+        out = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.null_cond]))
+        out_c, out_u = out[:b], out[b:]
+        guided = combine_guidance(out_c, out_u, self.scale, channels)
+        rescaled = rescale_noise_cfg(guided[:, :channels], out_c[:, :channels], guidance_rescale=self.rescale)
+        return torch.cat([rescaled, guided[:, channels:]], dim=1) if guided.shape[1] > channels else rescaled
 
 
 class _LatentReward:
@@ -129,15 +158,46 @@ def _check_base(base: Any) -> None:
         raise PipelineError("the base UNet has time_cond_proj_dim set (an LCM model); its kernels are not DDPM/DDIM")
 
 
-def convert_scheduler(base: Any, scheduler: str | None) -> None:
-    """Replace the base pipeline's scheduler by DDIM or DDPM built from its config (None: keep it)."""
-    if scheduler is None:
-        return
+def own_scheduler(scheduler: Any, kind: str | None) -> Any:
+    """A new scheduler built from `scheduler`'s config: DDIM or DDPM for kind "ddim" / "ddpm", the same class
+    for None. `scheduler` itself is never changed."""
     diffusers = require("diffusers", "MSDDAPipeline")
     classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}
-    if scheduler not in classes:
-        raise PipelineError(f"scheduler={scheduler!r}; choose one of {SCHEDULERS} (or None to keep the base's)")
-    base.scheduler = classes[scheduler].from_config(base.scheduler.config)
+    if kind is not None and kind not in classes:
+        raise PipelineError(f"scheduler={kind!r}; choose one of {SCHEDULERS} (or None to keep the base's)")
+    cls = type(scheduler) if kind is None else classes[kind]
+    return cls.from_config(scheduler.config)
+
+
+def _signature_keys(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "requires_safety_checker"}
+
+
+def _own_pipeline(base: Any, scheduler: str | None) -> Any:
+    """A StableDiffusionPipeline holding the caller's modules (shared, not copied) and a scheduler of its own."""
+    diffusers = require("diffusers", "MSDDAPipeline")
+    components = base.components
+    safety_checker = components.get("safety_checker")
+    try:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            unet=base.unet,
+            scheduler=own_scheduler(base.scheduler, scheduler),
+            safety_checker=safety_checker,
+            feature_extractor=components.get("feature_extractor"),
+            image_encoder=components.get("image_encoder"),
+            # without a checker, False: the caller's pipeline already warned about it once
+            requires_safety_checker=safety_checker is not None and bool(base.config.get("requires_safety_checker", 1)),
+        )
+    except ImportError as exc:  # a package diffusers found installed but cannot import (e.g. a broken peft)
+        require(exc.name or "diffusers", "MSDDAPipeline")
+        raise
+    pipe.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
+    return pipe
 
 
 class MSDDAPipeline:
@@ -147,8 +207,21 @@ class MSDDAPipeline:
       objectives are loaded into it as adapters named after the objectives.
     objectives: {name: source}; a source is a LoRA path (diffusers or peft format, `.safetensors` only),
       the name of an adapter already loaded into base.unet, a full-UNet folder, or a UNet module.
-    scheduler: "ddim" or "ddpm" to rebuild the base scheduler from its config (SD 1.5 ships PNDM, whose
-      kernel is not implemented); None keeps it (it must then be DDIM or DDPM at call time).
+    scheduler: "ddim" or "ddpm" to build the pipeline's scheduler from the base's config (SD 1.5 ships
+      PNDM, whose kernel is not implemented); None copies the base's (it must then be DDIM or DDPM).
+
+    What is shared with the caller's `base` and what is not:
+    * shared, not copied (to save memory): the modules (UNet, VAE, text encoder, tokenizer, safety
+      checker), so `pipeline.to(...)` moves the caller's modules too;
+    * the pipeline's own: `self.base`, a StableDiffusionPipeline built from those modules with its own
+      scheduler; the caller's `base.scheduler` and its config are never touched;
+    * LoRA objectives are injected into the shared UNet as peft adapters (as diffusers' load_lora_weights
+      does), disabled outside the pipeline's own UNet calls, so the caller's pipeline still computes the
+      base model. `release()` (or leaving a `with MSDDAPipeline(...) as pipe:` block) deletes every
+      adapter the pipeline added and restores the UNet exactly: the same state_dict keys and tensors,
+      adapter states, requires_grad flags and train/eval mode. A failed construction releases itself.
+      Adapters the caller had loaded before (named as sources) are kept. After release the pipeline
+      cannot be called.
     """
 
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | None = None) -> None:
@@ -159,17 +232,23 @@ class MSDDAPipeline:
                 f"objectives must be a mapping name -> source, got {type(objectives).__name__}; e.g. "
                 "{'aesthetic': 'loras/aesthetic', 'alignment': 'loras/alignment'}"
             )
-        self.base = base
-        convert_scheduler(base, scheduler)
-        self.unet: nn.Module = base.unet.eval()
+        self._origin = base  # the caller's pipeline: only its offload hooks are reset after a call
+        self.base = _own_pipeline(base, scheduler)
+        self.unet: nn.Module = self.base.unet
+        self._restore_point = UNetRestorePoint(self.unet)
+        self._added_adapters: list[str] = []
+        self._released = False
+        self.unet.eval()
         self.objectives: dict[str, Objective] = {}
         self.switch = AdapterSwitch(self.unet)
         try:
             for name, source in objectives.items():
                 self.add_objective(name, source)
-        finally:
-            self.switch.refresh()
-            self.switch.disable()
+        except BaseException:
+            self.release()
+            raise
+        self.switch.refresh()
+        self.switch.disable()
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -209,21 +288,96 @@ class MSDDAPipeline:
             pipe = pipe.to(device)
         return cls(pipe, objectives, scheduler=scheduler)
 
+    @classmethod
+    def from_pipe(
+        cls, pipe: Any, objectives: Mapping[str, Any], *, scheduler: Any = None, **components: Any
+    ) -> MSDDAPipeline:
+        """An MSDDAPipeline on the modules of an already loaded pipeline (no reload, no copy), as diffusers'
+        `from_pipe`.
+
+        pipe: a diffusers pipeline with Stable Diffusion components (StableDiffusionPipeline, its img2img
+          or inpaint siblings, ...) or another MSDDAPipeline (its modules; its objectives are not taken over).
+        scheduler: "ddim" / "ddpm" / None as in the constructor, or a scheduler object (its config is used).
+        components: replacement modules by name (e.g. safety_checker=None, unet=my_unet), as diffusers'
+          from_pipe takes them. `pipe` itself is not changed (see the class docstring for what is shared).
+        """
+        diffusers = require("diffusers", "MSDDAPipeline")
+        origin = pipe
+        if isinstance(pipe, MSDDAPipeline):
+            pipe._check_alive()
+            origin, pipe = pipe._origin, pipe.base
+        _check_base(pipe)
+        if scheduler is not None and not isinstance(scheduler, str):
+            components["scheduler"], scheduler = scheduler, None
+        if not components:
+            out = cls(pipe, objectives, scheduler=scheduler)
+        else:
+            known = set(pipe.components)
+            unknown = sorted(set(components) - known)
+            if unknown:
+                raise PipelineError(
+                    f"from_pipe got {unknown}, which are not components of {type(pipe).__name__} (it has "
+                    f"{sorted(known)}); pass modules by component name, e.g. safety_checker=None"
+                )
+            keys = _signature_keys(diffusers.StableDiffusionPipeline)
+            merged = {k: v for k, v in {**pipe.components, **components}.items() if k in keys}
+            requires = merged.get("safety_checker") is not None and pipe.config.get("requires_safety_checker", True)
+            view = diffusers.StableDiffusionPipeline(**merged, requires_safety_checker=bool(requires))
+            view.set_progress_bar_config(**dict(getattr(pipe, "_progress_bar_config", {})))
+            out = cls(view, objectives, scheduler=scheduler)
+        out._origin = origin
+        return out
+
     def add_objective(self, name: str, source: Any) -> Objective:
         """Add one objective (see the class docstring for sources); its adapter is left disabled."""
+        self._check_alive()
         if name in self.objectives:
             raise ObjectiveError(f"objective {name!r} already exists; choose another name")
+        before = set(getattr(self.unet, "peft_config", None) or {})
         try:
             obj = resolve_objective(self.unet, name, source)
         finally:
+            self._added_adapters += [a for a in (getattr(self.unet, "peft_config", None) or {}) if a not in before]
             self.switch.refresh()
             self.switch.disable()
         self.objectives[name] = obj
         logger.info("objective %r: %s from %s", name, obj.kind, obj.source)
         return obj
 
+    def release(self) -> None:
+        """Delete every adapter this pipeline added to the shared UNet and restore the UNet exactly as it was
+        (see the class docstring). Idempotent; the pipeline cannot be called afterwards."""
+        if self._released:
+            return
+        self._released = True
+        for adapter in reversed(self._added_adapters):
+            self.switch.delete(adapter)
+        self.switch.delete(SOUP_ADAPTER)  # only present when a call was killed mid-way
+        self._added_adapters = []
+        self.objectives = {}
+        self._restore_point.restore(self.unet)
+        self.switch.layers = []  # nothing of this pipeline touches the UNet again
+
+    def __enter__(self) -> MSDDAPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _check_alive(self) -> None:
+        if self._released:
+            raise PipelineError(
+                "this MSDDAPipeline was released (its adapters were removed from the UNet); build a new one, e.g. "
+                "MSDDAPipeline.from_pipe(base, objectives)"
+            )
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """diffusers' progress-bar settings (e.g. disable=True) for this pipeline's denoising loop."""
+        self.base.set_progress_bar_config(**kwargs)
+
     def to(self, *args: Any, **kwargs: Any) -> MSDDAPipeline:
-        """Move the base pipeline and every full-UNet objective (same arguments as nn.Module.to)."""
+        """Move the modules (shared with the caller's pipeline) and every full-UNet objective (nn.Module.to's
+        arguments)."""
         self.base = self.base.to(*args, **kwargs)
         for obj in self.objectives.values():
             if obj.unet is not None:
@@ -281,18 +435,34 @@ class MSDDAPipeline:
             )
 
     def _check_batch(
-        self, prompt: Any, prompt_embeds: Any, num_images: Any, latents: Any, height: int | None, width: int | None
+        self,
+        prompt: Any,
+        prompt_embeds: Any,
+        num_images: Any,
+        latents: Any,
+        height: int | None,
+        width: int | None,
+        generator: Any,
     ) -> None:
-        """num_images_per_prompt and latents must make the batch diffusers would build (else it fails deep inside)."""
+        """num_images_per_prompt, latents and a generator list must fit the batch diffusers would build, B =
+        prompts x num_images_per_prompt (else it fails deep inside, or a list silently seeds the wrong images)."""
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise PipelineError(f"num_images_per_prompt={num_images!r}; it must be an integer >= 1")
+        prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+        if prompts is None and not isinstance(prompt_embeds, Tensor):
+            return  # base.check_inputs names the missing prompt
+        batch = (prompts if prompts is not None else int(prompt_embeds.shape[0])) * num_images
+        if isinstance(generator, list | tuple) and len(generator) != batch:
+            raise PipelineError(
+                f"generator is a list of {len(generator)} generators but this call makes {batch} image(s) "
+                f"({batch // num_images} prompt(s) x num_images_per_prompt={num_images}); pass one generator per "
+                "image, in the order prompt 0's images, then prompt 1's, ..."
+            )
         if latents is None:
             return
         if not isinstance(latents, Tensor):
             raise PipelineError(f"latents is a {type(latents).__name__}; pass a tensor [B, 4, H/8, W/8] or None")
         cfg, scale = self.base.unet.config, self.base.vae_scale_factor
-        prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
-        batch = (prompts if prompts is not None else int(prompt_embeds.shape[0])) * num_images
         h = (height or cfg.sample_size * scale) // scale
         w = (width or cfg.sample_size * scale) // scale
         if tuple(latents.shape) != (batch, cfg.in_channels, h, w):
@@ -301,17 +471,35 @@ class MSDDAPipeline:
                 f"(prompts x num_images_per_prompt, the UNet's channels, height/{scale}, width/{scale})"
             )
 
-    def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
-        """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler step callback;
-        `pipeline.interrupt = True` (set by the callback) ends the run after the current step."""
+    def _step_callback(
+        self, callback: Callable[..., Any] | None, inputs: Sequence[str], embeds: dict[str, Tensor | None]
+    ) -> Callable[[StepContext, Tensor], Tensor] | None:
+        """diffusers' callback_on_step_end(pipeline, i, t, callback_kwargs) -> dict as a sampler step callback.
+
+        callback_kwargs holds the requested `inputs`: "latents" x [B, 4, h, w] after the step, and as in
+        diffusers' SD pipeline "prompt_embeds" ([negative; positive], [2B, L, D], with guidance, else [B, L, D])
+        and "negative_prompt_embeds" [B, L, D] (None without guidance). A returned "latents" replaces x; the
+        embeddings are read-only (returning them unchanged is fine). `pipeline.interrupt = True` (set by the
+        callback) ends the run after the current step.
+        """
         if callback is None:
             return None
 
         def on_step(ctx: StepContext, x: Tensor) -> Tensor:
-            out = callback(self, ctx.index, torch.tensor(ctx.timestep), {"latents": x})
-            new = (out or {}).get("latents", x)
+            given = {k: (x if k == "latents" else embeds[k]) for k in inputs}
+            out = callback(self, ctx.index, torch.tensor(ctx.timestep), dict(given)) or {}
+            new = out.get("latents", x)
             if not isinstance(new, Tensor) or new.shape != x.shape:
                 raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
+            for key in ("prompt_embeds", "negative_prompt_embeds"):
+                if key in out and out[key] is not embeds[key]:
+                    same = isinstance(out[key], Tensor) and isinstance(embeds[key], Tensor)
+                    if not (same and out[key].shape == embeds[key].shape and torch.equal(out[key], embeds[key])):
+                        raise PipelineError(
+                            f"callback_on_step_end returned a new {key!r}; MSDDAPipeline conditions every objective "
+                            "on one prompt encoding fixed for the run, so only 'latents' may be replaced (return "
+                            f"the {key} unchanged or leave it out)"
+                        )
             if self.interrupt:
                 ctx.stop = True
             return new
@@ -334,7 +522,7 @@ class MSDDAPipeline:
         guidance_scale: float = 7.5,
         eta: float = 0.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         latents: Tensor | None = None,
         output_type: str = "pil",
@@ -345,10 +533,13 @@ class MSDDAPipeline:
         method_options: Mapping[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict[str, Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         final_noise: bool = True,
         progress: bool | None = None,
-    ) -> MSDDAPipelineOutput:
+        return_dict: bool = True,
+    ) -> MSDDAPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images for `prompt` (or `prompt_embeds`) under preference `weights`.
 
         weights: {objective name: w}; objectives with weight 0 are never evaluated. "reference" may carry an
@@ -365,24 +556,53 @@ class MSDDAPipeline:
         method_options: CoDe's num_candidates / block_size, RGG's scale / tempering, and "model".
         guidance_scale: classifier-free guidance applied per objective (cond and uncond batched); <= 1
           disables it, as in diffusers. eta: DDIM only. generator or seed: the only randomness (neither:
-          seed 0). latents: initial noise [B, 4, H/8, W/8] (scaled by init_noise_sigma like diffusers).
-        callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict: may return replacement "latents";
-          setting `pipeline.interrupt = True` stops after that step.
+          seed 0). generator may be a list of B = prompts x num_images_per_prompt generators, one per image
+          (as in diffusers): image b's initial latents and every step's noise come from generator b, so it
+          equals a single-image call with that generator; CoDe draws image b's candidates from generator b;
+          DB-MPA-LS draws its per-step model choice (shared by the batch) from the first generator.
+          latents: initial noise [B, 4, H/8, W/8] (scaled by init_noise_sigma like diffusers).
+        guidance_rescale: diffusers' rescale_noise_cfg (Lin et al. 2023, e.g. 0.7) applied to each objective's
+          guided prediction, as diffusers does (0: off; needs guidance_scale > 1).
+        cross_attention_kwargs: passed to every UNet call as in diffusers, e.g. {"scale": 0.5} scales the
+          active LoRA adapter (each LoRA objective, the soup); its "scale" also goes to encode_prompt.
+        callback_on_step_end(pipeline, i, t, callback_kwargs) -> dict, with callback_kwargs holding the names
+          in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds", "negative_prompt_embeds", laid
+          out as diffusers' SD pipeline does): may return replacement "latents" (the embeddings are
+          read-only); setting `pipeline.interrupt = True` stops after that step.
         final_noise: the last step draws from its kernel as diffusers' step() does (True, for parity with
           diffusers: DDIM with eta > 0 adds noise there); False returns the kernel mean as msdda.sample.
-        Returns MSDDAPipelineOutput. Raises before any denoising on bad names, weights, scheduler, shapes.
+        Returns MSDDAPipelineOutput, or with return_dict=False the tuple (images, nsfw_content_detected) as
+        diffusers does. Raises before any denoising on bad names, weights, scheduler, shapes.
         """
+        self._check_alive()
         base = self.base
         # 1. check inputs
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         self._check_call(output_type, num_inference_steps, tensor_inputs)
-        self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width)
+        self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width, generator)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(
             guidance_scale
         ):  # nan > 1 is False: a nan scale would silently turn guidance off
             raise PipelineError(f"guidance_scale={guidance_scale!r}; pass a finite number (<= 1 turns guidance off)")
+        if (
+            isinstance(guidance_rescale, bool)
+            or not isinstance(guidance_rescale, int | float)
+            or not 0.0 <= guidance_rescale <= 1.0
+        ):
+            raise PipelineError(
+                f"guidance_rescale={guidance_rescale!r}; pass a number in [0, 1] (0: off; Lin et al. 2023 use 0.7)"
+            )
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, Mapping):
+            raise PipelineError(
+                f"cross_attention_kwargs is a {type(cross_attention_kwargs).__name__}; pass a dict such as "
+                "{'scale': 0.5} or None"
+            )
+        attn_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         kind = self._check_scheduler(float(eta))
-        generator = make_generator(generator, seed, "cpu")
+        try:
+            generator = make_generator(generator, seed, "cpu")
+        except MSDDAError as exc:
+            raise PipelineError(str(exc)) from None
         height = height or base.unet.config.sample_size * base.vae_scale_factor
         width = width or base.unet.config.sample_size * base.vae_scale_factor
         try:
@@ -414,7 +634,7 @@ class MSDDAPipeline:
                 negative_prompt,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
-                lora_scale=None,
+                lora_scale=attn_kwargs.get("scale") if attn_kwargs else None,
                 clip_skip=clip_skip,
             )
             # 4. prepare the latents exactly as diffusers does
@@ -424,15 +644,29 @@ class MSDDAPipeline:
             # 5. denoise: every objective evaluated at the same latents, the planned rule at every step
             if progress is None:
                 progress = not getattr(base, "_progress_bar_config", {}).get("disable", False)
+            models, reference = list(plan.models), plan.reference
+            for den in [*models, reference]:
+                if isinstance(den, UNetDenoiser):
+                    den.cross_attention_kwargs = attn_kwargs
+            rescale = do_cfg and guidance_rescale > 0.0
+            if rescale:  # guidance (and the rescale) applied here: the sampler runs the guided denoisers as given
+                null = negative_prompt_embeds
+                models = [_RescaledGuidance(m, guidance_scale, guidance_rescale, null) for m in models]
+                if reference is not None:
+                    reference = _RescaledGuidance(reference, guidance_scale, guidance_rescale, null)
+            embeds = {
+                "prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            }
             start = time.perf_counter()
             out = sample(
-                plan.models,
+                models,
                 base.scheduler,
                 plan.rule,
                 x_T=x_T,
                 cond=prompt_embeds,
-                reference=plan.reference,
-                guidance_scale=guidance_scale if do_cfg else None,
+                reference=reference,
+                guidance_scale=guidance_scale if do_cfg and not rescale else None,
                 null_cond=negative_prompt_embeds,
                 num_inference_steps=num_inference_steps,
                 eta=float(eta) if kind == "ddim" else None,
@@ -440,16 +674,20 @@ class MSDDAPipeline:
                 device=device,
                 dtype=x_T.dtype,
                 progress=progress,
-                callback=self._step_callback(callback_on_step_end),
+                callback=self._step_callback(callback_on_step_end, tensor_inputs, embeds),
                 noise=DiffusersNoise(),
                 final_step="sample" if final_noise else "mean",
             )
+            if rescale:
+                out.cost.model_evals *= 2  # every evaluation above was a cond + uncond pair
         finally:
             store.release()
             self.switch.disable()
         # 6. decode
         images, nsfw = self._decode(out.samples, output_type, device, prompt_embeds.dtype, generator)
-        base.maybe_free_model_hooks()
+        free_hooks = getattr(self._origin, "maybe_free_model_hooks", None)
+        if callable(free_hooks):
+            free_hooks()  # the caller's offload hooks, as its own call would
         config = {
             **plan.record,
             "weights": dict(weights) if weights is not None else None,
@@ -460,6 +698,8 @@ class MSDDAPipeline:
             "steps_run": out.steps_run,
             "interrupted": out.interrupted,
             "guidance_scale": guidance_scale,
+            "guidance_rescale": guidance_rescale,
+            "cross_attention_kwargs": attn_kwargs,
             "eta": float(eta),
             "scheduler": type(base.scheduler).__name__,
             "height": height,
@@ -469,6 +709,8 @@ class MSDDAPipeline:
             "seconds_total": time.perf_counter() - start,
         }
         logger.info("generated %d image(s) with %s in %.2fs (%s)", batch, method, out.seconds, out.cost)
+        if not return_dict:
+            return images, nsfw
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=nsfw, cost=out.cost, config=config)
 
     @property

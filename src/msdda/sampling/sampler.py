@@ -38,19 +38,30 @@ class ScheduleAware(Protocol):
     def bind_schedule(self, scheduler: KernelScheduler) -> None: ...
 
 
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
 class GaussianNoise:
     """The default noise source: z ~ N(0, I) from torch.randn on the run's generator.
 
+    generator: one torch.Generator for the whole batch, or a list of B generators, one per sample: row b
+    of every draw then comes from generator b alone (drawn as a [1, ...] tensor, as diffusers'
+    randn_tensor does), so sample b of a batched run equals a single run seeded like generator b.
     Subclass it to draw like another library (the SD pipeline draws with diffusers' randn_tensor, so a CPU
     generator serves a GPU run and samples match diffusers') or to skip draws for point masses.
     """
 
-    def randn(
-        self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
-    ) -> Tensor:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    def randn(self, shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if isinstance(generator, torch.Generator):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if len(generator) != shape[0]:
+            raise StepRuleError(
+                f"{len(generator)} generators for a batch of {shape[0]}; pass one generator per sample (or one)"
+            )
+        row = (1, *shape[1:])
+        return torch.cat([torch.randn(row, generator=g, device=device, dtype=dtype) for g in generator])
 
-    def draw(self, kernel: GaussianKernel, generator: torch.Generator) -> Tensor:
+    def draw(self, kernel: GaussianKernel, generator: Generators) -> Tensor:
         """mean + sqrt(var) * z with z from `randn`: every drawn step, and the last with final_step='sample'."""
         mean = kernel.mean
         return kernel.sample(noise=self.randn(tuple(mean.shape), generator, mean.device, mean.dtype))
@@ -78,12 +89,25 @@ class SampleOutput:
         return self.cost.seconds
 
 
-def make_generator(generator: torch.Generator | None, seed: int | None, device: torch.device | str) -> torch.Generator:
-    """The caller's generator, or a new one seeded with `seed` (0 when neither is given)."""
+def make_generator(generator: Generators | None, seed: int | None, device: torch.device | str) -> Generators:
+    """The caller's generator (or list of per-sample generators, returned as a list), or a new one seeded
+    with `seed` (0 when neither is given)."""
     if generator is not None:
         if seed is not None:
             raise StepRuleError("pass a generator or a seed, not both")
-        return generator
+        if isinstance(generator, torch.Generator):
+            return generator
+        if not isinstance(generator, Sequence) or isinstance(generator, str):
+            raise StepRuleError(
+                f"generator is a {type(generator).__name__}; pass a torch.Generator or a list of them (one per sample)"
+            )
+        gens = list(generator)
+        bad = [type(g).__name__ for g in gens if not isinstance(g, torch.Generator)]
+        if not gens or bad:
+            raise StepRuleError(
+                f"generator list {'is empty' if not gens else f'holds {bad}'}; pass one torch.Generator per sample"
+            )
+        return gens
     g = torch.Generator(device=device)
     g.manual_seed(0 if seed is None else int(seed))
     return g
@@ -188,7 +212,7 @@ def sample(
     guidance_scale: float | None = None,
     null_cond: Any = None,
     eta: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     seed: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -218,6 +242,9 @@ def sample(
     (on CPU one by one is faster), else evaluates them one by one; True requires it (BatchingError says why
     not); False never batches. Samples agree to float rounding; cost counts are the same. A step whose rule
     selects a subset of the models evaluates just those, one by one, even when batching.
+    generator: one torch.Generator, or a list of B (one per sample: row b of x_T and of every step's noise
+    comes from generator b, so sample b equals a single run with that generator). Rules that draw their
+    own randomness from `ctx.generator` (DB-MPA-LS's model choice) get the first generator of a list.
     Same generator state or seed -> bit-identical samples.
     """
     if not models:
@@ -241,6 +268,11 @@ def sample(
     noise = noise if noise is not None else GaussianNoise()
 
     gen = make_generator(generator, seed, dev)
+    rule_gen = gen if isinstance(gen, torch.Generator) else gen[0]  # ctx.generator: one generator
+    if not isinstance(gen, torch.Generator):
+        batch = int(x_T.shape[0]) if x_T is not None else int(shape[0]) if shape is not None else None
+        if batch is not None and len(gen) != batch:
+            raise StepRuleError(f"{len(gen)} generators for a batch of {batch}; pass one generator per sample (or one)")
     if x_T is None:
         if shape is None:
             raise StepRuleError("pass `shape` or `x_T` to say what to sample")
@@ -299,7 +331,7 @@ def sample(
                 outputs=[],
                 kernels=[],
                 scheduler=ks,
-                generator=gen,
+                generator=rule_gen,
                 cond=cond,
                 evaluate=evaluate,
                 cost=cost,
