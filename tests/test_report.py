@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from msdda.evaluation.report import ReportError, compute_metrics, write_report
+from msdda.evaluation.report import ReportError, compute_metrics, pareto_figure, pareto_view, write_report
 from msdda.evaluation.store import read_rows
 from msdda.evaluation.sweep import SweepConfig, run_sweep
 from msdda.evaluation.tasks import get_task_bundle
@@ -153,3 +153,22 @@ def test_report_shows_the_diagnostic_when_present(run_dir, tmp_path):
     assert "Step-optimality diagnostic" in page and "J* - J" in page
     (copy / "diagnose.json").write_text("{not json")
     assert "Step-optimality diagnostic" not in write_report(copy)["html"].read_text()  # a warning, not a crash
+
+
+def test_pareto_view_leaves_run_away_points_outside_the_axes():
+    def row(method, a, b):
+        return {"method": method, "weights": None, "mean": {"a": a, "b": b}}
+
+    metrics = {
+        "objectives": ["a", "b"],
+        "methods": ["x", "y"],
+        "reference_point": [0.0, -1.0],
+        "table": [row("x", 0.5, 0.0), row("x", 1.0, -0.5), row("y", 0.2, -0.2), row("y", 4e3, -1e11)],
+    }
+    limits, hidden = pareto_view(metrics)
+    assert hidden == 1  # y's diverged point (below the reference in b)
+    assert limits["a"] == pytest.approx((0.0 - 0.05, 1.0 + 0.05))
+    assert limits["b"] == pytest.approx((-1.0 - 0.05, 0.0 + 0.05))
+    assert pareto_figure(metrics)[:8] == b"\x89PNG\r\n\x1a\n"
+    no_ref = dict(metrics, reference_point=None)
+    assert pareto_view(no_ref)[1] == 0  # without a reference point every point is in view

@@ -207,14 +207,42 @@ def _training_seconds(rows: Sequence[dict[str, Any]], method: str) -> float | No
 
 
 # ----- figures -------------------------------------------------------------------------------------------
+def pareto_view(metrics: Mapping[str, Any]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Axis limits per objective and the number of table points left outside them.
+
+    The view spans the points that reach the hypervolume reference point in every objective (the others add
+    nothing to any front), padded by 5%: one run-away point (e.g. reward guidance that diverged) would
+    otherwise squeeze every other method into a corner. Without a reference point every point is shown.
+    """
+    objs = metrics["objectives"]
+    ref = metrics.get("reference_point")
+    points = [[float(r["mean"][o]) for o in objs] for r in metrics["table"]]
+    shown = points if ref is None else [p for p in points if all(v >= q for v, q in zip(p, ref, strict=True))]
+    shown = shown or points
+    limits = {}
+    for k, o in enumerate(objs):
+        lo = min(p[k] for p in shown)
+        hi = max(p[k] for p in shown)
+        if ref is not None:
+            lo = min(lo, float(ref[k]))
+        pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1e-12)
+        limits[o] = (lo - pad, hi + pad)
+    hidden = sum(
+        any(not limits[o][0] <= p[k] <= limits[o][1] for k, o in enumerate(objs)) for p in points
+    )
+    return limits, hidden
+
+
 def pareto_figure(metrics: Mapping[str, Any]) -> bytes:
-    """PNG bytes: mean reward of each objective pair, one line per method through its weights."""
+    """PNG bytes: mean reward of each objective pair, one line per method through its weights (view:
+    `pareto_view`; points outside it are counted in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     objs = metrics["objectives"]
+    limits, hidden = pareto_view(metrics)
     pairs = [(0, 1)] if len(objs) == 2 else [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))]
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs, strict=True):
@@ -227,9 +255,14 @@ def pareto_figure(metrics: Mapping[str, Any]) -> bytes:
                 ax.plot(xs, ys, marker="o", label=m)
         ax.set_xlabel(f"mean {objs[i]}")
         ax.set_ylabel(f"mean {objs[j]}")
+        ax.set_xlim(*limits[objs[i]])
+        ax.set_ylim(*limits[objs[j]])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Mean rewards per method across preference weights")
+    title = "Mean rewards per method across preference weights"
+    if hidden:
+        title += f" ({hidden} point{'s' if hidden > 1 else ''} below the reference point, outside the axes)"
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
