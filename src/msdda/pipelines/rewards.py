@@ -324,3 +324,55 @@ class CLIPSimilarityScorer(nn.Module):
         cos = (img / img.norm(dim=-1, keepdim=True) * (text / text.norm(dim=-1, keepdim=True))).sum(-1)
         scale = self.clip.logit_scale.exp().float() if self.scale is None else float(self.scale)
         return scale * cos
+
+
+class JPEGSize:
+    """DDPO's weight-free rewards: each image's JPEG file size in kB (quality 95, PIL), negated for
+    compressibility (smaller files score higher) or kept for incompressibility.
+
+    `scorer(images [B, 3, H, W] in [0, 1], prompts=None) -> Tensor [B]` (float32, on the images' device).
+    The size of an encoded file has no gradient: `differentiable = False`, so RGG refuses it and the step
+    trainers use their score-function estimator. Images are rounded to uint8 as a saved PNG would be.
+    """
+
+    differentiable = False
+
+    def __init__(self, sign: float, name: str, quality: int = 95) -> None:
+        if not (isinstance(quality, int) and 1 <= quality <= 100):
+            raise RewardModelError(f"JPEG quality={quality!r}; pass an integer in 1..100 (DDPO uses 95)")
+        self.sign = float(sign)
+        self.name = name
+        self.quality = quality
+
+    def __call__(self, images: Tensor, prompts: Any = None) -> Tensor:
+        import io
+
+        from PIL import Image
+
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise RewardModelError(
+                f"{self.name}: images must be [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], got {list(images.shape)}"
+            )
+        if not torch.isfinite(images).all():
+            raise RewardModelError(f"{self.name}: images contain NaN or infinite values")
+        pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        sizes = []
+        for array in pixels:
+            buf = io.BytesIO()
+            image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+            image.save(buf, format="JPEG", quality=self.quality)
+            sizes.append(buf.tell() / 1000.0)
+        return self.sign * torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+    def __repr__(self) -> str:
+        return f"JPEGSize({self.name!r}, quality={self.quality})"
+
+
+def jpeg_compressibility(quality: int = 95) -> JPEGSize:
+    """Minus the JPEG size in kB (DDPO's compressibility reward): flat, simple images score higher."""
+    return JPEGSize(-1.0, "jpeg-compressibility", quality)
+
+
+def jpeg_incompressibility(quality: int = 95) -> JPEGSize:
+    """The JPEG size in kB (DDPO's incompressibility reward): detailed, textured images score higher."""
+    return JPEGSize(1.0, "jpeg-incompressibility", quality)
