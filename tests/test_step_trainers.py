@@ -231,3 +231,15 @@ def test_step_rl_estimator_defaults_and_weighted_rewards(tmp_path):
         StepRLConfig(estimator="sgd")
     with pytest.raises(AlignmentError, match="labels='best'"):
         DPOConfig(labels="best")
+
+
+def test_repeat_cond_keeps_each_conditions_shape():
+    from msdda.alignment.trainer import repeat_cond
+
+    labels = torch.tensor([3, 7])
+    assert repeat_cond(labels, 2).tolist() == [3, 3, 7, 7]
+    embeds = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # prompt embeddings [N, L, D]
+    out = repeat_cond(embeds, 3)
+    assert out.shape == (6, 3, 4)
+    assert torch.equal(out[2], embeds[0]) and torch.equal(out[3], embeds[1])
+    assert repeat_cond(["a", "b"], 2) == ["a", "a", "b", "b"] and repeat_cond(None, 2) is None

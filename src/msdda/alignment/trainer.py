@@ -226,11 +226,12 @@ def select_cond(cond: Any, index: Tensor) -> Any:
 
 
 def repeat_cond(cond: Any, k: int) -> Any:
-    """Each condition repeated k times in place ([N] -> [N*k]), matching a [N, K] -> [N*K] flatten."""
+    """Each condition repeated k times in place ([N, ...] -> [N*k, ...]: class labels [N], prompt embeddings
+    [N, L, D]), matching a [N, K] -> [N*K] flatten."""
     if cond is None:
         return None
     if isinstance(cond, Tensor):
-        return cond.repeat_interleave(k)
+        return cond.repeat_interleave(k, dim=0)  # without dim, a [N, L, D] condition would be flattened
     return [c for c in cond for _ in range(k)]
 
 
