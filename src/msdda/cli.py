@@ -664,6 +664,50 @@ def _task_options(task: str, objectives: list[str] | None) -> dict[str, Any]:
     return {"objectives": list(objectives)} if task == "digits" and objectives else {}
 
 
+def _quiet_sd_loading(quiet: bool) -> Any:
+    """diffusers' and transformers' loading bars and logging off while an SD pipeline loads (with --quiet)."""
+    import contextlib
+
+    if not quiet:
+        return contextlib.nullcontext()
+    from msdda.pipelines.cli import _quiet_libraries
+
+    return _quiet_libraries(True)
+
+
+def _sd_task_options(
+    path: Path | None, base: Path | None, objective: list[str], reward: list[str], device: str | None, dtype: str | None
+) -> dict[str, Any]:
+    """The sd task's options: the --task-options JSON object, overridden by the flags, checked before any model
+    loads (`msdda.pipelines.sd_task.check_sd_options`)."""
+    from msdda.pipelines.cli import _parse_pairs
+    from msdda.pipelines.sd_task import SDTaskError, check_sd_options, register
+
+    register()
+    options: dict[str, Any] = {}
+    if path is not None:
+        try:
+            options = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise typer.BadParameter(f"--task-options {path}: cannot read a JSON object ({exc})") from None
+        if not isinstance(options, dict):
+            raise typer.BadParameter(f'--task-options {path} must hold one JSON object, e.g. {{"base": "sd15"}}')
+    if base is not None:
+        options["base"] = str(base)
+    if objective:
+        options["objectives"] = _parse_pairs(objective, "--objective", number=False)
+    if reward:
+        options["rewards"] = _parse_pairs(reward, "--reward", number=False)
+    if device is not None:
+        options["device"] = device
+    if dtype is not None:
+        options["dtype"] = dtype
+    try:
+        return check_sd_options(options)
+    except SDTaskError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def methods() -> None:
     """List the methods every command knows, what each does and what it costs."""
@@ -681,7 +725,7 @@ def methods() -> None:
 @app.command()
 def sweep(
     out: Path = typer.Option(..., help="Run folder (config.json, results.jsonl or results.rank*.jsonl, samples/)."),
-    task: str = typer.Option("digits", help="Task: digits or gaussian."),
+    task: str = typer.Option("digits", help="Task: digits, gaussian or sd (Stable Diffusion: needs --base)."),
     methods: str = typer.Option(
         None,
         help="Comma-separated method names, e.g. base,msdda,db-mpa (`msdda methods` lists them; default: every "
@@ -691,6 +735,26 @@ def sweep(
     grid_points: int = typer.Option(5, help="Points per simplex edge (5 -> 0, .25, .5, .75, 1 for K = 2)."),
     weights_json: Path = typer.Option(None, "--weights", help="JSON file with an explicit grid [{obj: w}, ...]."),
     prompts: str = typer.Option(None, help="Comma-separated prompts (digits: classes 0-9; default: all)."),
+    prompt_file: Path = typer.Option(
+        None, help="sd: a text file of prompts, one per line (blank lines and lines starting with # skipped)."
+    ),
+    base: Path = typer.Option(None, help="sd: a local diffusers StableDiffusionPipeline folder."),
+    objective: list[str] = typer.Option(
+        [], help="sd: NAME=PATH, a LoRA (diffusers or peft format) or a full-UNet folder; repeat per objective."
+    ),
+    reward: list[str] = typer.Option(
+        [],
+        help="sd: NAME=SPEC per objective; SPEC is jpeg-compressibility, jpeg-incompressibility, brightness or "
+        "KIND=PATH of a reward model (imagereward, pickscore, hpsv2, aesthetic, clip-score).",
+    ),
+    task_options_json: Path = typer.Option(
+        None,
+        "--task-options",
+        help="sd: a JSON object of task options (base, objectives, rewards, betas, device, dtype, guidance_scale, "
+        "scheduler, eta, height, width); the flags above override its entries.",
+    ),
+    device: str = typer.Option(None, help="sd: torch device, e.g. cuda (default cpu)."),
+    dtype: str = typer.Option(None, help="sd: float32 | float16 | bfloat16 (default float32)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     batch_size: int = typer.Option(8, min=1, help="Samples per sampler call (per method, weight, prompt, seed)."),
     steps: int = typer.Option(50, min=1, max=1000, help="Reverse steps."),
@@ -723,20 +787,53 @@ def sweep(
 
     grid = None if weights_json is None else _load_weight_grid(weights_json)
     seed_list = _parse_seeds(seeds, "--seeds", MAX_SEED)
+    sd_flags = {"--base": base, "--prompt-file": prompt_file, "--task-options": task_options_json, "--device": device}
+    sd_flags.update({"--dtype": dtype, "--objective": objective or None, "--reward": reward or None})
+    given = [k for k, v in sd_flags.items() if v is not None]
+    if task != "sd" and given:
+        raise typer.BadParameter(f"{', '.join(given)} belong to --task sd; task {task!r} takes none of them")
     prompt_list: list | None = _split(prompts)
     if prompt_list is not None and task == "digits":
         prompt_list = _parse_digit_prompts(prompts)
+    sd_options = None
+    if task == "sd":
+        sd_options = _sd_task_options(task_options_json, base, objective, reward, device, dtype)
+        if prompt_list is not None:
+            raise typer.BadParameter("--task sd reads its prompts from --prompt-file FILE (texts may hold commas)")
+        if prompt_file is not None:
+            from msdda.pipelines.cli import _read_prompt_file
+
+            prompt_list = _read_prompt_file(prompt_file)
+        elif not sd_options["prompts"]:
+            raise typer.BadParameter("--task sd needs prompts: --prompt-file FILE (one prompt per line)")
     if beta is not None:
         _finite(beta, "--beta", positive=True)
     if rgg_scale is not None:
         _finite(rgg_scale, "--rgg-scale")
     check_output_dir(out)
     names = _parse_names(objectives, "--objectives")
+    options = sd_options if sd_options is not None else _task_options(task, names)
+    loaded: dict[str, Any] = {}  # the bundle is built once (an SD pipeline takes a while to load)
+
+    def bundle_factory(c: SweepConfig) -> Any:
+        key = json.dumps(c.task_options, sort_keys=True, default=str)
+        if loaded.get("key") != key:
+            with _quiet_sd_loading(task == "sd" and quiet):
+                loaded.update(key=key, bundle=get_task_bundle(c.task, c.task_options))
+        return loaded["bundle"]
+
+    if methods is None:
+        from msdda.evaluation.sweep import supported_methods
+
+        probe = SweepConfig(task=task, task_options=options)
+        method_list = supported_methods(bundle_factory(probe), include_training=False)
+    else:
+        method_list = _split(methods) or _task_methods(task)
     cfg = SweepConfig(
         task=task,
-        task_options=_task_options(task, names),
+        task_options=options,
         objectives=names,
-        methods=_split(methods) or _task_methods(task),
+        methods=method_list,
         weights=grid,
         grid_points=grid_points,
         prompts=prompt_list,
@@ -753,7 +850,7 @@ def sweep(
     res = run_sweep(
         cfg,
         out,
-        lambda c: get_task_bundle(c.task, c.task_options),
+        bundle_factory,
         overwrite=overwrite,
         progress=not quiet,
         on_unit_done=(lambda _: time.sleep(throttle)) if throttle > 0 else None,  # tests interrupt real runs

@@ -28,7 +28,7 @@ from msdda.atomic import write_bytes_atomic, write_json_atomic, write_text_atomi
 from msdda.errors import MSDDAError
 from msdda.evaluation.metrics import default_reference_point, hypervolume, pareto_front, summarise, win_rate
 from msdda.evaluation.store import CONFIG_FILE, RESULTS_FILE, read_run_rows, results_files
-from msdda.evaluation.sweep import FUSION_METHODS, iter_units, samples_path
+from msdda.evaluation.sweep import FUSION_METHODS, iter_units, sample_image_paths, samples_path
 from msdda.sampling import MSDDA, RGG, CoDe, SingleModel
 from msdda.sampling.methods import BASE, STEP_RL
 
@@ -283,8 +283,9 @@ def image_grid_png(samples: np.ndarray, max_images: int = 20) -> bytes | None:
     n = imgs.shape[0]
     cols = min(10, n)
     rows = math.ceil(n / cols)
+    tile = 0.8 if imgs.shape[-1] <= 32 else 1.6  # inches: 8x8 digits small, decoded photos larger
     fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False, gridspec_kw={"wspace": 0.08, "hspace": 0.08}
+        rows, cols, figsize=(cols * tile, rows * tile), squeeze=False, gridspec_kw={"wspace": 0.08, "hspace": 0.08}
     )
     for ax in axes.flat:
         ax.axis("off")
@@ -297,19 +298,36 @@ def image_grid_png(samples: np.ndarray, max_images: int = 20) -> bytes | None:
     return buf.getvalue()
 
 
-def _grids(run_dir: Path, rows: Sequence[dict[str, Any]], objectives: Sequence[str]) -> dict[tuple[str, str], bytes]:
-    from safetensors.torch import load_file
+def _unit_samples(run_dir: Path, key: str, batch: int) -> np.ndarray | None:
+    """A unit's stored samples as [N, C, H, W] in [-1, 1]: its safetensors file, or its PNG images (tasks that
+    decode their samples, e.g. Stable Diffusion); None if none are stored or the file cannot be read."""
+    path = samples_path(run_dir, key)
+    pngs = [p for p in sample_image_paths(run_dir, key, batch) if p.exists()]
+    try:
+        if path.exists():
+            from safetensors.torch import load_file
 
+            return load_file(str(path))["samples"].numpy()
+        if pngs:
+            from PIL import Image
+
+            arrays = []
+            for p in pngs:
+                with Image.open(p) as im:
+                    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+                arrays.append(a.transpose(2, 0, 1))
+            return np.stack(arrays)
+    except Exception as exc:  # a truncated or foreign file: the grid goes without it, the report still gets written
+        logger.warning("%s: skipped unreadable samples of unit %s (%s: %s)", run_dir, key, type(exc).__name__, exc)
+    return None
+
+
+def _grids(run_dir: Path, rows: Sequence[dict[str, Any]], objectives: Sequence[str]) -> dict[tuple[str, str], bytes]:
     collected: dict[tuple[str, str], list[np.ndarray]] = {}
     for key, unit_rows in iter_units(rows):
-        path = samples_path(run_dir, key)
-        if not path.exists():
-            continue
         r = unit_rows[0]
-        try:
-            arr = load_file(str(path))["samples"].numpy()
-        except Exception as exc:  # a truncated or foreign file: the grid goes without it, the report still gets written
-            logger.warning("%s: skipped unreadable samples file (%s: %s)", path, type(exc).__name__, exc)
+        arr = _unit_samples(run_dir, key, int(r.get("batch", len(unit_rows))))
+        if arr is None:
             continue
         collected.setdefault((r["method"], _weights_key(r["weights"], objectives)), []).append(arr)
     out = {}

@@ -284,7 +284,7 @@ def own_files(run_dir: Path) -> list[Path]:
             for p in sorted(samples.iterdir())
             if p.is_file()
             and not p.is_symlink()
-            and (p.suffix == ".safetensors" or (p.name.startswith(".") and p.name.endswith(".tmp")))
+            and (p.suffix in (".safetensors", ".png") or (p.name.startswith(".") and p.name.endswith(".tmp")))
         ]
     return found
 

@@ -47,7 +47,7 @@ from msdda.evaluation.store import (
     results_file,
     results_files,
 )
-from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, SingleModel, sample
+from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, GaussianNoise, SingleModel, make_generator, sample
 from msdda.sampling.methods import (
     BASE,
     REWARDED_SOUP,
@@ -408,7 +408,7 @@ def run_sweep(
             for row in rows:
                 row["unit_index"] = position  # the unit's place in the plan: readers order the union by it
             if cfg.save_samples:
-                _save_samples(samples_dir, unit, samples)
+                _save_samples(samples_dir, unit, samples, bundle.decode)
             _append_rows(results, rows)
             if on_unit_done is not None:
                 on_unit_done(unit)
@@ -420,15 +420,48 @@ def _safe_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in key)
 
 
-def _save_samples(samples_dir: Path, unit: Unit, samples: torch.Tensor) -> None:
-    from safetensors.torch import save
+def _save_samples(
+    samples_dir: Path, unit: Unit, samples: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
+    """The unit's samples: raw tensors in one safetensors file, or, with a task's `decode`, one PNG image
+    (uint8) per sample, `{unit}.{index:03d}.png` (see `sample_image_paths`)."""
+    if decode is None:
+        from safetensors.torch import save
 
-    path = samples_dir / f"{_safe_name(unit.key)}.safetensors"
-    write_bytes_atomic(path, save({"samples": samples.detach().float().contiguous().cpu()}))
+        path = samples_dir / f"{_safe_name(unit.key)}.safetensors"
+        write_bytes_atomic(path, save({"samples": samples.detach().float().contiguous().cpu()}))
+        return
+    with torch.no_grad():
+        images = decode(samples)
+    for i, png in enumerate(png_images(images)):
+        write_bytes_atomic(samples_dir / f"{_safe_name(unit.key)}.{i:03d}.png", png)
+
+
+def png_images(images: torch.Tensor) -> list[bytes]:
+    """PNG bytes of each image of [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], rounded to uint8."""
+    import io
+
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise SweepError(f"decoded samples must be images [B, 3, H, W] in [0, 1], got shape {list(images.shape)}")
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for array in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def samples_path(run_dir: Path, unit_key: str) -> Path:
+    """The raw samples file of a unit (tasks without `decode`)."""
     return Path(run_dir) / "samples" / f"{_safe_name(unit_key)}.safetensors"
+
+
+def sample_image_paths(run_dir: Path, unit_key: str, batch: int) -> list[Path]:
+    """The PNG image of each of a unit's `batch` samples (tasks with `decode`)."""
+    return [Path(run_dir) / "samples" / f"{_safe_name(unit_key)}.{i:03d}.png" for i in range(batch)]
 
 
 def run_unit(
@@ -439,19 +472,32 @@ def run_unit(
     plan = build_method(unit.method, bundle, weights, cfg, objectives)
     prompt = prompts[unit.prompt_index]
     cond = bundle.make_cond(prompt, cfg.batch_size)
+    # The generator lives where the task draws its noise (SD: on the CPU, as MSDDAPipeline and diffusers do).
+    device = torch.device(bundle.device)
+    generator = make_generator(None, unit_seed(unit.seed, unit.prompt_index), bundle.generator_device or device)
+    shape = (cfg.batch_size, *bundle.sample_shape)
+    x_T = None
+    if bundle.init_noise_sigma != 1.0:  # x_T = sigma * randn, as diffusers' prepare_latents draws it
+        source = bundle.noise if bundle.noise is not None else GaussianNoise()
+        x_T = source.randn(shape, generator, device, bundle.dtype) * bundle.init_noise_sigma
     out = sample(
         plan.models,
         bundle.scheduler,
         plan.rule,
-        shape=(cfg.batch_size, *bundle.sample_shape),
+        shape=None if x_T is not None else shape,
+        x_T=x_T,
         cond=cond,
         reference=plan.reference,
         num_inference_steps=cfg.steps,
         guidance_scale=bundle.guidance_scale,
         null_cond=bundle.null_cond if bundle.guidance_scale is not None else None,
-        seed=unit_seed(unit.seed, unit.prompt_index),
+        eta=bundle.eta,
+        generator=generator,
+        device=device,
         dtype=bundle.dtype,
         progress=False,
+        noise=bundle.noise,
+        final_step=bundle.final_step,
     )
     with torch.no_grad():
         scores = {

@@ -376,3 +376,11 @@ def jpeg_compressibility(quality: int = 95) -> JPEGSize:
 def jpeg_incompressibility(quality: int = 95) -> JPEGSize:
     """The JPEG size in kB (DDPO's incompressibility reward): detailed, textured images score higher."""
     return JPEGSize(1.0, "jpeg-incompressibility", quality)
+
+
+def brightness(images: Tensor, prompts: Any = None) -> Tensor:
+    """Mean pixel value of each image [B, 3, H, W] in [0, 1] -> [B] in [0, 1]: a weight-free, differentiable
+    reward (RGG's gradient flows through it), for smoke tests and demos of the reward-guided methods."""
+    if images.dim() != 4:
+        raise RewardModelError(f"brightness: images must be [B, 3, H, W] in [0, 1], got {list(images.shape)}")
+    return images.mean(dim=(1, 2, 3))

@@ -34,6 +34,12 @@ class TaskBundle:
       the policy trained by multi-objective step-level RL on sum_k w_k r_k at KL strength beta, trained on first
       use and cached (the "step-rl" method); None: the task has no step-RL policies. It may carry
       `aligned_train_seconds` {objective: s}, the training time of each aligned model (for cost tables).
+    Sampling settings a sweep passes to `msdda.sampling.sample` (the defaults are the embedded tasks'):
+    device (where sampling runs), noise (a GaussianNoise; None: the sampler's), final_step ("mean" or
+    "sample"), eta (DDIM's; None: the scheduler's default), generator_device (where a unit's generator lives;
+    None: `device`), init_noise_sigma (x_T = sigma * randn, as diffusers' prepare_latents does).
+    decode: samples [B, ...] -> images [B, 3, H, W] (or [B, 1, H, W]) in [0, 1]; when given, a sweep stores
+      each sample as a PNG image (uint8) instead of the raw tensors (None: raw samples in safetensors).
     """
 
     name: str
@@ -54,6 +60,13 @@ class TaskBundle:
     rgg_scale: float = 1.0
     step_reward: Callable[[str, torch.Tensor, int, Any], torch.Tensor] | None = None
     weighted_policy: Callable[..., Any] | None = None
+    device: torch.device | str = "cpu"
+    noise: Any = None
+    final_step: str = "mean"
+    eta: float | None = None
+    generator_device: torch.device | str | None = None
+    init_noise_sigma: float = 1.0
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def reference(self) -> Denoiser:

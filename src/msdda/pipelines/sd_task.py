@@ -1,0 +1,307 @@
+"""Task "sd": a Stable Diffusion base with LoRA / full-UNet objectives as a TaskBundle, for `msdda sweep`.
+
+    sd_bundle(base="sd15", objectives={"aes": "loras/aes", "pick": "loras/pick"},
+              rewards={"aes": "aesthetic=clip-folder", "pick": "jpeg-compressibility"}, prompts=[...])
+
+The bundle is the pipeline's own ObjectiveSet (`MSDDAPipeline` and its `_ObjectiveStore`): denoisers over
+latents with LoRA adapters switched per call, the base UNet as the reference, a LoRA-delta (or UNet) soup.
+Conditions are text embeddings (each prompt encoded once; the empty prompt is the null condition of
+classifier-free guidance). Rewards get the latents decoded by the VAE to images [B, 3, H, W] in [0, 1] and
+the unit's prompt texts. Noise is drawn as MSDDAPipeline draws it (a CPU generator, diffusers' randn_tensor,
+x_T scaled by init_noise_sigma, the last step sampled), so a sweep unit at generator seed s equals
+`MSDDAPipeline(...)(prompt, weights, seed=s, num_images_per_prompt=batch)`. Samples are stored as PNGs.
+
+`check_sd_options` validates every option (paths exist, reward specs are known) before any model loads;
+`register()` adds the task to `msdda.evaluation.tasks` (the CLI calls it). diffusers is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from msdda.core.rewards import is_differentiable, validate_reward_output
+from msdda.pipelines.errors import PipelineError, RewardModelError
+
+TASK = "sd"
+DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULERS = ("ddim", "ddpm")
+BUILTIN_REWARDS = ("jpeg-compressibility", "jpeg-incompressibility", "brightness")
+OPTIONS = (
+    "base",
+    "objectives",
+    "rewards",
+    "betas",
+    "prompts",
+    "device",
+    "dtype",
+    "guidance_scale",
+    "scheduler",
+    "eta",
+    "height",
+    "width",
+)
+
+
+class SDTaskError(PipelineError):
+    """Bad options of the "sd" sweep task (named, with the fix), raised before any model loads."""
+
+
+def _builtin_reward(spec: str) -> Callable[..., Tensor]:
+    from msdda.pipelines.rewards import brightness, jpeg_compressibility, jpeg_incompressibility
+
+    return {
+        "jpeg-compressibility": jpeg_compressibility,
+        "jpeg-incompressibility": jpeg_incompressibility,
+        "brightness": lambda: brightness,
+    }[spec]()
+
+
+def _check_reward_spec(name: str, spec: Any) -> tuple[str, str | None]:
+    """(kind, path): a built-in name (path None) or KIND=PATH of `load_reward_model`."""
+    from msdda.pipelines.reward_models import REWARD_MODELS
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise SDTaskError(f"reward {name!r}: spec {spec!r:.60} must be a string, e.g. jpeg-compressibility")
+    spec = spec.strip()
+    if spec in BUILTIN_REWARDS:
+        return spec, None
+    kind, sep, path = spec.partition("=")
+    key = kind.strip().lower().replace("_", "-")
+    if not sep:
+        raise SDTaskError(
+            f"reward {name!r}: unknown spec {spec!r}; use one of {list(BUILTIN_REWARDS)} or KIND=PATH with KIND in "
+            f"{sorted(REWARD_MODELS)}"
+        )
+    if key not in REWARD_MODELS:
+        raise SDTaskError(f"reward {name!r}: unknown reward model kind {kind!r}; choose one of {sorted(REWARD_MODELS)}")
+    if not Path(path.strip()).expanduser().exists():
+        raise SDTaskError(f"reward {name!r}: {path.strip()} does not exist (the {key} model's local files)")
+    return key, str(Path(path.strip()).expanduser())
+
+
+def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The "sd" task's options, checked and with defaults filled in, without loading anything.
+
+    base: a local StableDiffusionPipeline folder; objectives {name: LoRA path or UNet folder} (>= 2);
+    rewards {name: spec} for every objective (spec: jpeg-compressibility, jpeg-incompressibility,
+    brightness, or KIND=PATH for `load_reward_model`); betas {name: beta} (default 1 each); prompts: the
+    default prompt texts; device ("cpu"), dtype ("float32"), guidance_scale (7.5; <= 1: off), scheduler
+    ("ddim" | "ddpm"), eta (DDIM, 0), height / width (pixels; default the model's).
+    """
+    if not isinstance(options, Mapping):
+        raise SDTaskError(f"task options must be a mapping, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise SDTaskError(f"unknown sd task options {unknown}; valid: {list(OPTIONS)}")
+    o = dict(options)
+    base = o.get("base")
+    if not base:
+        raise SDTaskError("the sd task needs `base`: a local StableDiffusionPipeline folder (--base PATH)")
+    base_path = Path(str(base)).expanduser()
+    index = base_path / "model_index.json"
+    if not index.is_file():
+        raise SDTaskError(f"base {base_path} is not a diffusers pipeline folder (no model_index.json)")
+    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    if cls_name != "StableDiffusionPipeline":
+        raise SDTaskError(f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task needs SD 1.x / 2.x")
+    objectives = o.get("objectives") or {}
+    if not isinstance(objectives, Mapping) or len(objectives) < 2:
+        raise SDTaskError(
+            f"the sd task needs at least 2 objectives {{name: LoRA path or UNet folder}}, got {objectives!r:.80} "
+            "(--objective NAME=PATH, repeated)"
+        )
+    for name, path in objectives.items():
+        if not isinstance(path, str | Path) or not Path(str(path)).expanduser().exists():
+            raise SDTaskError(f"objective {name!r}: {path} does not exist (a LoRA file or folder, or a UNet folder)")
+    rewards = o.get("rewards") or {}
+    if not isinstance(rewards, Mapping):
+        raise SDTaskError(f"rewards must map objective names to specs, got {type(rewards).__name__}")
+    for name, spec in rewards.items():
+        _check_reward_spec(name, spec)
+    missing = [n for n in objectives if n not in rewards]
+    extra = sorted(set(rewards) - set(objectives))
+    if missing or extra:
+        raise SDTaskError(
+            f"every objective needs one reward (--reward NAME=SPEC): missing for {missing}, no objective for {extra}"
+        )
+    betas = o.get("betas") or {}
+    if not isinstance(betas, Mapping) or any(n not in objectives for n in betas):
+        raise SDTaskError(f"betas {betas!r:.80} must map objective names {list(objectives)} to numbers")
+    for name, b in betas.items():
+        if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b <= 0:
+            raise SDTaskError(f"beta {b!r} of {name!r} must be a finite number > 0")
+    dtype = o.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise SDTaskError(f"dtype={dtype!r}; choose one of {DTYPES}")
+    scheduler = o.get("scheduler") or "ddim"
+    if scheduler not in SCHEDULERS:
+        raise SDTaskError(f"scheduler={scheduler!r}; choose one of {SCHEDULERS}")
+    for key, default in (("guidance_scale", 7.5), ("eta", 0.0)):
+        v = o.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise SDTaskError(f"{key}={v!r} must be a finite number")
+        o[key] = float(v)
+    if not 0.0 <= o["eta"] <= 1.0 or (o["eta"] > 0 and scheduler != "ddim"):
+        raise SDTaskError(f"eta={o['eta']} must be in [0, 1] and needs scheduler='ddim'")
+    for key in ("height", "width"):
+        v = o.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
+            raise SDTaskError(f"{key}={v!r} must be a positive multiple of 8 (pixels)")
+    prompts = o.get("prompts")
+    if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise SDTaskError(f"prompts must be a list of non-empty strings, got {prompts!r:.80}")
+    return {
+        **o,
+        "base": str(base_path),
+        "objectives": {str(k): str(v) for k, v in objectives.items()},
+        "rewards": {str(k): str(v).strip() for k, v in rewards.items()},
+        "betas": {str(k): float(v) for k, v in betas.items()},
+        "dtype": dtype,
+        "scheduler": scheduler,
+        "device": str(o.get("device") or "cpu"),
+        "prompts": list(prompts) if prompts is not None else [],
+    }
+
+
+class _Prompts:
+    """Text conditions: each prompt encoded once; remembers which texts the last condition it made holds, so
+    rewards (called with that condition) get the prompt texts."""
+
+    def __init__(self, base: Any, device: torch.device, do_cfg: bool) -> None:
+        self.base = base
+        self.device = device
+        self.do_cfg = do_cfg
+        self.cache: dict[str, Tensor] = {}
+        self.null: Tensor | None = None
+        self._last: tuple[Tensor, list[str]] | None = None
+
+    def _encode(self, prompt: str) -> Tensor:
+        if prompt not in self.cache:
+            with torch.no_grad():
+                embeds, negative = self.base.encode_prompt(prompt, self.device, 1, self.do_cfg, None)
+            self.cache[prompt] = embeds
+            if self.null is None and negative is not None:
+                self.null = negative
+        return self.cache[prompt]
+
+    def make_cond(self, prompt: Any, batch: int) -> Tensor:
+        if not isinstance(prompt, str):
+            raise SDTaskError(f"sd prompts are texts; got {prompt!r:.60} ({type(prompt).__name__})")
+        cond = self._encode(prompt).repeat(batch, 1, 1)
+        self._last = (cond, [prompt] * batch)
+        return cond
+
+    def texts(self, cond: Any, batch: int) -> list[str] | None:
+        if self._last is not None and cond is self._last[0]:
+            texts = self._last[1]
+            return texts if len(texts) == batch else [texts[0]] * batch
+        return None
+
+
+class _ImageReward:
+    """A reward on images [B, 3, H, W] in [0, 1] and prompt texts, as the bundle's `(latents, cond) -> [B]`:
+    the latents are decoded by the VAE (differentiably, for RGG)."""
+
+    def __init__(self, fn: Callable[..., Tensor], name: str, decode: Callable[[Tensor], Tensor], prompts: _Prompts):
+        self.fn = fn
+        self.name = name
+        self.decode = decode
+        self.prompts = prompts
+        self.differentiable = is_differentiable(fn)
+
+    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+        images = self.decode(x0)
+        values = self.fn(images, self.prompts.texts(cond, x0.shape[0]))
+        values = validate_reward_output(values, x0.shape[0], self.name, error=RewardModelError)
+        return values.to(x0.dtype)
+
+
+def sd_bundle(**options: Any) -> Any:
+    """The "sd" TaskBundle (options: see `check_sd_options`); loads the base pipeline, objectives, rewards."""
+    from msdda.pipelines.reward_models import load_reward_model
+    from msdda.pipelines.sd import DiffusersNoise, MSDDAPipeline, _ObjectiveStore
+    from msdda.tasks.bundle import TaskBundle
+
+    o = check_sd_options(options)
+    dtype = getattr(torch, o["dtype"])
+    pipe = MSDDAPipeline.from_pretrained(
+        o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=o["device"], safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.base
+    device = base._execution_device
+    vae = base.vae
+    do_cfg = o["guidance_scale"] > 1.0
+    prompts = _Prompts(base, device, do_cfg)
+
+    def decode(latents: Tensor) -> Tensor:
+        """Latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], as diffusers' VAE decode and postprocess."""
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    rewards = {}
+    for name, spec in o["rewards"].items():
+        kind, path = _check_reward_spec(name, spec)
+        fn = _builtin_reward(kind) if path is None else load_reward_model(kind, path, device=device)
+        rewards[name] = _ImageReward(fn, name, decode, prompts)
+    store = _ObjectiveStore(pipe, {}, "image", None)
+
+    def soup(weights: Mapping[str, float]) -> Any:
+        store.release()  # one soup adapter at a time: the previous weight vector's is removed first
+        return store.soup(weights)
+
+    height = o.get("height") or base.unet.config.sample_size * base.vae_scale_factor
+    width = o.get("width") or base.unet.config.sample_size * base.vae_scale_factor
+    channels = base.unet.config.in_channels
+    prompts.make_cond(o["prompts"][0] if o["prompts"] else "", 1)  # the null condition: the empty prompt's
+    if do_cfg and prompts.null is None:
+        raise SDTaskError("encode_prompt returned no negative embeddings for classifier-free guidance")
+    bundle = TaskBundle(
+        name=TASK,
+        objectives=list(o["objectives"]),
+        base=store.reference,
+        aligned=store.aligned,
+        scheduler=base.scheduler,
+        rewards=rewards,
+        prompts=list(o["prompts"]),
+        sample_shape=(channels, height // base.vae_scale_factor, width // base.vae_scale_factor),
+        make_cond=prompts.make_cond,
+        betas={n: o["betas"].get(n, 1.0) for n in o["objectives"]},
+        guidance_scale=o["guidance_scale"] if do_cfg else None,
+        null_cond=prompts.null if do_cfg else None,
+        soup=soup,
+        dtype=base.unet.dtype,
+        prompt_label=str,
+        rgg_scale=1.0,
+        device=device,
+        noise=DiffusersNoise(),
+        final_step="sample",
+        eta=o["eta"] if o["scheduler"] == "ddim" else None,
+        generator_device="cpu",
+        init_noise_sigma=float(base.scheduler.init_noise_sigma),
+        decode=decode,
+    )
+    bundle.pipeline = pipe  # type: ignore[attr-defined]  # kept alive with the bundle (and for callers)
+    return bundle
+
+
+def sd_task(options: Mapping[str, Any]) -> Any:
+    """The task factory of `msdda.evaluation.tasks` for "sd"."""
+    return sd_bundle(**dict(options))
+
+
+def register(overwrite: bool = True) -> None:
+    """Make "sd" a task of `msdda sweep` / `msdda.evaluation.tasks.get_task_bundle`."""
+    from msdda.evaluation.tasks import register_task
+
+    register_task(TASK, sd_task, overwrite=overwrite)
+
+
+__all__: Sequence[str] = ["BUILTIN_REWARDS", "SDTaskError", "check_sd_options", "register", "sd_bundle", "sd_task"]
