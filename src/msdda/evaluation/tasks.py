@@ -41,7 +41,10 @@ def register_task(name: str, factory: Callable[[Mapping[str, Any]], TaskBundle],
 def get_task_bundle(name: str, options: Mapping[str, Any] | None = None) -> TaskBundle:
     """Build the named task (`digits`: shipped weights; `gaussian`: the exact oracle)."""
     if name not in TASKS:
-        raise UnknownTaskError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}")
+        hint = ""
+        if name == "sd":  # a face (layer 7) registers it: evaluation never imports the pipelines
+            hint = " (Stable Diffusion: call msdda.pipelines.sd_task.register() first; `msdda sweep` does)"
+        raise UnknownTaskError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}{hint}")
     return TASKS[name](options or {})
 
 
