@@ -304,3 +304,15 @@ def test_tasks_without_decode_keep_raw_samples(tmp_path):
         progress=False,
     ).samples
     assert torch.equal(stored, direct.float())
+
+
+def test_overwrite_removes_only_sample_pngs_of_the_sweep(tmp_path):
+    from msdda.evaluation.store import own_files
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    ours = samples / "msdda_a=0.5,b=0.5_p0_s0.001.png"
+    theirs = samples / "figure.png"
+    ours.write_bytes(b"x")
+    theirs.write_bytes(b"y")
+    assert ours in own_files(tmp_path) and theirs not in own_files(tmp_path)

@@ -39,6 +39,7 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".msdda.lock"  # held (flock) by the sweep writing the folder; the kernel frees it on any exit
 _SHARD_LOCK = re.compile(r"^\.msdda\.shard\d+of\d+\.lock$")  # one per share run as a separate job
 SAMPLES_DIR = "samples"
+_SAMPLE_PNG = re.compile(r".+\.[0-9]{3}\.png")  # a decoded sample: {unit}.{index:03d}.png
 # Files a sweep or a report writes into a run folder: the only ones `--overwrite` removes.
 _OWN_FILES = ("config.json", "results.jsonl", "metrics.json", "pareto.png", "report.html")
 _OWN_PATTERNS = (
@@ -284,7 +285,11 @@ def own_files(run_dir: Path) -> list[Path]:
             for p in sorted(samples.iterdir())
             if p.is_file()
             and not p.is_symlink()
-            and (p.suffix in (".safetensors", ".png") or (p.name.startswith(".") and p.name.endswith(".tmp")))
+            and (
+                p.suffix == ".safetensors"
+                or _SAMPLE_PNG.fullmatch(p.name) is not None
+                or (p.name.startswith(".") and p.name.endswith(".tmp"))
+            )
         ]
     return found
 

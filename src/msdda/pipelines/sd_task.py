@@ -241,10 +241,20 @@ def sd_bundle(**options: Any) -> Any:
     do_cfg = o["guidance_scale"] > 1.0
     prompts = _Prompts(base, device, do_cfg)
 
+    last: list[Any] = [None, None, None]  # (latents, their version, images) of the last no-grad decode
+
     def decode(latents: Tensor) -> Tensor:
-        """Latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], as diffusers' VAE decode and postprocess."""
+        """Latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], as diffusers' VAE decode and postprocess.
+        Without gradients the last result is reused for the very same tensor (a unit's final batch is
+        scored by every reward and saved as PNGs: one decode)."""
+        grad = torch.is_grad_enabled()
+        if not grad and last[0] is latents and last[1] == latents._version:
+            return last[2]
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1)
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if not grad:
+            last[:] = [latents, latents._version, images]
+        return images
 
     rewards = {}
     for name, spec in o["rewards"].items():
