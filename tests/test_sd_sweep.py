@@ -337,3 +337,22 @@ def test_overwrite_removes_only_sample_pngs_of_the_sweep(tmp_path):
     ours.write_bytes(b"x")
     theirs.write_bytes(b"y")
     assert ours in own_files(tmp_path) and theirs not in own_files(tmp_path)
+
+
+def test_default_methods_load_the_pipeline_once(tiny, tmp_path, monkeypatch):
+    """Without --methods: every method the rewards allow (not rgg with the JPEG sizes), on one loaded pipeline."""
+    calls = []
+    original = MSDDAPipeline.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MSDDAPipeline, "from_pretrained", classmethod(counting))
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"aes": 0.25, "pick": 0.75}]))
+    out = tmp_path / "default"
+    _invoke(_args(tiny, out, "--weights", str(grid)))
+    assert len(calls) == 1
+    methods = json.loads((out / "config.json").read_text())["methods"]
+    assert methods == ["base", "msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "code"]
