@@ -208,13 +208,13 @@ class DPOTrainer(StepTrainer[DPOConfig, DPOBatch]):
         x, n = states.x, len(states)
         with torch.no_grad():
             pk = self.kernel(self.policy_guided, states)
-            noise = torch.randn((n, k, *x.shape[1:]), generator=gen, dtype=torch.float64)
+            noise = torch.randn((n, k, *x.shape[1:]), generator=gen, dtype=torch.float64).to(x.device)
             cands = pk.mean[:, None] + pk.std[:, None] * noise  # [N, K, ...]
             flat = cands.reshape(n * k, *x.shape[1:])
             r = self.step_reward(flat, states.prev.repeat_interleave(k), repeat_cond(states.cond, k)).reshape(n, k)
             w_ix, l_ix = r.argmax(1), r.argmin(1)
             gap = r.max(1).values - r.min(1).values
-            rows = torch.arange(n)
+            rows = torch.arange(n, device=r.device)
             x_w, x_l = cands[rows, w_ix], cands[rows, l_ix]
             rk = self.kernel(self.reference_guided, states)
             lr_w, lr_l = rk.log_prob(x_w), rk.log_prob(x_l)

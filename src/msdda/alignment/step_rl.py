@@ -282,10 +282,10 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
         with torch.no_grad():
             rk = self.kernel(self.reference_guided, states)
             if self.config.antithetic:
-                half = torch.randn((n, k // 2, *x.shape[1:]), generator=gen, dtype=torch.float64)
+                half = torch.randn((n, k // 2, *x.shape[1:]), generator=gen, dtype=torch.float64).to(x.device)
                 noise = torch.cat([half, -half], dim=1)
             else:
-                noise = torch.randn((n, k, *x.shape[1:]), generator=gen, dtype=torch.float64)
+                noise = torch.randn((n, k, *x.shape[1:]), generator=gen, dtype=torch.float64).to(x.device)
             if self.estimator == "reparam":
                 return StepRLBatch(states, rk.mean, rk.var, noise)
             if self.estimator == "moment":

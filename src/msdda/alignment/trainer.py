@@ -167,9 +167,7 @@ class StepTrainerConfig(JSONConfig):
         if self.trainable is not None and self.lora:
             raise AlignmentError(f"{cls}.trainable and lora=True exclude each other; LoRA picks lora_targets")
         if self.state_source not in STATE_SOURCES:
-            raise AlignmentError(
-                f"{cls}.state_source={self.state_source!r}; choose one of {', '.join(STATE_SOURCES)}"
-            )
+            raise AlignmentError(f"{cls}.state_source={self.state_source!r}; choose one of {', '.join(STATE_SOURCES)}")
         if self.data_shards > self.trajectories:
             raise AlignmentError(
                 f"{cls}.data_shards={self.data_shards!r} exceeds trajectories={self.trajectories!r}; every shard "
@@ -317,12 +315,14 @@ def evaluate_policy(
     *,
     clip_samples: bool = True,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Held-out figures: mean reward of final samples and mean per-step KL(policy || reference) in nats.
 
     Uses its own generator (config.eval_seed), so it never touches the training random stream.
     null_cond None: an unconditional task, sampled without guidance. clip_samples: the reward sees samples
-    clamped to [-1, 1] (images); False for tasks in unbounded space. dtype: the models' input dtype.
+    clamped to [-1, 1] (images); False for tasks in unbounded space. dtype: the models' input dtype;
+    device: where the samples live (the generator stays on the CPU, as diffusers draws noise).
     """
     gen = torch.Generator().manual_seed(int(config.eval_seed))
     cond = cond_sampler(config.eval_samples, gen)
@@ -339,6 +339,7 @@ def evaluate_policy(
         null_cond=null_cond,
         generator=gen,
         dtype=dtype,
+        device=device,
         progress=False,
     )
     with torch.no_grad():
@@ -456,9 +457,11 @@ class StepTrainer(Generic[C, B]):
         self.clip_samples = bool(clip_samples)
         weights = list(policy.parameters())
         self.dtype = weights[0].dtype if weights else torch.float32
+        # states and samples live with the weights; every generator stays on the CPU (reproducible anywhere)
+        self.device = weights[0].device if weights else torch.device("cpu")
 
         torch.manual_seed(int(config.seed))  # LoRA initialisation
-        self.module = _wrap_lora(policy, config) if config.lora else policy
+        self.module = self.wrap_policy(policy)
         self.module.eval()
         if config.trainable is not None:
             _freeze_all_but(self.module, config.trainable)
@@ -476,6 +479,15 @@ class StepTrainer(Generic[C, B]):
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------- subclass hooks
+    def wrap_policy(self, policy: nn.Module) -> nn.Module:
+        """The module to train: `policy` wrapped in peft LoRA adapters when config.lora, else `policy` itself
+        (a subclass may inject adapters its own way, e.g. diffusers' `add_adapter` on an SD UNet)."""
+        return _wrap_lora(policy, self.config) if self.config.lora else policy
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """{name: module} saved in (and restored from) every checkpoint: the trained module."""
+        return {"model": self.module}
+
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimiser over the trainable parameters (Adam at config.lr)."""
         return torch.optim.Adam(params, lr=self.config.lr)
@@ -517,6 +529,7 @@ class StepTrainer(Generic[C, B]):
                 null_cond=self.null_cond,
                 generator=gen,
                 dtype=self.dtype,
+                device=self.device,
                 progress=False,
                 return_trajectory=True,
             ).trajectory
@@ -568,6 +581,7 @@ class StepTrainer(Generic[C, B]):
             self.null_cond,
             clip_samples=self.clip_samples,
             dtype=self.dtype,
+            device=self.device,
         )
 
     def learning_rate(self, step: int) -> float:
@@ -622,7 +636,7 @@ class StepTrainer(Generic[C, B]):
                 gens[generator_key(d)].set_state(state)
         return self.checkpointer.save(
             step,
-            {"model": self.module},
+            self.checkpoint_modules(),
             self.optimizer,
             gens,
             {"config": self.config.to_dict(), "elapsed_seconds": elapsed},
@@ -632,7 +646,7 @@ class StepTrainer(Generic[C, B]):
         """Restore weights, optimiser and this process's shard generators from `path`: (step, elapsed s)."""
         ckpt = self.checkpointer.load(
             path,
-            {"model": self.module},
+            self.checkpoint_modules(),
             self.optimizer,
             {generator_key(d): g for d, g in self.generators.items()},
             validate=self.check_resumable,
