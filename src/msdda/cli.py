@@ -272,9 +272,16 @@ TRAINERS = ("bt", "listwise", "hard", "step-rl")
 @app.command()
 def align(
     out: Path = typer.Option(..., help="Run directory: final model, train_log.jsonl, checkpoints/."),
-    task: str = typer.Option("digits", help="digits (the shipped base) or gaussian (a policy on the exact oracle)."),
+    task: str = typer.Option(
+        "digits",
+        help="digits (the shipped base), gaussian (a policy on the exact oracle) or sd (a LoRA on a Stable "
+        "Diffusion folder: needs --base and --prompt-file).",
+    ),
     reward: str = typer.Option(
-        ..., help="digits: alignment, ink, symmetry or 'package.module:function'; gaussian: objective_1, objective_2."
+        ...,
+        help="digits: alignment, ink, symmetry or 'package.module:function'; gaussian: objective_1, objective_2; "
+        "sd: jpeg-compressibility, jpeg-incompressibility, brightness, KIND=PATH (imagereward, pickscore, hps, "
+        "aesthetic, clip: local files) or 'package.module:function' of (images, prompts).",
     ),
     trainer: str = typer.Option(
         "bt",
@@ -318,10 +325,33 @@ def align(
         None,
         help="step-rl: auto (default), reparam, loo, or moment (regression onto the importance-sampled optimum).",
     ),
-    base: Path = typer.Option(None, help="Base model directory (default: the shipped digits base)."),
-    trajectories: int = typer.Option(None, min=1, hidden=True),
-    states: int = typer.Option(None, min=1, hidden=True),
-    candidates: int = typer.Option(None, min=2, hidden=True),
+    base: Path = typer.Option(
+        None, help="Base model directory (digits default: the shipped base; sd: a StableDiffusionPipeline folder)."
+    ),
+    prompt_file: Path = typer.Option(None, help="sd: training prompts, one per line (# comments, blanks skipped)."),
+    lora_rank: int = typer.Option(None, min=1, help="sd: LoRA rank (8)."),
+    lora_alpha: float = typer.Option(None, help="sd: LoRA alpha (8; the update is scaled by alpha / rank)."),
+    lora_targets: str = typer.Option(None, help="sd: comma-separated UNet module names (to_q,to_k,to_v,to_out.0)."),
+    dtype: str = typer.Option(None, help="sd: float32 (default), float16 or bfloat16 for the frozen weights."),
+    device: str = typer.Option(None, help="sd: cpu (default), cuda, cuda:N or mps."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="sd: recompute UNet activations and reward passes in backward."
+    ),
+    num_inference_steps: int = typer.Option(None, min=2, help="sd: sampling steps of the training trajectories (50)."),
+    guidance_scale: float = typer.Option(None, help="sd: CFG scale of policy and reference (7.5)."),
+    scheduler: str = typer.Option(None, help="sd: ddim (default, with --eta) or ddpm."),
+    eta: float = typer.Option(None, help="sd: DDIM eta of the training kernels, in (0, 1] (1)."),
+    height: int = typer.Option(None, help="sd: training height in pixels (the UNet's sample size)."),
+    width: int = typer.Option(None, help="sd: training width in pixels (the UNet's sample size)."),
+    reward_batch: int = typer.Option(None, min=1, help="sd: candidates decoded and scored per chunk (8)."),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="sd: let a reward model load a pickle checkpoint. Unpickling runs code from the file: trusted files only.",
+    ),
+    trajectories: int = typer.Option(None, min=1, help="Guided trajectories per step (digits 8, sd 2)."),
+    states: int = typer.Option(None, min=1, help="Training states per trajectory (digits 4, sd 2)."),
+    candidates: int = typer.Option(None, min=2, help="Candidates per state (DPO) or samples per state (step-rl)."),
     checkpoint_every: int = typer.Option(None, min=1, hidden=True),
     log_every: int = typer.Option(None, min=1, hidden=True),
     eval_samples: int = typer.Option(None, min=1, hidden=True),
@@ -372,11 +402,84 @@ def align(
             overrides[name] = value
     if candidates is not None:
         overrides["samples" if trainer == "step-rl" else "candidates"] = candidates
+    sd_given = {
+        "--prompt-file": prompt_file,
+        "--lora-rank": lora_rank,
+        "--lora-alpha": lora_alpha,
+        "--lora-targets": lora_targets,
+        "--dtype": dtype,
+        "--device": device,
+        "--gradient-checkpointing": gradient_checkpointing or None,
+        "--num-inference-steps": num_inference_steps,
+        "--guidance-scale": guidance_scale,
+        "--scheduler": scheduler,
+        "--eta": eta,
+        "--height": height,
+        "--width": width,
+        "--reward-batch": reward_batch,
+        "--allow-pickle": allow_pickle or None,
+    }
+    if task != "sd":
+        given = [k for k, v in sd_given.items() if v is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} belong to --task sd; task {task!r} takes none of them")
+    if task == "sd":
+        for flag, value in (
+            ("--lora", lora or None),
+            ("--kernel-offsets", kernel_offsets or None),
+            ("--offset-head-ranges", offset_head_ranges),
+            ("--offset-head-x0", offset_head_x0 or None),
+            ("--trainable", trainable),
+        ):
+            if value is not None:
+                raise typer.BadParameter(f"{flag} is a digits option; --task sd always trains a LoRA (--lora-rank ...)")
+        for value, option in ((guidance_scale, "--guidance-scale"), (eta, "--eta"), (lora_alpha, "--lora-alpha")):
+            if value is not None:
+                _finite(value, option)
+        overrides.update(
+            {
+                k: v
+                for k, v in dict(
+                    lora_rank=lora_rank,
+                    lora_alpha=lora_alpha,
+                    lora_targets=_split(lora_targets),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                ).items()
+                if v is not None
+            }
+        )
+        _align_sd(
+            out,
+            base,
+            reward,
+            prompt_file,
+            trainer,
+            beta,
+            seed,
+            resume,
+            overrides,
+            quiet,
+            data_shards,
+            throttle,
+            dict(
+                dtype=dtype,
+                device=device,
+                gradient_checkpointing=gradient_checkpointing,
+                scheduler=scheduler,
+                eta=eta,
+                height=height,
+                width=width,
+                reward_batch=reward_batch,
+                allow_pickle=allow_pickle,
+            ),
+        )
+        return
     if task == "gaussian":
         _align_gaussian(out, reward, trainer, beta, seed, resume, overrides, quiet)
         return
     if task != "digits":
-        raise typer.BadParameter(f"task {task!r} is not available for training; use --task digits or gaussian")
+        raise typer.BadParameter(f"task {task!r} is not available for training; use --task digits, gaussian or sd")
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward
 
@@ -402,6 +505,61 @@ def align(
         f"aligned to {reward!r} ({trainer}) in {result.seconds:.1f}s: held-out reward "
         f"{first.get('eval_reward', float('nan')):.4f} -> {result.final_eval.get('eval_reward', float('nan')):.4f}, "
         f"KL/step {result.final_eval.get('eval_kl_per_step', float('nan')):.4f} nats; wrote {out}"
+    )
+
+
+def _align_sd(
+    out: Path,
+    base: Path | None,
+    reward: str,
+    prompt_file: Path | None,
+    trainer: str,
+    beta: float | None,
+    seed: int,
+    resume: bool,
+    overrides: dict,
+    quiet: bool,
+    data_shards: int,
+    throttle: float,
+    sd_options: dict,
+) -> None:
+    """`msdda align --task sd`: every option checked before the pipeline loads, then `align_sd`."""
+    from msdda.alignment.errors import AlignmentError
+    from msdda.pipelines.cli import _read_prompt_file
+    from msdda.pipelines.sd_align import SDAlignError, SDAlignOptions, align_sd, check_base_folder, sd_train_config
+    from msdda.pipelines.sd_task import SDTaskError
+    from msdda.pipelines.sd_task import _check_reward_spec as check_sd_reward_spec
+
+    if base is None:
+        raise typer.BadParameter("--task sd needs --base DIR: a local StableDiffusionPipeline folder")
+    if prompt_file is None:
+        raise typer.BadParameter("--task sd needs --prompt-file FILE: the training prompts, one per line")
+    prompts = _read_prompt_file(prompt_file)
+    spec = reward.strip()
+    try:  # every option is checked here, before the pipeline loads: one error line naming the fix
+        check_base_folder(base)
+        if "=" in spec or ":" not in spec:
+            name = check_sd_reward_spec("--reward", spec)[0]  # a built-in or KIND=PATH
+        else:
+            _check_reward_spec(spec)  # 'module:function', a function of (images, prompts)
+            name = spec.rpartition(":")[2]
+        options = SDAlignOptions(**{k: v for k, v in sd_options.items() if v is not None and v is not False})
+        cfg = sd_train_config(trainer, name, beta=beta, seed=seed, data_shards=data_shards, **overrides)
+    except (SDAlignError, SDTaskError, AlignmentError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    check_output_dir(out)
+    with _quiet_sd_loading(quiet):
+        result = align_sd(
+            base, spec, prompts, out, cfg, options=options, resume=resume, progress=not quiet, throttle=throttle
+        )
+    if not result.train.history:  # ranks other than 0 of a multi-process run: rank 0 reports
+        return
+    first = result.train.history[0]
+    typer.echo(
+        f"aligned a LoRA to {name!r} ({trainer}) in {result.train.seconds:.1f}s: held-out reward "
+        f"{first.get('eval_reward', float('nan')):.4f} -> "
+        f"{result.train.final_eval.get('eval_reward', float('nan')):.4f}, KL/step "
+        f"{result.train.final_eval.get('eval_kl_per_step', float('nan')):.4f} nats; wrote {result.lora_file}"
     )
 
 
