@@ -262,3 +262,51 @@ def test_missing_base_and_prompts(tiny, tmp_path, capsys, monkeypatch):
     with pytest.raises(SDAlignError, match="non-empty list of texts"):
         align_sd(tiny["base"], "brightness", [], tmp_path / "x", sd_train_config("step-rl", "brightness"))
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+
+
+def test_weighted_rewards_train_the_step_rl_policy_a_sweep_uses(tiny, tmp_path, capsys, monkeypatch):
+    """Multi-objective step-level RL on SD: one LoRA per reward and one on 0.5 r_a + 0.5 r_b (all step-rl at
+    beta 0.05), then `msdda sweep --methods step-rl,msdda`: the one-hot weights use the objectives' own LoRAs,
+    the middle one the weighted LoRA; a weight vector without a policy fails before sampling, naming the command."""
+    monkeypatch.setattr(cli, "_debug", False)
+    common = ["--trainer", "step-rl", "--beta", "0.05", "--steps", "1"]
+    dirs = {}
+    for name, rewards in (
+        ("a", ["brightness"]),
+        ("b", ["jpeg-compressibility"]),
+        ("ab", ["brightness", "jpeg-compressibility"]),
+    ):
+        args = _cli_args(tiny, tmp_path / name, *common, *[x for r in rewards for x in ("--reward", r)])
+        if len(rewards) > 1:
+            args += ["--reward-weights", "0.5,0.5"]
+        code, text = _entry(args, capsys)
+        assert code == 0, text
+        dirs[name] = tmp_path / name
+    doc = json.loads((dirs["ab"] / "align_config.json").read_text())
+    assert doc["reward"] == ["brightness", "jpeg-compressibility"] and doc["reward_weights"] == [0.5, 0.5]
+    assert doc["train_config"]["reward"] == "0.5*brightness+0.5*jpeg-compressibility"
+
+    def sweep(out: Path, grid: str, policies: list) -> tuple[int, str]:
+        options = tmp_path / "options.json"
+        options.write_text(json.dumps({"eta": 0.5, "guidance_scale": 3.0, "betas": {"a": 0.05, "b": 0.05},
+                                       "policies": policies}))  # fmt: skip
+        return _entry(
+            ["sweep", "--task", "sd", "--out", str(out), "--base", str(tiny["base"]), "--task-options", str(options),
+             "--objective", f"a={dirs['a']}", "--reward", "a=brightness", "--objective", f"b={dirs['b']}",
+             "--reward", "b=jpeg-compressibility", "--prompt-file", str(tiny["prompt_file"]), "--seeds", "0",
+             "--steps", "2", "--batch-size", "1", "--methods", "step-rl,msdda", "--grid-points", grid, "--quiet"],
+            capsys,
+        )  # fmt: skip
+
+    listed = [{"weights": {"a": 0.5, "b": 0.5}, "path": str(dirs["ab"])}]
+    code, text = sweep(tmp_path / "run", "3", listed)
+    assert code == 0, text
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    policy = {tuple(sorted(r["weights"].items())): r["policy"] for r in rows if r["method"] == "step-rl"}
+    assert policy == {(("a", 0.0), ("b", 1.0)): "aligned:b", (("a", 0.5), ("b", 0.5)): str(dirs["ab"]),
+                      (("a", 1.0), ("b", 0.0)): "aligned:a"}  # fmt: skip
+    mid = {r["method"]: r["rewards"]["a"] for r in rows if r["weights"] == {"a": 0.5, "b": 0.5}}
+    assert mid["step-rl"] != mid["msdda"]  # the weighted LoRA is a model of its own, not the fusion
+    code, text = sweep(tmp_path / "missing", "5", listed)
+    assert code == 2 and "no step-RL LoRA is listed for weights" in text and "--reward-weights 0.25,0.75" in text
+    assert not (tmp_path / "missing" / "results.jsonl").exists()

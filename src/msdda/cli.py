@@ -277,11 +277,15 @@ def align(
         help="digits (the shipped base), gaussian (a policy on the exact oracle) or sd (a LoRA on a Stable "
         "Diffusion folder: needs --base and --prompt-file).",
     ),
-    reward: str = typer.Option(
+    reward: list[str] = typer.Option(
         ...,
         help="digits: alignment, ink, symmetry or 'package.module:function'; gaussian: objective_1, objective_2; "
-        "sd: jpeg-compressibility, jpeg-incompressibility, brightness, KIND=PATH (imagereward, pickscore, hps, "
-        "aesthetic, clip: local files) or 'package.module:function' of (images, prompts).",
+        "sd: jpeg-compressibility, jpeg-incompressibility, brightness, KIND=PATH (a reward model's local files, "
+        "e.g. imagereward=models/ImageReward) or 'package.module:function' of (images, prompts). sd with "
+        "--reward-weights: repeat it, one per reward (multi-objective step-level RL on sum_k w_k r_k).",
+    ),
+    reward_weights: str = typer.Option(
+        None, help="sd: comma-separated weights w_k, one per --reward, for a LoRA on sum_k w_k r_k (e.g. 0.5,0.5)."
     ),
     trainer: str = typer.Option(
         "bt",
@@ -364,13 +368,20 @@ def align(
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Align a model to one reward with a step-level trainer (digits: the shipped base; gaussian: the oracle).
+    """Align a model to one reward with a step-level trainer (digits: the shipped base; gaussian: the oracle;
+    sd: a LoRA on a Stable Diffusion folder).
 
     Under `torchrun --nproc-per-node N` or `accelerate launch --multi_gpu --num_processes N` the policy
     trains with DistributedDataParallel (gloo on CPU); pass --data-shards N (or a multiple).
     """
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
+    rewards = list(reward)
+    if task != "sd" and (len(rewards) != 1 or reward_weights is not None):
+        raise typer.BadParameter(
+            f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
+            "rewards with --reward-weights are for --task sd"
+        )
     for value, option in ((beta, "--beta"), (lr, "--lr")):
         if value is not None:
             _finite(value, option, positive=True)
@@ -452,7 +463,8 @@ def align(
         _align_sd(
             out,
             base,
-            reward,
+            rewards,
+            reward_weights,
             prompt_file,
             trainer,
             beta,
@@ -475,6 +487,7 @@ def align(
             ),
         )
         return
+    reward = rewards[0]
     if task == "gaussian":
         _align_gaussian(out, reward, trainer, beta, seed, resume, overrides, quiet)
         return
@@ -511,7 +524,8 @@ def align(
 def _align_sd(
     out: Path,
     base: Path | None,
-    reward: str,
+    rewards: list[str],
+    reward_weights: str | None,
     prompt_file: Path | None,
     trainer: str,
     beta: float | None,
@@ -526,7 +540,14 @@ def _align_sd(
     """`msdda align --task sd`: every option checked before the pipeline loads, then `align_sd`."""
     from msdda.alignment.errors import AlignmentError
     from msdda.pipelines.cli import _read_prompt_file
-    from msdda.pipelines.sd_align import SDAlignError, SDAlignOptions, align_sd, check_base_folder, sd_train_config
+    from msdda.pipelines.sd_align import (
+        SDAlignError,
+        SDAlignOptions,
+        align_sd,
+        check_base_folder,
+        check_reward_weights,
+        sd_train_config,
+    )
     from msdda.pipelines.sd_task import SDTaskError
     from msdda.pipelines.sd_task import _check_reward_spec as check_sd_reward_spec
 
@@ -535,14 +556,24 @@ def _align_sd(
     if prompt_file is None:
         raise typer.BadParameter("--task sd needs --prompt-file FILE: the training prompts, one per line")
     prompts = _read_prompt_file(prompt_file)
-    spec = reward.strip()
+    specs = [r.strip() for r in rewards]
+    weights = None
+    if reward_weights is not None:
+        try:
+            weights = [float(x) for x in _split(reward_weights) or []]
+        except ValueError:
+            raise typer.BadParameter(f"--reward-weights {reward_weights!r} must be numbers, e.g. 0.5,0.5") from None
     try:  # every option is checked here, before the pipeline loads: one error line naming the fix
         check_base_folder(base)
-        if "=" in spec or ":" not in spec:
-            name = check_sd_reward_spec("--reward", spec)[0]  # a built-in or KIND=PATH
-        else:
-            _check_reward_spec(spec)  # 'module:function', a function of (images, prompts)
-            name = spec.rpartition(":")[2]
+        names = []
+        for spec in specs:
+            if "=" in spec or ":" not in spec:
+                names.append(check_sd_reward_spec("--reward", spec)[0])  # a built-in or KIND=PATH
+            else:
+                _check_reward_spec(spec)  # 'module:function', a function of (images, prompts)
+                names.append(spec.rpartition(":")[2])
+        weights = check_reward_weights(specs, weights)
+        name = names[0] if weights is None else "+".join(f"{w:g}*{n}" for n, w in zip(names, weights, strict=True))
         options = SDAlignOptions(**{k: v for k, v in sd_options.items() if v is not None and v is not False})
         cfg = sd_train_config(trainer, name, beta=beta, seed=seed, data_shards=data_shards, **overrides)
     except (SDAlignError, SDTaskError, AlignmentError) as exc:
@@ -550,7 +581,16 @@ def _align_sd(
     check_output_dir(out)
     with _quiet_sd_loading(quiet):
         result = align_sd(
-            base, spec, prompts, out, cfg, options=options, resume=resume, progress=not quiet, throttle=throttle
+            base,
+            specs[0] if weights is None else specs,
+            prompts,
+            out,
+            cfg,
+            reward_weights=weights,
+            options=options,
+            resume=resume,
+            progress=not quiet,
+            throttle=throttle,
         )
     if not result.train.history:  # ranks other than 0 of a multi-process run: rank 0 reports
         return

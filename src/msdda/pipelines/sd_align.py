@@ -154,6 +154,20 @@ def check_prompts(prompts: Any) -> list[str]:
     return out
 
 
+def check_reward_weights(specs: Sequence[str], weights: Sequence[float] | None) -> list[float] | None:
+    """None for one reward; for several, one finite weight >= 0 each, not all zero (SDAlignError otherwise)."""
+    if weights is None:
+        if len(specs) > 1:
+            raise SDAlignError(f"{len(specs)} rewards need --reward-weights, one each (e.g. 0.5,0.5)")
+        return None
+    w = [float(v) for v in weights]
+    if len(w) != len(specs):
+        raise SDAlignError(f"--reward-weights {w} gives {len(w)} weights for {len(specs)} rewards; give one each")
+    if not all(math.isfinite(v) and v >= 0 for v in w) or not any(v > 0 for v in w):
+        raise SDAlignError(f"--reward-weights {w} must be finite, >= 0 and not all zero")
+    return w
+
+
 def check_base_folder(base: Any) -> Path:
     """A local StableDiffusionPipeline folder (model_index.json of class StableDiffusionPipeline)."""
     path = Path(str(base)).expanduser()
@@ -247,14 +261,28 @@ class PromptIndexDenoiser(nn.Module):
 
 class DecodedImageReward:
     """The trainers' `(x0 latents [B, 4, h, w], prompt indices [B]) -> [B]`: latents decoded by the VAE to
-    images in [0, 1] (as diffusers' decode and postprocess), scored by `fn(images, prompt_texts)`."""
+    images in [0, 1] (as diffusers' decode and postprocess), scored by `fn(images, prompt_texts)`.
 
-    def __init__(self, fn: Callable[..., Tensor], name: str, vae: nn.Module, prompts: Sequence[str]) -> None:
-        self.fn = fn
+    fn may be a list of rewards with `weights`: then sum_k w_k fn_k (multi-objective step-level RL, the
+    "step-rl" baseline), every reward scoring the same decoded images (one decode for all of them).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor] | Sequence[Callable[..., Tensor]],
+        name: str,
+        vae: nn.Module,
+        prompts: Sequence[str],
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        self.fns = [fn] if callable(fn) else list(fn)
+        self.weights = [1.0] if weights is None and callable(fn) else [float(w) for w in (weights or [])]
+        if len(self.weights) != len(self.fns):
+            raise SDAlignError(f"{len(self.fns)} rewards need as many weights, got {list(weights or [])}")
         self.name = name
         self.vae = vae
         self.prompts = list(prompts)
-        self.differentiable = is_differentiable(fn)
+        self.differentiable = all(is_differentiable(f) for f in self.fns)
 
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.vae
@@ -263,8 +291,21 @@ class DecodedImageReward:
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
         texts = [self.prompts[int(i)] for i in cond] if cond is not None else None
-        values = self.fn(self.decode(x0), texts)
-        return validate_reward_output(values, x0.shape[0], self.name, error=RewardModelError).to(x0.dtype)
+        images = self.decode(x0)
+        total = None
+        for f, w in zip(self.fns, self.weights, strict=True):
+            name = self.name if len(self.fns) == 1 else reward_label(f)
+            values = validate_reward_output(f(images, texts), x0.shape[0], name, error=RewardModelError)
+            total = w * values if total is None else total + w * values
+        assert total is not None
+        return total.to(x0.dtype)
+
+
+def reward_label(fn: Any) -> str:
+    """A printable name of a reward callable."""
+    from msdda.core.rewards import reward_name
+
+    return reward_name(fn)
 
 
 class _TrainableParameters(nn.Module):
@@ -357,11 +398,12 @@ def _load_base(path: Path, options: SDAlignOptions) -> Any:
 
 def align_sd(
     base: str | Path,
-    reward: str,
+    reward: str | Sequence[str],
     prompts: Sequence[str],
     out: str | Path,
     config: StepTrainerConfig,
     *,
+    reward_weights: Sequence[float] | None = None,
     options: SDAlignOptions | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -369,6 +411,8 @@ def align_sd(
 ) -> SDAlignResult:
     """Train one LoRA objective of the SD pipeline folder `base` towards `reward` (a spec, see
     `resolve_reward`) on `prompts`, with the step trainer `config` (`sd_train_config`); write it to `out`.
+    reward may be a list of specs with `reward_weights` (one each): the LoRA then learns the step optimum of
+    sum_k w_k r_k, the multi-objective step-level RL policy at those weights (the sweep's "step-rl" method).
     See the module docstring for what the folder holds and how training works."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
@@ -383,11 +427,15 @@ def align_sd(
     if not config.lora:
         raise SDAlignError("SD training trains LoRA adapters only: pass a config with lora=True (sd_train_config)")
     texts = check_prompts(prompts)
+    specs = [reward] if isinstance(reward, str) else list(reward)
+    if not specs or not all(isinstance(r, str) and r.strip() for r in specs):
+        raise SDAlignError(f"reward must be a spec or a non-empty list of specs, got {reward!r:.80}")
+    weights = check_reward_weights(specs, reward_weights)
     base_path = check_base_folder(base)
     out = Path(out)
     ctx = get_context()
     pipe = _load_base(base_path, options)
-    reward_name, reward_fn = resolve_reward(reward, pipe.device, allow_pickle=options.allow_pickle)
+    resolved = [resolve_reward(r, pipe.device, allow_pickle=options.allow_pickle) for r in specs]
     unet = pipe.unet
     unet.requires_grad_(False)
     lora_config = LoraConfig(
@@ -418,7 +466,13 @@ def align_sd(
     height = options.height or unet.config.sample_size * pipe.vae_scale_factor
     width = options.width or unet.config.sample_size * pipe.vae_scale_factor
     sample_shape = (unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    image_reward = DecodedImageReward(reward_fn, reward_name, pipe.vae, texts)
+    label = (
+        resolved[0][0]
+        if weights is None
+        else "+".join(f"{w:g}*{n}" for (n, _), w in zip(resolved, weights, strict=True))
+    )
+    fns = resolved[0][1] if weights is None else [f for _, f in resolved]
+    image_reward = DecodedImageReward(fns, label, pipe.vae, texts, weights)
     n_prompts = len(texts)
 
     def cond_sampler(n: int, generator: torch.Generator | None) -> Tensor:
@@ -464,7 +518,8 @@ def align_sd(
         {
             "task": "sd",
             "base": str(base_path),
-            "reward": reward,
+            "reward": specs[0] if weights is None else specs,
+            "reward_weights": weights,
             "prompts": texts,
             "trainer": "step-rl" if config.__class__.__name__ == "StepRLConfig" else getattr(config, "labels", "bt"),
             "train_config": config.to_dict(),
@@ -498,6 +553,7 @@ __all__ = [
     "SDAlignResult",
     "align_sd",
     "check_prompts",
+    "check_reward_weights",
     "resolve_reward",
     "sd_train_config",
 ]

@@ -46,7 +46,9 @@ OPTIONS = (
     "eta",
     "height",
     "width",
+    "policies",
 )
+WEIGHT_TOLERANCE = 1e-9  # a trained step-RL policy serves a weight vector equal to its own to this tolerance
 
 
 class SDTaskError(PipelineError):
@@ -93,7 +95,9 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     rewards {name: spec} for every objective (spec: jpeg-compressibility, jpeg-incompressibility,
     brightness, or KIND=PATH for `load_reward_model`); betas {name: beta} (default 1 each); prompts: the
     default prompt texts; device ("cpu"), dtype ("float32"), guidance_scale (7.5; <= 1: off), scheduler
-    ("ddim" | "ddpm"), eta (DDIM, 0), height / width (pixels; default the model's).
+    ("ddim" | "ddpm"), eta (DDIM, 0), height / width (pixels; default the model's); policies: the step-RL LoRAs
+    of the "step-rl" method, a list of {"weights": {objective: w}, "path": LoRA folder}, each trained by
+    `msdda align --task sd --reward ... --reward-weights ...` (its beta is read from its align_config.json).
     """
     if not isinstance(options, Mapping):
         raise SDTaskError(f"task options must be a mapping, got {type(options).__name__}")
@@ -154,6 +158,7 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
         v = o.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
             raise SDTaskError(f"{key}={v!r} must be a positive multiple of 8 (pixels)")
+    policies = _check_policies(o.get("policies") or [], list(objectives))
     prompts = o.get("prompts")
     if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts)):
         raise SDTaskError(f"prompts must be a list of non-empty strings, got {prompts!r:.80}")
@@ -167,7 +172,54 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "scheduler": scheduler,
         "device": str(o.get("device") or "cpu"),
         "prompts": list(prompts) if prompts is not None else [],
+        "policies": policies,
     }
+
+
+def _check_policies(policies: Any, objectives: list[str]) -> list[dict[str, Any]]:
+    """The step-RL policies option: [{"weights": {objective: w >= 0}, "path": existing LoRA path}], each weight
+    vector once; objectives left out weigh 0."""
+    if not isinstance(policies, Sequence) or isinstance(policies, str):
+        raise SDTaskError(f"policies must be a list of {{'weights': {{...}}, 'path': ...}}, got {policies!r:.80}")
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(policies):
+        if not isinstance(entry, Mapping) or set(entry) != {"weights", "path"}:
+            raise SDTaskError(f"policies[{i}] = {entry!r:.80} must be {{'weights': {{objective: w}}, 'path': LoRA}}")
+        weights = entry["weights"]
+        if not isinstance(weights, Mapping) or not weights or any(k not in objectives for k in weights):
+            raise SDTaskError(f"policies[{i}].weights {weights!r:.80} must map objectives of {objectives} to weights")
+        w = {}
+        for k, v in weights.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise SDTaskError(f"policies[{i}].weights[{k!r}] = {v!r} must be a finite number >= 0")
+            w[str(k)] = float(v)
+        if not any(v > 0 for v in w.values()):
+            raise SDTaskError(f"policies[{i}].weights are all zero; the step optimum there is the base model itself")
+        full = {k: w.get(k, 0.0) for k in objectives}
+        path = Path(str(entry["path"])).expanduser()
+        if not path.exists():
+            raise SDTaskError(f"policies[{i}].path {path} does not exist (a LoRA trained by msdda align --task sd)")
+        for j, seen in enumerate(out):
+            if all(abs(seen["weights"][k] - full[k]) <= WEIGHT_TOLERANCE for k in objectives):
+                raise SDTaskError(f"policies[{i}] and policies[{j}] are for the same weights {full}; keep one")
+        out.append({"weights": full, "path": str(path)})
+    return out
+
+
+def _policy_record(path: str) -> tuple[float, float | None, str] | None:
+    """(beta, training seconds, trainer) of a LoRA trained by `msdda align --task sd`, from the align_config.json
+    beside it (None: not recorded, e.g. a LoRA trained elsewhere)."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        doc = json.loads((folder / "align_config.json").read_text())
+        seconds = doc.get("train_seconds")
+        return (
+            float(doc["train_config"]["beta"]),
+            (float(seconds) if seconds is not None else None),
+            str(doc["trainer"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _Prompts:
@@ -299,7 +351,56 @@ def sd_bundle(**options: Any) -> Any:
         decode=decode,
     )
     bundle.pipeline = pipe  # type: ignore[attr-defined]  # kept alive with the bundle (and for callers)
+    if o["policies"]:
+        bundle.weighted_policy = _StepRLPolicies(pipe, o, list(o["objectives"]))
     return bundle
+
+
+class _StepRLPolicies:
+    """The sd task's `weighted_policy(weights, beta, *, train=True)`: the step-RL LoRA listed for these weights
+    (loaded as an extra adapter of the pipeline's UNet on first use). SD policies are never trained inside a
+    sweep (hours on a GPU): a missing one raises MissingPolicyError naming the command that trains it."""
+
+    def __init__(self, pipe: Any, options: Mapping[str, Any], objectives: list[str]) -> None:
+        self.pipe = pipe
+        self.options = options
+        self.objectives = objectives
+        self.loaded: dict[int, Any] = {}
+
+    def __call__(self, weights: Mapping[str, float], beta: float, *, train: bool = True) -> Any:
+        from msdda.sampling.methods import STEP_RL, MissingPolicyError, WeightedPolicy
+
+        full = {k: float(weights.get(k, 0.0)) for k in self.objectives}
+        used = [k for k, v in full.items() if v > 0]
+        if len(used) == 1:  # one objective alone: its own LoRA is that policy when step-RL trained it at this beta
+            rec = _policy_record(self.options["objectives"][used[0]])
+            if rec is not None and rec[2] == STEP_RL and abs(rec[0] - beta) <= 1e-9 * max(1.0, abs(beta)):
+                return WeightedPolicy(self.pipe.denoiser(used[0]), key=f"aligned:{used[0]}", train_seconds=rec[1])
+        for i, entry in enumerate(self.options["policies"]):
+            if not all(abs(entry["weights"][k] - full[k]) <= WEIGHT_TOLERANCE for k in self.objectives):
+                continue
+            recorded = _policy_record(entry["path"])
+            if recorded is not None and abs(recorded[0] - beta) > 1e-9 * max(1.0, abs(beta)):
+                raise MissingPolicyError(
+                    f"{STEP_RL}: the policy at {entry['path']} was trained at beta={recorded[0]:g}, but weights {full} "
+                    f"ask for beta={beta:g} (the objectives' betas averaged with these weights): retrain it with "
+                    f"--beta {beta:g}, or set the task's betas so that they give {recorded[0]:g}"
+                )
+            if i not in self.loaded:
+                name = f"{STEP_RL}-{i}"
+                self.pipe.add_objective(name, entry["path"])
+                self.loaded[i] = self.pipe.denoiser(name)
+            seconds = recorded[1] if recorded is not None else None
+            return WeightedPolicy(self.loaded[i], key=entry["path"], train_seconds=seconds)
+        o = self.options
+        rewards = " ".join(f"--reward {o['rewards'][k]}" for k in self.objectives)
+        ws = ",".join(f"{full[k]:g}" for k in self.objectives)
+        raise MissingPolicyError(
+            f"{STEP_RL}: no step-RL LoRA is listed for weights {full}. Train one with `msdda align --task sd --base "
+            f"{o['base']} {rewards} --reward-weights {ws} --beta {beta:g} --trainer step-rl --prompt-file PROMPTS "
+            f'--out DIR`, then add {{"weights": {json.dumps(full)}, "path": "DIR"}} to the task option '
+            "policies (SD policies are not trained inside a sweep)"
+        )
 
 
 def sd_task(options: Mapping[str, Any]) -> Any:
