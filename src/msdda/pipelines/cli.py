@@ -9,7 +9,9 @@ Writes DIR/image_000.png, ... (prompt by prompt, each prompt's images in seed or
 file is written to a temporary name and renamed, so nothing is half-written; while the images are written
 DIR holds a file INCOMPLETE (removed at the end), so a killed run says so. Every argument and the output
 folder are checked before the model is loaded.
-`register(app)` adds the command to a typer app (msdda.cli calls it).
+`msdda prompts [NAME] [--out FILE] [--overwrite]` lists the shipped prompt sets (msdda.pipelines.prompt_sets)
+or prints / writes one in the --prompt-file format.
+`register(app)` adds the commands to a typer app (msdda.cli calls it).
 """
 
 from __future__ import annotations
@@ -314,6 +316,53 @@ def sample_command(
     typer.echo(f"wrote {len(files)} image(s) and config.json to {out}")
 
 
+def prompts_command(
+    name: str | None = typer.Argument(None, help="A prompt set (without it: list the sets and their sizes)."),
+    out: Path | None = typer.Option(
+        None, help="Write the set to this file (one prompt per line, the --prompt-file format) instead of stdout."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        help="Replace an existing --out file (atomically: the old file stays whole until the new one is written).",
+    ),
+) -> None:
+    """List the prompt sets that ship with msdda, or print / write one (`msdda prompts colors --out colors.txt`)."""
+    from msdda.atomic import write_text_atomic
+    from msdda.pipelines.prompt_sets import (
+        DESCRIPTIONS,
+        PROMPT_SETS,
+        PromptSetError,
+        format_prompts,
+        load_prompt_set,
+    )
+
+    if name is None:
+        if out is not None or overwrite:
+            raise typer.BadParameter(
+                "--out and --overwrite need a prompt set NAME, e.g. `msdda prompts colors --out colors.txt`"
+            )
+        width = max(len(n) for n in PROMPT_SETS)
+        for set_name in PROMPT_SETS:
+            typer.echo(f"{set_name:<{width}}  {len(load_prompt_set(set_name)):>4} prompts  {DESCRIPTIONS[set_name]}")
+        return
+    try:
+        prompts = load_prompt_set(name)
+    except PromptSetError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    text = format_prompts(prompts)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.is_dir():
+        raise typer.BadParameter(f"--out {out} is a folder; name a file, e.g. {out / (name + '.txt')}")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise typer.BadParameter(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    check_output_dir(out.parent, "--out's folder")  # a file in the way or a read-only place: refused, nothing made
+    write_text_atomic(out, text)
+    typer.echo(f"wrote {len(prompts)} prompts of {name!r} to {out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `sample` command to `app`."""
+    """Add the `sample` and `prompts` commands to `app`."""
     app.command("sample")(sample_command)
+    app.command("prompts")(prompts_command)
