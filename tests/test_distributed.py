@@ -268,3 +268,17 @@ def test_data_shards_are_checked_and_shard_streams_are_fixed(tiny_base, tmp_path
                   DPOConfig(**{**ALIGN, "data_shards": 3}), out=tmp_path, sample_shape=(1, 8, 8),
                   cond_sampler=class_conditions, null_cond=torch.tensor([10]), context=DistContext(0, 2))
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_local_device_gives_each_process_its_gpu(monkeypatch):
+    from msdda.distributed import local_device
+
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cuda") == "cuda"  # one process: as given
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert [local_device(d) for d in ("cuda", "cuda:0", "cpu", "mps")] == ["cuda:3", "cuda:0", "cpu", "mps"]
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(DistributedError, match="LOCAL_RANK='x'"):
+        local_device("cuda")

@@ -356,3 +356,35 @@ def test_default_methods_load_the_pipeline_once(tiny, tmp_path, monkeypatch):
     assert len(calls) == 1
     methods = json.loads((out / "config.json").read_text())["methods"]
     assert methods == ["base", "msdda", "db-mpa", "db-mpa-ls", "rewarded-soup", "code"]
+
+
+def test_soup_average_factors_reproduces_the_peer_baseline(tiny, tmp_path):
+    """--soup-average factors: rewarded-soup averages the LoRA factors (Diffusion Blend's released baseline);
+    at one-hot weights it is the adapter itself, as the delta soup is, and in between the two soups differ."""
+    rows = {}
+    for average in ("delta", "factors"):
+        out = tmp_path / average
+        _invoke(_args(tiny, out, "--methods", "rewarded-soup", "--grid-points", "3", "--soup-average", average))
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg.get("soup_average") == (None if average == "delta" else "factors")  # default left out
+        rows[average] = {
+            (r["weights"]["aes"], r["prompt_index"], r["seed"], r["index"]): r["rewards"]["pick"]
+            for r in (json.loads(x) for x in (out / "results.jsonl").read_text().splitlines())
+        }
+    assert rows["delta"].keys() == rows["factors"].keys()
+    for key, value in rows["delta"].items():
+        if key[0] in (0.0, 1.0):
+            assert rows["factors"][key] == pytest.approx(value, abs=1e-9)  # one adapter: the same soup
+    assert any(rows["factors"][k] != v for k, v in rows["delta"].items() if k[0] == 0.5)
+
+
+def test_soup_average_factors_is_refused_without_lora_objectives(tmp_path):
+    from msdda.evaluation.store import SweepError
+    from msdda.evaluation.sweep import run_sweep
+    from msdda.evaluation.tasks import get_task_bundle
+
+    cfg = SweepConfig(task="digits", methods=["rewarded-soup"], grid_points=2, soup_average="factors", steps=2,
+                      batch_size=1)  # fmt: skip
+    with pytest.raises(SweepError, match="interpolates full parameters"):
+        run_sweep(cfg, tmp_path / "r", lambda c: get_task_bundle(c.task, c.task_options), progress=False)
+    assert not (tmp_path / "r").exists()

@@ -959,6 +959,11 @@ def sweep(
     beta: float = typer.Option(None, help="Target KL strength (default: sum_k w_k beta_k; exponents sum to 1)."),
     code_candidates: int = typer.Option(4, help="CoDe: candidates per block (N >= 1)."),
     code_block: int = typer.Option(5, help="CoDe: steps per block (B >= 1)."),
+    soup_average: str = typer.Option(
+        "delta",
+        help="rewarded-soup on LoRA objectives: delta (dW = sum_k w_k B_k A_k, exact) or factors (the factor average "
+        "of Diffusion Blend's released baseline, to reproduce its numbers).",
+    ),
     rgg_scale: float = typer.Option(None, help="RGG: guidance scale lambda (default: the task's calibrated one)."),
     no_samples: bool = typer.Option(False, "--no-samples", help="Do not store samples (no image grids)."),
     train_policies: bool = typer.Option(
@@ -1041,6 +1046,7 @@ def sweep(
         beta=beta,
         code_candidates=code_candidates,
         code_block=code_block,
+        soup_average=soup_average,
         rgg_scale=rgg_scale,
         save_samples=not no_samples,
         train_policies=train_policies,

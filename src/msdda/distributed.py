@@ -137,6 +137,14 @@ class DistContext:
         `accelerate.Accelerator(cpu=True).prepare_model`) on several, so backward averages gradients."""
         if not self.distributed:
             return module
+        first = next(iter(module.parameters()), None)
+        if first is not None and first.device.type != "cpu":
+            # accelerate's cpu=True would move the module to the CPU; keep it where it is (gloo all-reduces
+            # CUDA tensors too, so the process group the CPU collectives use serves it)
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [first.device.index] if first.device.type == "cuda" and first.device.index is not None else None
+            return DistributedDataParallel(module, device_ids=ids)
         from accelerate import Accelerator
 
         return Accelerator(cpu=True).prepare_model(module)
@@ -165,9 +173,28 @@ def get_context() -> DistContext:
         ) from exc
     state = PartialState(cpu=True)
     ctx = DistContext(int(state.process_index), int(state.num_processes), int(state.local_process_index))
-    logger.debug("distributed context: rank %d of %d (local rank %d, backend %s)", ctx.rank, ctx.world_size,
-                 ctx.local_rank, state.backend)
+    logger.debug(
+        "distributed context: rank %d of %d (local rank %d, backend %s)",
+        ctx.rank,
+        ctx.world_size,
+        ctx.local_rank,
+        state.backend,
+    )
     return ctx
+
+
+def local_device(device: str | torch.device) -> str:
+    """The device this process should use: a bare "cuda" under a multi-process launch means this process's own
+    GPU, cuda:LOCAL_RANK (one process per GPU, as torchrun and accelerate launch start them); anything else
+    (cpu, mps, an explicit cuda:N) is taken as given."""
+    name = str(device)
+    if name == "cuda" and launched_world_size() > 1:
+        raw = os.environ.get("LOCAL_RANK", "0")
+        try:
+            return f"cuda:{int(raw)}"
+        except ValueError as exc:
+            raise DistributedError(f"LOCAL_RANK={raw!r} is not an integer; launch with torchrun") from exc
+    return name
 
 
 def shutdown() -> None:

@@ -51,8 +51,10 @@ from msdda.sampling import DBMPA, DBMPALS, MSDDA, RGG, CoDe, GaussianNoise, Sing
 from msdda.sampling.methods import (
     BASE,
     REWARDED_SOUP,
+    SOUP_AVERAGES,
     MethodPlan,
     PlanError,
+    _takes_keyword,
     get_method,
     is_weighted,
     method_names,
@@ -87,6 +89,9 @@ class SweepConfig(JSONConfig):
     code_candidates: int = 4
     code_block: int = 5
     rgg_scale: float | None = None  # None: the task's calibrated scale
+    # rewarded-soup on LoRA objectives: "delta" (dW = sum_k w_k B_k A_k, exact) or "factors" (the factor average
+    # of Diffusion Blend's released baseline); written to config.json only when not the default
+    soup_average: str = "delta"
     save_samples: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
     # step-rl: train a missing policy on first use (minutes per w); False fails fast naming `msdda train-step-rl`.
@@ -96,6 +101,8 @@ class SweepConfig(JSONConfig):
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d.pop("train_policies", None)
+        if d.get("soup_average") == "delta":  # the default: configs written before the option still match
+            d.pop("soup_average")
         return d
 
 
@@ -221,6 +228,8 @@ def method_options(method: str, cfg: SweepConfig) -> dict[str, Any]:
         return {"num_candidates": cfg.code_candidates, "block_size": cfg.code_block}
     if name == RGG.name and cfg.rgg_scale is not None:
         return {"scale": cfg.rgg_scale}
+    if name == REWARDED_SOUP and cfg.soup_average != "delta":
+        return {"average": cfg.soup_average}
     if get_method(method)[0].needs_weighted_policy and not cfg.train_policies:
         return {"train": False}
     return {}
@@ -346,6 +355,13 @@ def run_sweep(
     )
     grid = list({tuple(w.items()): w for w in grid}.values())  # a repeated weight vector is one set of units
     _check_methods(cfg.methods, objectives, bundle)
+    if cfg.soup_average not in SOUP_AVERAGES:
+        raise SweepError(f"soup_average={cfg.soup_average!r:.40}; choose one of {', '.join(SOUP_AVERAGES)}")
+    if cfg.soup_average == "factors" and REWARDED_SOUP in cfg.methods and not _takes_keyword(bundle.soup, "average"):
+        raise SweepError(
+            f"soup_average='factors' averages LoRA factors, but task {bundle.name!r} interpolates full parameters; "
+            "drop --soup-average (its soup is the 'delta' one)"
+        )
     if not isinstance(cfg.train_policies, bool):
         raise SweepError(f"train_policies={cfg.train_policies!r:.40} must be True or False")
     for m in cfg.methods:  # build every rule once up front: bad settings fail before any sampling

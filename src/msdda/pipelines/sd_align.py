@@ -44,7 +44,7 @@ from msdda.alignment.trainer import StepTrainer, StepTrainerConfig, TrainResult
 from msdda.atomic import write_json_atomic
 from msdda.config import JSONConfig
 from msdda.core.rewards import is_differentiable, validate_reward_output
-from msdda.distributed import get_context
+from msdda.distributed import get_context, local_device
 from msdda.pipelines.errors import PipelineError, RewardModelError
 
 ADAPTER = "msdda-objective"
@@ -389,7 +389,7 @@ def _load_base(path: Path, options: SDAlignOptions) -> Any:
     }
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
     try:
-        pipe = pipe.to(options.device)
+        pipe = pipe.to(local_device(options.device))  # "cuda" under torchrun: this process's own GPU
     except (RuntimeError, AssertionError) as exc:
         raise SDAlignError(f"device={options.device!r} is not usable here ({exc}); pass --device cpu") from None
     pipe.set_progress_bar_config(disable=True)

@@ -283,8 +283,11 @@ def sd_bundle(**options: Any) -> Any:
 
     o = check_sd_options(options)
     dtype = getattr(torch, o["dtype"])
+    from msdda.distributed import local_device
+
+    device_name = local_device(o["device"])  # "cuda" under torchrun / accelerate launch: this process's own GPU
     pipe = MSDDAPipeline.from_pretrained(
-        o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=o["device"], safety_checker=None
+        o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name, safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
     base = pipe.base
@@ -315,9 +318,9 @@ def sd_bundle(**options: Any) -> Any:
         rewards[name] = _ImageReward(fn, name, decode, prompts)
     store = _ObjectiveStore(pipe, {}, "image", None)
 
-    def soup(weights: Mapping[str, float]) -> Any:
+    def soup(weights: Mapping[str, float], average: str = "delta") -> Any:
         store.release()  # one soup adapter at a time: the previous weight vector's is removed first
-        return store.soup(weights)
+        return store.soup(weights, average=average)
 
     height = o.get("height") or base.unet.config.sample_size * base.vae_scale_factor
     width = o.get("width") or base.unet.config.sample_size * base.vae_scale_factor
