@@ -333,3 +333,41 @@ def test_two_processes_train_the_same_lora_as_one(tiny, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:  # the all-reduce may round differently elsewhere; Adam would amplify that where |g| ~ eps
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_variance_head_trains_beside_the_lora_and_moves_only_the_variance(tiny, tmp_path, capsys):
+    from msdda.core.schedule import KernelScheduler, apply_kernel_offsets
+    from msdda.models.variance_head import VARIANCE_HEAD_FILE, load_variance_head, with_variance_offsets
+
+    out = tmp_path / "vh"
+    code, text = _entry(_cli_args(tiny, out, "--reward", "brightness", "--trainer", "step-rl", "--variance-head",
+                                  "--variance-head-buckets", "10"), capsys)  # fmt: skip
+    assert code == 0, text
+    head = load_variance_head(out / VARIANCE_HEAD_FILE)
+    assert head.config() == {"num_train_timesteps": 1000, "channels": 4, "buckets": 10}
+    assert float(head.log_var.abs().max()) > 1e-4  # zero-initialised, and it trained
+    assert json.loads((out / "align_config.json").read_text())["variance_head"] == head.config()
+    ckpt = next((out / "checkpoints").iterdir())
+    assert "variance_head__log_var" in load_file(str(ckpt / "lora.safetensors"))  # checkpointed with the LoRA
+    # the kernel with the head: the scheduler's mean, the variance var * exp(var * d_logvar) (apply_kernel_offsets)
+    sched = KernelScheduler.from_diffusers(
+        diffusers.DDIMScheduler.from_pretrained(str(tiny["base"] / "scheduler")), eta=1.0
+    )
+    sched.set_timesteps(3)
+    t = int(sched.timesteps[0])
+    g = torch.Generator().manual_seed(4)
+    x, eps = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
+    with torch.no_grad():
+        d = head(torch.tensor([t, t]))
+        plain = sched.kernel(eps, t, x)
+        headed = sched.kernel(with_variance_offsets(eps, d), t, x)
+    torch.testing.assert_close(headed.mean, plain.mean, rtol=0, atol=1e-7)
+    expected = apply_kernel_offsets(
+        plain.mean.double(), plain.var.double(), with_variance_offsets(eps, d)[:, 4:].double()
+    )[1]
+    torch.testing.assert_close(headed.var.double(), expected, rtol=1e-6, atol=0)
+    assert float((headed.var - plain.var).abs().max()) > 0
+    code, text = _entry(
+        _cli_args(tiny, tmp_path / "x", "--reward", "brightness", "--variance-head-buckets", "5"), capsys
+    )
+    assert code == 2 and "pass both" in text

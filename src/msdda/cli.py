@@ -348,6 +348,15 @@ def align(
     height: int = typer.Option(None, help="sd: training height in pixels (the UNet's sample size)."),
     width: int = typer.Option(None, help="sd: training width in pixels (the UNet's sample size)."),
     reward_batch: int = typer.Option(None, min=1, help="sd: candidates decoded and scored per chunk (8)."),
+    variance_head: bool = typer.Option(
+        False,
+        "--variance-head",
+        help="sd: also train a per-timestep, per-channel log-variance offset (saved as variance_head.safetensors), "
+        "so this objective's kernel variance is its own and MSDDA's fusion differs from DB-MPA's average.",
+    ),
+    variance_head_buckets: int = typer.Option(
+        None, min=1, max=1000, help="sd: timestep buckets of --variance-head (50)."
+    ),
     allow_pickle: bool = typer.Option(
         False,
         "--allow-pickle",
@@ -428,6 +437,8 @@ def align(
         "--height": height,
         "--width": width,
         "--reward-batch": reward_batch,
+        "--variance-head": variance_head or None,
+        "--variance-head-buckets": variance_head_buckets,
         "--allow-pickle": allow_pickle or None,
     }
     if task != "sd":
@@ -444,6 +455,8 @@ def align(
         ):
             if value is not None:
                 raise typer.BadParameter(f"{flag} is a digits option; --task sd always trains a LoRA (--lora-rank ...)")
+        if variance_head_buckets is not None and not variance_head:
+            raise typer.BadParameter("--variance-head-buckets sets the buckets of --variance-head; pass both")
         for value, option in ((guidance_scale, "--guidance-scale"), (eta, "--eta"), (lora_alpha, "--lora-alpha")):
             if value is not None:
                 _finite(value, option)
@@ -484,6 +497,8 @@ def align(
                 width=width,
                 reward_batch=reward_batch,
                 allow_pickle=allow_pickle,
+                variance_head=variance_head,
+                variance_head_buckets=variance_head_buckets,
             ),
         )
         return

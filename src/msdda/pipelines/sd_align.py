@@ -45,6 +45,7 @@ from msdda.atomic import write_json_atomic
 from msdda.config import JSONConfig
 from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.distributed import get_context, local_device
+from msdda.models.variance_head import TimestepVarianceHead, save_variance_head, with_variance_offsets
 from msdda.pipelines.errors import PipelineError, RewardModelError
 
 ADAPTER = "msdda-objective"
@@ -88,6 +89,9 @@ class SDAlignOptions(JSONConfig):
     memory. scheduler / eta: the training kernels (DDIM with eta in (0, 1], or DDPM). height / width: training
     resolution in pixels (default: the UNet's sample size). reward_batch: candidates decoded and scored per
     chunk (bounds VAE / reward-model memory). allow_pickle: let a reward model load a pickle (trusted files only).
+    variance_head: train a `TimestepVarianceHead` with the LoRA (a zero-initialised log-variance offset per
+    timestep bucket and latent channel, `variance_head_buckets` buckets), so this objective's kernel variance
+    differs from the scheduler's and MSDDA's fusion is more than DB-MPA's average (docs/stable_diffusion.md).
     """
 
     config_error = SDAlignError
@@ -101,6 +105,8 @@ class SDAlignOptions(JSONConfig):
     width: int | None = None
     reward_batch: int = 8
     allow_pickle: bool = False
+    variance_head: bool = False
+    variance_head_buckets: int = 50
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +130,9 @@ class SDAlignOptions(JSONConfig):
                 raise SDAlignError(f"{name}={v!r} must be a positive multiple of 8 (pixels)")
         if isinstance(self.reward_batch, bool) or int(self.reward_batch) < 1:
             raise SDAlignError(f"reward_batch={self.reward_batch!r} must be >= 1")
+        b = self.variance_head_buckets
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 1000:
+            raise SDAlignError(f"variance_head_buckets={b!r} must be an integer in [1, 1000]")
 
 
 def sd_train_config(trainer: str = "step-rl", reward: str = "reward", *, beta: float | None = None, **overrides: Any):
@@ -221,16 +230,20 @@ class PromptIndexDenoiser(nn.Module):
 
     adapters: True for the policy (the UNet is a submodule: its LoRA weights are what trains); False for the
     reference, which runs the same UNet with its adapters disabled and does not register it, so freezing the
-    reference (`requires_grad_(False)`) leaves the policy's adapters trainable.
+    reference (`requires_grad_(False)`) leaves the policy's adapters trainable. variance_head: the policy's
+    `TimestepVarianceHead`; the output is then [B, 3C] (eps and kernel offsets, `with_variance_offsets`).
     """
 
-    def __init__(self, unet: nn.Module, embeddings: Tensor, *, adapters: bool) -> None:
+    def __init__(
+        self, unet: nn.Module, embeddings: Tensor, *, adapters: bool, variance_head: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if adapters:
             self.unet = unet
         else:
             object.__setattr__(self, "_shared_unet", unet)
         self.adapters = bool(adapters)
+        self.variance_head = variance_head
         self.register_buffer("embeddings", embeddings, persistent=False)
 
     @property
@@ -244,7 +257,10 @@ class PromptIndexDenoiser(nn.Module):
         hidden = self.embeddings[cond.to(self.embeddings.device)]
         t = t.to(x_t.device)
         if self.adapters:
-            return unet(x_t, t, encoder_hidden_states=hidden, return_dict=False)[0]
+            eps = unet(x_t, t, encoder_hidden_states=hidden, return_dict=False)[0]
+            if self.variance_head is None:
+                return eps
+            return with_variance_offsets(eps, self.variance_head(t))
         # The UNet's own gradient checkpointing would recompute these blocks in backward, when the adapters are
         # enabled again (a different function); the reward chunk around this call is recomputed as a whole instead.
         blocks = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False) is True]
@@ -337,6 +353,9 @@ class SDLoRAMixin:
     def final_model(self) -> nn.Module:
         return self.module.model  # type: ignore[attr-defined]  # the UNet with its adapter (saved as a LoRA file)
 
+    def progress_description(self) -> str:
+        return f"align sd {self.config.reward}"  # type: ignore[attr-defined]
+
     def step_reward(self, x_prev: Tensor, prev_t: Tensor, cond: Any) -> Tensor:
         base = super().step_reward  # type: ignore[misc]
         n, size = x_prev.shape[0], int(self.reward_batch)
@@ -373,6 +392,7 @@ class SDAlignResult:
     out: Path
     lora_file: Path
     train: TrainResult
+    variance_head: TimestepVarianceHead | None = None
 
 
 def _load_base(path: Path, options: SDAlignOptions) -> Any:
@@ -459,7 +479,13 @@ def align_sd(
     with torch.no_grad():
         cond_embeds, null_embeds = pipe.encode_prompt(texts, pipe.device, 1, True, None)
     embeddings = torch.cat([cond_embeds, null_embeds[:1]]).to(unet.dtype)
-    policy = PromptIndexDenoiser(unet, embeddings, adapters=True)
+    head = None
+    if options.variance_head:
+        torch.manual_seed(int(config.seed))
+        head = TimestepVarianceHead(
+            int(pipe.scheduler.config.num_train_timesteps), int(unet.config.out_channels), options.variance_head_buckets
+        ).to(pipe.device)
+    policy = PromptIndexDenoiser(unet, embeddings, adapters=True, variance_head=head)
     reference = PromptIndexDenoiser(unet, embeddings, adapters=False)
     kind_scheduler = own_scheduler(pipe.scheduler, options.scheduler)
     scheduler = KernelScheduler.from_diffusers(kind_scheduler, eta=options.eta if options.scheduler == "ddim" else None)
@@ -498,7 +524,7 @@ def align_sd(
     lora_file = out / LORA_FILE
     if not ctx.is_main:
         ctx.barrier()  # return once rank 0 has written the LoRA
-        return SDAlignResult(out=out, lora_file=lora_file, train=result)
+        return SDAlignResult(out=out, lora_file=lora_file, train=result, variance_head=head)
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()
@@ -513,6 +539,8 @@ def align_sd(
     os.umask(umask)
     os.chmod(lora_file, 0o666 & ~umask)  # safetensors writes 0600; the file is the user's to share
     tmp.rmdir()
+    if head is not None:
+        save_variance_head(head, out)
     write_json_atomic(
         out / CONFIG_FILE,
         {
@@ -530,13 +558,14 @@ def align_sd(
                 if k in ("r", "lora_alpha", "target_modules", "init_lora_weights")
             },
             "sample_shape": list(sample_shape),
+            "variance_head": head.config() if head is not None else None,
             "train_seconds": round(result.seconds, 1),
             "wall_seconds": round(time.time() - started, 1),
             "final_eval": result.final_eval,
         },
     )
     ctx.barrier()
-    return SDAlignResult(out=out, lora_file=lora_file, train=result)
+    return SDAlignResult(out=out, lora_file=lora_file, train=result, variance_head=head)
 
 
 __all__ = [
