@@ -285,3 +285,39 @@ def test_prompt_list_and_generator_list(tiny):
     bat = pipe(prompts, {"aes": 0.4, "align": 0.4}, generator=[gen(i) for i in range(4)], batch_models=True, **kw)
     assert bat.images.shape == (4, 4, 8, 8)
     torch.testing.assert_close(bat.images, seq.images, rtol=0, atol=ATOL)
+
+
+def test_cli_batch_models_flag(tiny, tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from msdda.pipelines.cli import register
+
+    base_dir = tmp_path / "base"
+    tiny.base("ddim").save_pretrained(base_dir)
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+
+    def invoke(*extra: str, out):
+        args = ["sample", "--base", str(base_dir), "--objective", f"aes={tiny.aes}", "--objective",
+                f"align={tiny.align}", "--weights", "aes=0.5", "--weights", "align=0.3", "--out", str(out),
+                "--steps", "2", "--guidance-scale", "3", "--prompt", PROMPT, "--quiet", *extra]
+        return CliRunner().invoke(app, args)
+
+    runs = {}
+    for flag, value in (("on", True), ("off", False)):
+        result = invoke("--batch-models", flag, out=tmp_path / flag)
+        assert result.exit_code == 0, result.output
+        record = json.loads((tmp_path / flag / "config.json").read_text())
+        assert record["batch_models"] is value
+        runs[flag] = record["cost"]["model_evals"]
+    assert runs["on"] == runs["off"] == 2 * 2 * 3
+    bad = invoke("--batch-models", "yes", out=tmp_path / "bad")
+    assert bad.exit_code != 0 and "choose auto, on or off" in bad.output
