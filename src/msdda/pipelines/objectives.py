@@ -407,7 +407,7 @@ class UNetBatch:
         required: bool,
     ) -> None:
         self.members = list(members)
-        self.groups = groups  # (kind "adapters" | "vmap" | "single", member indices), in member order
+        self.groups = groups  # (kind "adapters" | "vmap" | "alone", member indices), in member order
         self.guidance_scale = guidance_scale
         self.null_cond = null_cond
         self.required = required
@@ -421,7 +421,7 @@ class UNetBatch:
     @property
     def unet_calls_per_step(self) -> int:
         """UNet calls (vmapped calls count one) when every member is evaluated."""
-        return sum(len(idx) if kind == "single" else 1 for kind, idx in self.groups)
+        return sum(len(idx) if kind == "alone" else 1 for kind, idx in self.groups)
 
     # ----- building ---------------------------------------------------------------------------------------
     @classmethod
@@ -475,7 +475,7 @@ class UNetBatch:
     @staticmethod
     def _group(members: Sequence[UNetDenoiser]) -> tuple[list[tuple[str, list[int]]], list[str]]:
         """Groups of member indices (in member order) and, for members that could have shared a call but
-        cannot, the reasons (those members are then "single" groups)."""
+        cannot, the reasons (those members are then "alone" groups)."""
         from msdda.models.batched import can_stack
 
         by_unet: dict[int, list[int]] = {}
@@ -497,7 +497,7 @@ class UNetBatch:
             elif not has_adapters and len(idx) == 1 and not _holds_tuner_layers(dens[0].unet):
                 plain.append(idx[0])
                 continue
-            groups += [("single", [i]) for i in idx]
+            groups += [("alone", [i]) for i in idx]
         if len(plain) > 1:
             ok, reason = _same_unet_config([members[i] for i in plain])
             if ok:
@@ -506,9 +506,9 @@ class UNetBatch:
                 groups.append(("vmap", plain))
             else:
                 notes.append(f"the full-UNet objectives cannot be vmapped together: {reason}")
-                groups += [("single", [i]) for i in plain]
+                groups += [("alone", [i]) for i in plain]
         elif plain:
-            groups.append(("single", plain))
+            groups.append(("alone", plain))
         groups.sort(key=lambda g: g[1][0])
         return groups, notes
 
