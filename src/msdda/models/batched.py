@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -64,10 +64,24 @@ class BatchingError(MSDDAError):
     """K models cannot be (or failed to be) evaluated in one batched call; the message says why and what to do."""
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    """Conservative equality of two plain attributes: unknown or ambiguous comparisons count as different."""
+def _same_value(a: Any, b: Any, depth: int = 0) -> bool:
+    """Conservative equality of two plain attributes: unknown or ambiguous comparisons count as different.
+
+    Two instances of one plain class without its own `__eq__` (e.g. diffusers' attention processors, one
+    object per Attention module) are equal when their attributes are, compared the same way (2 levels deep).
+    """
     if a is b:
         return True
+    if (
+        depth < 2
+        and type(a) is type(b)
+        and type(a).__eq__ is object.__eq__
+        and not isinstance(a, nn.Module | Tensor | type)
+        and not callable(getattr(type(a), "__get__", None))  # functions, bound methods: identity only
+        and hasattr(a, "__dict__")
+    ):
+        va, vb = vars(a), vars(b)
+        return va.keys() == vb.keys() and all(_same_value(va[k], vb[k], depth + 1) for k in va)
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (
             isinstance(a, Tensor)
@@ -103,14 +117,15 @@ def _train_mode_problem(module: nn.Module) -> str | None:
     return None
 
 
-def can_stack(models: Sequence[Any]) -> tuple[bool, str]:
+def can_stack(models: Sequence[Any], *, ignore_attributes: frozenset[str] = frozenset()) -> tuple[bool, str]:
     """Whether `models` can be evaluated as one vmapped call, and if not, why (the first difference found).
 
     Stackable means: all nn.Modules of the same class, with the same submodule tree, the same parameter and
     buffer names, shapes, dtypes and devices, equal non-tensor configuration (every plain attribute of every
     submodule, the training flag included), no forward/backward hooks (they would run for the skeleton
     only), and no dropout/batch-norm in training mode. Only the parameter and buffer values may differ.
-    Returns (True, "") when stackable.
+    ignore_attributes: plain attribute names not compared (the caller checked them its own way, e.g. a
+    diffusers model's config, which also records the file it came from). Returns (True, "") when stackable.
     """
     if len(models) == 0:
         return False, "no models given"
@@ -141,8 +156,9 @@ def can_stack(models: Sequence[Any]) -> tuple[bool, str]:
             for hooks in _HOOKS:
                 if getattr(sub, hooks, None):
                     return False, f"{where} has {hooks.strip('_').replace('_', ' ')}, which vmap cannot apply per model"
-            attrs = {a: v for a, v in vars(sub).items() if a not in _MODULE_INTERNALS}
-            attrs0 = {a: v for a, v in vars(sub0).items() if a not in _MODULE_INTERNALS}
+            skip = _MODULE_INTERNALS | ignore_attributes
+            attrs = {a: v for a, v in vars(sub).items() if a not in skip}
+            attrs0 = {a: v for a, v in vars(sub0).items() if a not in skip}
             if attrs.keys() != attrs0.keys():
                 return False, f"{where} has attributes {sorted(attrs)} but model 0 has {sorted(attrs0)}"
             for a, v in attrs.items():
@@ -211,8 +227,11 @@ class StackedDenoisers:
     through unchanged either way.
     """
 
-    def __init__(self, models: Sequence[nn.Module], *, fallback: bool = False) -> None:
-        ok, reason = can_stack(models)
+    def __init__(
+        self, models: Sequence[nn.Module], *, fallback: bool = False, ignore_attributes: frozenset[str] = frozenset()
+    ) -> None:
+        self.ignore_attributes = ignore_attributes  # passed to can_stack (see there)
+        ok, reason = can_stack(models, ignore_attributes=ignore_attributes)
         if not ok:
             raise BatchingError(
                 f"cannot evaluate the {len(models)} models as one batched call: {reason}. Evaluate them one by "
@@ -233,7 +252,7 @@ class StackedDenoisers:
 
     def refresh(self) -> None:
         """Re-stack the source modules' current weights (and re-check that they still can be stacked)."""
-        ok, reason = can_stack(self.modules)
+        ok, reason = can_stack(self.modules, ignore_attributes=self.ignore_attributes)
         if not ok:
             raise BatchingError(
                 f"the models changed and can no longer be evaluated as one batched call: {reason}. Rebuild the "
@@ -336,13 +355,39 @@ class StackedGuidance:
 AUTO_BATCH_ON_CPU = False
 
 
+def auto_batch_allowed(device: torch.device | str) -> bool:
+    """Whether batch_models=None (auto) batches models that live on `device`: accelerators yes, CPU only when
+    AUTO_BATCH_ON_CPU is set (read at call time, so tests and users can switch it)."""
+    return torch.device(device).type != "cpu" or AUTO_BATCH_ON_CPU
+
+
+@runtime_checkable
+class BatchesItself(Protocol):
+    """A denoiser that knows a better batched evaluator for itself and its peers than vmap over nn.Modules.
+
+    `stack_for_sampling` asks the first model: `batch_evaluator(members, required=..., guidance_scale=...,
+    null_cond=...)` gets the K models (plus the reference last, when one is passed) and returns an evaluator
+    with `num_models` (= len(members)), `includes_reference` (bool, set by stack_for_sampling), `__call__(x_t,
+    t, cond) -> list of outputs, one per member` and `evaluate(x_t, t, cond, indices) -> outputs of those
+    members only`; or None for the sequential path (auto mode, where batching would not pay); with
+    required=True it raises BatchingError naming why it cannot batch. Outputs are guided when
+    guidance_scale is given (as ClassifierFreeGuidance would guide each member). The SD pipeline's
+    UNetDenoiser implements it (peft mixed-adapter batches, msdda.pipelines.objectives.UNetBatch).
+    """
+
+    def batch_evaluator(
+        self, members: Sequence[Any], *, required: bool, guidance_scale: float | None, null_cond: Any
+    ) -> Any: ...
+
+
 def stack_for_sampling(
     models: Sequence[Any],
     batch_models: bool | None,
     *,
     guidance_scale: float | None = None,
     null_cond: Any = None,
-) -> StackedDenoisers | StackedGuidance | None:
+    reference: Any = None,
+) -> Any:
     """The batched K-model evaluator sample() uses, or None for the sequential path.
 
     batch_models None (auto): batch when there are >= 2 models, `can_stack` agrees and they are not on
@@ -350,9 +395,22 @@ def stack_for_sampling(
     with a warning. True: batch or raise BatchingError with the reason (also on a vmap failure at run
     time). False: None. With guidance_scale the evaluator applies classifier-free guidance
     (StackedGuidance) exactly as ClassifierFreeGuidance would per model.
+    Models that implement `BatchesItself` build their own evaluator instead; only they are handed the
+    `reference` (it then joins the batch, as the last member, and the evaluator's `includes_reference` is
+    True). The vmap path evaluates the K models only (`includes_reference` False).
     """
+    if batch_models is not None and batch_models is not True and batch_models is not False:
+        raise BatchingError(f"batch_models must be True, False or None (auto), got {batch_models!r}")
     if batch_models is False:
         return None
+    if models and isinstance(models[0], BatchesItself):
+        members = [*models, *([reference] if reference is not None else [])]
+        evaluator = models[0].batch_evaluator(
+            members, required=batch_models is True, guidance_scale=guidance_scale, null_cond=null_cond
+        )
+        if evaluator is not None:
+            evaluator.includes_reference = reference is not None
+        return evaluator
     if batch_models is None:
         if len(models) < 2:
             return None
@@ -361,15 +419,21 @@ def stack_for_sampling(
             logger.debug("evaluating the %d models one by one: %s", len(models), reason)
             return None
         first = next(iter((*models[0].parameters(), *models[0].buffers())))
-        if first.device.type == "cpu" and not AUTO_BATCH_ON_CPU:
+        if not auto_batch_allowed(first.device):
             logger.debug("evaluating the %d models one by one: on CPU that is faster than vmap", len(models))
             return None
-    elif batch_models is not True:
-        raise BatchingError(f"batch_models must be True, False or None (auto), got {batch_models!r}")
     stacked = StackedDenoisers(models, fallback=batch_models is None)
     if guidance_scale is None:
         return stacked
     return StackedGuidance(stacked, guidance_scale, null_cond)
 
 
-__all__ = ["BatchingError", "StackedDenoisers", "StackedGuidance", "can_stack", "stack_for_sampling"]
+__all__ = [
+    "BatchesItself",
+    "BatchingError",
+    "StackedDenoisers",
+    "StackedGuidance",
+    "auto_batch_allowed",
+    "can_stack",
+    "stack_for_sampling",
+]

@@ -173,6 +173,11 @@ def sample_command(
         "or to save its memory and time. The default keeps it.",
     ),
     quiet: bool = typer.Option(False, help="No progress bars (also diffusers' and transformers' loading bars)."),
+    batch_models: str = typer.Option(
+        "auto",
+        help="auto | on | off: evaluate a step's objectives in one UNet call (LoRAs via peft mixed-adapter "
+        "batches, full UNets vmapped). auto: on accelerators only; on: always, or fail naming why; off: never.",
+    ),
 ) -> None:
     """Generate images with K objectives (LoRAs or UNets) fused at every denoising step (MSDDA)."""
     import torch
@@ -219,6 +224,9 @@ def sample_command(
         raise typer.BadParameter(f"--method {method} needs reward models; call MSDDAPipeline from Python for it")
     if dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype {dtype!r}; choose one of {DTYPES}")
+    batch_choice = {"auto": None, "on": True, "off": False}
+    if batch_models not in batch_choice:
+        raise typer.BadParameter(f"--batch-models {batch_models!r}; choose auto, on or off")
     if scheduler not in ("ddim", "ddpm", "keep"):
         raise typer.BadParameter(f"--scheduler {scheduler!r}; choose ddim, ddpm or keep")
     needs_weights = spec.weighted
@@ -280,6 +288,7 @@ def sample_command(
                 betas=beta_map or None,
                 output_type="pil",
                 progress=not quiet,
+                batch_models=batch_choice[batch_models],
             )
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -23,9 +23,10 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +135,13 @@ class AdapterSwitch:
             if not layer.disable_adapters:
                 layer.enable_adapters(False)
 
-    def enable(self, adapter: str) -> None:
-        """Make `adapter` the only active adapter on every layer (layers without it use base weights)."""
+    def enable(self, adapter: str | list[str]) -> None:
+        """Make `adapter` the only active adapter on every layer (layers without it use base weights); a list
+        makes all of them active (what a mixed-adapter batch needs, so diffusers' LoRA `scale` scales each)."""
+        names = [adapter] if isinstance(adapter, str) else list(adapter)
         if self.fast:
             for layer in self.layers:
-                layer._active_adapter = [adapter]
+                layer._active_adapter = names
                 layer._disable_adapters = False
             return
         for layer in self.layers:
@@ -276,6 +279,393 @@ class UNetDenoiser:
             return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
         with self.switch.active(self.adapter):
             return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+
+    def batch_evaluator(
+        self, members: Sequence[Any], *, required: bool, guidance_scale: float | None, null_cond: Any
+    ) -> UNetBatch | None:
+        """The sampler's batched evaluator for `members` (UNetDenoisers; see UNetBatch.build)."""
+        return UNetBatch.build(members, required=required, guidance_scale=guidance_scale, null_cond=null_cond)
+
+
+# ----- batched evaluation -----------------------------------------------------------------------------
+
+BASE_ROWS = "__base__"  # peft's adapter name for rows that use the base weights only (adapters off)
+
+
+def _route_rows_hook(names: list[str], module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # What peft's own `_adapter_names_pre_forward_hook` does for a PeftModel: each LoRA layer gets the
+    # per-row adapter names and runs `_mixed_batch_forward`.
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+@contextmanager
+def mixed_adapter_rows(switch: AdapterSwitch, names: list[str]) -> Iterator[None]:
+    """Within the block, row i of every UNet forward uses adapter names[i] ("__base__": none).
+
+    A diffusers UNet with injected adapters is not a PeftModel, so peft's `adapter_names=` forward argument
+    is not available on it; the same pre-forward hook peft registers is put on every LoRA layer instead.
+    The adapters named are made active (so a cross_attention_kwargs "scale" scales each of them, as it
+    scales the one active adapter of a sequential call). On exit, also after an error, the hooks are removed
+    and every adapter is disabled again, so the UNet computes exactly as before.
+    """
+    adapters = sorted({n for n in names if n != BASE_ROWS})
+    handles = []
+    try:
+        if adapters:  # rows of the base weights only: nothing to route, the adapters stay off
+            switch.enable(adapters)
+            hook = partial(_route_rows_hook, names)
+            handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in switch.layers]
+        else:
+            switch.disable()
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        switch.disable()
+
+
+def _describe(members: Sequence[Any], index: int) -> str:
+    return repr(getattr(members[index], "name", f"model {index}"))
+
+
+def mixed_batch_problem(dens: Sequence[UNetDenoiser]) -> str | None:
+    """Why these denoisers (adapters of one UNet, or its base weights) cannot share one mixed-adapter UNet
+    call, or None when they can. Checked: the UNet is in eval mode, every tuner layer is a peft LoRA layer
+    (not LoHa/LoKr/...), none has merged (fused) adapters, no adapter used is DoRA or another LoRA variant
+    (peft's mixed batches refuse DoRA; aLoRA etc. need extra inputs), no adapter is literally named
+    '__base__', and every denoiser passes the same cross_attention_kwargs (one UNet call takes one; a LoRA
+    `scale` that differs per objective cannot be mixed)."""
+    first = dens[0]
+    unet, switch = first.unet, first.switch
+    if unet.training:
+        return "the UNet is in training mode (peft mixes adapters at inference only); call unet.eval()"
+    for d in dens[1:]:
+        if d.cross_attention_kwargs != first.cross_attention_kwargs:
+            return (
+                f"objectives {first.name!r} and {d.name!r} pass different cross_attention_kwargs "
+                f"({first.cross_attention_kwargs!r} vs {d.cross_attention_kwargs!r}); one UNet call takes one, "
+                "so give every objective the same (e.g. the same LoRA scale)"
+            )
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return "peft is not importable"
+    used = {d.adapter for d in dens if d.adapter is not None}
+    if BASE_ROWS in used:
+        return f"an adapter is named {BASE_ROWS!r}, peft's name for the base weights in a mixed batch; rename it"
+    seen: set[str] = set()
+    for layer in switch.layers:
+        if not isinstance(layer, LoraLayer):
+            return f"the UNet holds a {type(layer).__name__} tuner layer; peft mixes LoRA adapters only"
+        if layer.merged:
+            return (
+                f"a LoRA layer ({type(layer.get_base_layer()).__name__}) has adapters merged into its weights "
+                f"{list(layer.merged_adapters)}; call unet.unfuse_lora() first"
+            )
+        for a in used & set(layer.lora_A):
+            seen.add(a)
+            if layer.use_dora.get(a, False):
+                return f"adapter {a!r} uses DoRA, which peft's mixed-adapter batches do not support"
+            variant = getattr(layer, "lora_variant", {}).get(a)
+            if variant is not None:
+                return f"adapter {a!r} is a LoRA variant ({type(variant).__name__}); batched here: plain LoRA only"
+    missing = sorted(used - seen)
+    if missing:
+        return f"adapter(s) {missing} are on no LoRA layer of the UNet"
+    return None
+
+
+class UNetBatch:
+    """Evaluates the sampler's UNetDenoisers at one (x_t [B, 4, h, w], t [B], cond [B, L, D]) in few UNet calls.
+
+    members: the K objectives, then the reference when the rule uses it. They are grouped once:
+    * adapter groups: the members on one UNet that holds peft LoRA layers (LoRA objectives, the soup, the
+      reference = base weights) run as ONE forward of batch n*B (2nB with CFG: per member its cond rows,
+      then its uncond rows), row i routed to its member's adapter by peft's mixed-adapter batches
+      (`mixed_adapter_rows`). Equal to the sequential calls up to float rounding of the larger batch.
+    * a vmap group: members that are separate plain UNets of one architecture (full-UNet objectives; the
+      base when it holds no adapters) run as one torch.func.vmap call over their stacked weights
+      (msdda.models.batched.StackedDenoisers; K copies of their weights live while the sampler runs). On CPU
+      vmap has no batching rule for scaled-dot-product attention and loops over the models there.
+    * the rest (one member per UNet) one call each, exactly as sequentially.
+    `evaluate(x_t, t, cond, indices)` runs just those members (a rule's subset); `__call__` runs all.
+    Outputs are guided as ClassifierFreeGuidance would guide each member (guidance_scale not None), and
+    each UNetDenoiser's `forwards` grows as in its own calls. A failure at run time (not an input error)
+    abandons batching for good with a warning (required=False) or raises BatchingError (required=True).
+    """
+
+    includes_reference = False  # set by msdda.models.batched.stack_for_sampling
+
+    def __init__(
+        self,
+        members: Sequence[UNetDenoiser],
+        groups: list[tuple[str, list[int]]],
+        *,
+        guidance_scale: float | None,
+        null_cond: Any,
+        required: bool,
+    ) -> None:
+        self.members = list(members)
+        self.groups = groups  # (kind "adapters" | "vmap" | "alone", member indices), in member order
+        self.guidance_scale = guidance_scale
+        self.null_cond = null_cond
+        self.required = required
+        self.failure: str | None = None  # why batching was abandoned (required=False only)
+        self._stacked: dict[int, Any] = {}  # group number -> StackedDenoisers (built lazily)
+
+    @property
+    def num_models(self) -> int:
+        return len(self.members)
+
+    @property
+    def unet_calls_per_step(self) -> int:
+        """UNet calls (vmapped calls count one) when every member is evaluated."""
+        return sum(len(idx) if kind == "alone" else 1 for kind, idx in self.groups)
+
+    # ----- building ---------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls, members: Sequence[Any], *, required: bool, guidance_scale: float | None, null_cond: Any
+    ) -> UNetBatch | None:
+        """The evaluator, or None for the sequential path (required=False: batching would not pay: on CPU
+        unless msdda.models.batched.AUTO_BATCH_ON_CPU, or no UNet call would be saved, or the members cannot
+        be batched, said in a debug log). required=True: BatchingError naming the reason instead, also when
+        the members need more than one UNet call per step (e.g. a full-UNet objective beside LoRA ones)."""
+        from msdda.models import batched as batched_mod
+
+        def refuse(reason: str) -> None:
+            if required:
+                raise batched_mod.BatchingError(
+                    f"cannot evaluate the {len(members)} objectives in one batched UNet call: {reason}. Pass "
+                    "batch_models=False (one by one) or None (batch where it pays, else one by one)"
+                )
+            logger.debug("evaluating the %d objectives one by one: %s", len(members), reason)
+
+        bad = [i for i, m in enumerate(members) if not isinstance(m, UNetDenoiser)]
+        if bad:
+            refuse(f"{_describe(members, bad[0])} is a {type(members[bad[0]]).__name__}, not a UNet objective")
+            return None
+        if guidance_scale is not None and not (isinstance(null_cond, Tensor)):
+            refuse("classifier-free guidance needs the negative prompt embeddings as a tensor")
+            return None
+        groups, notes = cls._group(members)
+        device = next(members[0].unet.parameters()).device
+        batch = cls(members, groups, guidance_scale=guidance_scale, null_cond=null_cond, required=required)
+        if required:
+            if notes:
+                refuse(notes[0])
+            if len(groups) > 1:
+                a, b = groups[0][1][0], groups[1][1][0]
+                refuse(
+                    f"{_describe(members, a)} and {_describe(members, b)} run on different UNets (LoRA adapters "
+                    "of the base UNet, full-UNet objectives of another architecture or with adapters of their own)"
+                )
+            return batch
+        for note in notes:
+            logger.debug("objectives evaluated one by one: %s", note)
+        if not batched_mod.auto_batch_allowed(device):
+            refuse("on CPU the one-by-one UNet calls are about as fast (see docs/benchmarks.md)")
+            return None
+        if batch.unet_calls_per_step == len(members):
+            refuse("no two objectives share a UNet call (each runs on a UNet of its own, or cannot be batched)")
+            return None
+        return batch
+
+    @staticmethod
+    def _group(members: Sequence[UNetDenoiser]) -> tuple[list[tuple[str, list[int]]], list[str]]:
+        """Groups of member indices (in member order) and, for members that could have shared a call but
+        cannot, the reasons (those members are then "alone" groups)."""
+        from msdda.models.batched import can_stack
+
+        by_unet: dict[int, list[int]] = {}
+        for i, m in enumerate(members):
+            by_unet.setdefault(id(m.unet), []).append(i)
+        groups: list[tuple[str, list[int]]] = []
+        notes: list[str] = []
+        plain: list[int] = []
+        for idx in by_unet.values():
+            dens = [members[i] for i in idx]
+            switch = dens[0].switch
+            has_adapters = switch is not None and bool(switch.layers)
+            if has_adapters and len(idx) > 1 and all(d.switch is switch for d in dens):
+                problem = mixed_batch_problem(dens)
+                if problem is None:
+                    groups.append(("adapters", idx))
+                    continue
+                notes.append(problem)
+            elif not has_adapters and len(idx) == 1 and not _holds_tuner_layers(dens[0].unet):
+                plain.append(idx[0])
+                continue
+            groups += [("alone", [i]) for i in idx]
+        if len(plain) > 1:
+            ok, reason = _same_unet_config([members[i] for i in plain])
+            if ok:
+                ok, reason = can_stack([_PlainUNet(members[i]) for i in plain], ignore_attributes=_CONFIG_ATTRS)
+            if ok:
+                groups.append(("vmap", plain))
+            else:
+                notes.append(f"the full-UNet objectives cannot be vmapped together: {reason}")
+                groups += [("alone", [i]) for i in plain]
+        elif plain:
+            groups.append(("alone", plain))
+        groups.sort(key=lambda g: g[1][0])
+        return groups, notes
+
+    # ----- evaluating -------------------------------------------------------------------------------------
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> list[Tensor]:
+        """Every member's (guided) output [B, C, h, w], in member order."""
+        return self.evaluate(x_t, t, cond, range(len(self.members)))
+
+    def evaluate(self, x_t: Tensor, t: Tensor, cond: Any, indices: Sequence[int]) -> list[Tensor]:
+        """The (guided) outputs of members `indices`, in that order: each group's requested members in one
+        call (a vmap group only when all its members are requested), the rest one by one."""
+        indices = list(indices)
+        if not isinstance(cond, Tensor):
+            raise AdapterError(
+                f"objective {self.members[indices[0]].name!r}: cond must be the prompt embeddings tensor [B, L, D], "
+                f"got {type(cond).__name__}"
+            )
+        out: dict[int, Tensor] = {}
+        wanted = set(indices)
+        for number, (kind, idx) in enumerate(self.groups):
+            mine = [i for i in idx if i in wanted]
+            if not mine:
+                continue
+            if self.failure is None and kind == "adapters" and len(mine) > 1:
+                results = self._guarded(self._mixed, mine, x_t, t, cond)
+            elif self.failure is None and kind == "vmap" and mine == idx:
+                results = self._guarded(self._vmapped, mine, x_t, t, cond, number=number)
+            else:
+                results = None
+            if results is None:
+                results = [self._one(i, x_t, t, cond) for i in mine]
+            out.update(zip(mine, results, strict=True))
+        return [out[i] for i in indices]
+
+    def _guarded(self, fn: Any, mine: list[int], *args: Any, **kwargs: Any) -> list[Tensor] | None:
+        from msdda.errors import MSDDAError
+        from msdda.models.batched import BatchingError
+
+        try:
+            return fn(mine, *args, **kwargs)
+        except MSDDAError as exc:
+            if not isinstance(exc, BatchingError) or self.required:
+                raise
+            cause = str(exc)
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {exc}"
+            if self.required:
+                names = ", ".join(_describe(self.members, i) for i in mine)
+                raise BatchingError(
+                    f"the batched UNet call of objectives {names} failed ({cause}); pass batch_models=False "
+                    "(one by one) or None (falls back by itself)"
+                ) from exc
+        self.failure = cause
+        logger.warning("batched UNet evaluation abandoned (%s); evaluating the objectives one by one", cause)
+        return None
+
+    def _rows(self, x_t: Tensor, t: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One member's input rows: (x, t, cond), with CFG [x; x], [t; t], [cond; null] (ClassifierFreeGuidance's)."""
+        if self.guidance_scale is None:
+            return x_t, t, cond
+        from msdda.models.denoiser import _concat_cond
+
+        return torch.cat([x_t, x_t]), torch.cat([t, t]), _concat_cond(cond, self.null_cond)
+
+    def _guide(self, outs: Sequence[Tensor], x_t: Tensor) -> list[Tensor]:
+        if self.guidance_scale is None:
+            return list(outs)
+        from msdda.models.denoiser import combine_guidance
+
+        b = x_t.shape[0]
+        return [combine_guidance(o[:b], o[b:], self.guidance_scale, x_t.shape[1]) for o in outs]
+
+    def _mixed(self, mine: list[int], x_t: Tensor, t: Tensor, cond: Tensor) -> list[Tensor]:
+        dens = [self.members[i] for i in mine]
+        x1, t1, c1 = self._rows(x_t, t, cond)
+        rows = x1.shape[0]
+        names = [d.adapter or BASE_ROWS for d in dens for _ in range(rows)]
+        first = dens[0]
+        kwargs = {"cross_attention_kwargs": first.cross_attention_kwargs} if first.cross_attention_kwargs else {}
+        n = len(dens)
+        with mixed_adapter_rows(first.switch, names):
+            out = first.unet(
+                x1.repeat(n, *([1] * (x1.dim() - 1))),
+                t1.repeat(n),
+                encoder_hidden_states=c1.repeat(n, *([1] * (c1.dim() - 1))),
+                return_dict=False,
+                **kwargs,
+            )[0]
+        for d in dens:
+            d.forwards += rows
+        return self._guide(out.split(rows), x_t)
+
+    def _vmapped(self, mine: list[int], x_t: Tensor, t: Tensor, cond: Tensor, *, number: int) -> list[Tensor]:
+        from msdda.models.batched import StackedDenoisers
+
+        stacked = self._stacked.get(number)
+        if stacked is None:
+            stacked = StackedDenoisers([_PlainUNet(self.members[i]) for i in mine], ignore_attributes=_CONFIG_ATTRS)
+            self._stacked[number] = stacked
+        x1, t1, c1 = self._rows(x_t, t, cond)
+        outs = stacked(x1, t1, c1)
+        for i in mine:
+            self.members[i].forwards += x1.shape[0]
+        return self._guide(outs, x_t)
+
+    def _one(self, i: int, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """Member i on its own, exactly as the sequential path calls it."""
+        den = self.members[i]
+        if self.guidance_scale is None:
+            return den(x_t, t, cond)
+        from msdda.models.denoiser import ClassifierFreeGuidance
+
+        return ClassifierFreeGuidance(den, self.guidance_scale, self.null_cond)(x_t, t, cond)
+
+
+# diffusers keeps a model's config in `_internal_dict`, with bookkeeping (file path, version, which values
+# were defaults) beside the architecture; _same_unet_config compares the architecture part instead.
+_CONFIG_ATTRS = frozenset({"_internal_dict"})
+
+
+def _config_values(module: nn.Module) -> dict[str, Any]:
+    config = dict(getattr(module, "_internal_dict", None) or {})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+
+def _same_unet_config(dens: Sequence[UNetDenoiser]) -> tuple[bool, str]:
+    """Whether every submodule's diffusers config (file bookkeeping and tuple/list aside) is the same."""
+    first = dict(dens[0].unet.named_modules())
+    for d in dens[1:]:
+        for name, sub in d.unet.named_modules():
+            other = first.get(name)
+            if other is None:
+                continue  # can_stack reports the different module trees
+            a, b = _config_values(other), _config_values(sub)
+            if a != b:
+                key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+                where = f"submodule {name!r}" if name else "the UNet"
+                return False, f"{d.name!r}'s {where} has config {key}={b.get(key)!r}, {dens[0].name!r}'s {a.get(key)!r}"
+    return True, ""
+
+
+def _holds_tuner_layers(unet: nn.Module) -> bool:
+    return any(_is_tuner_layer(m) for m in unet.modules())
+
+
+class _PlainUNet(nn.Module):
+    """One full-UNet objective as an nn.Module `(x_t, t, cond) -> eps`, so StackedDenoisers can vmap several.
+    Its UNet is a submodule (stacked weight by weight); cross_attention_kwargs is compared by can_stack."""
+
+    def __init__(self, den: UNetDenoiser) -> None:
+        super().__init__()
+        self.unet = den.unet
+        self.cross_attention_kwargs = dict(den.cross_attention_kwargs) if den.cross_attention_kwargs else None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
+        return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
 
 
 # ----- loading ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
 from msdda.errors import MSDDAError
+from msdda.models.batched import BatchingError
 from msdda.models.denoiser import combine_guidance
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import ObjectiveError, PipelineError, RewardModelError
@@ -113,6 +114,19 @@ class _RescaledGuidance:
         guided = combine_guidance(out_c, out_u, self.scale, channels)
         rescaled = rescale_noise_cfg(guided[:, :channels], out_c[:, :channels], guidance_rescale=self.rescale)
         return torch.cat([rescaled, guided[:, channels:]], dim=1) if guided.shape[1] > channels else rescaled
+
+    def batch_evaluator(
+        self, members: Sequence[Any], *, required: bool, guidance_scale: float | None, null_cond: Any
+    ) -> None:
+        """Rescaled guidance runs per objective: never batched (BatchingError when batching is required)."""
+        if required:
+            raise BatchingError(
+                f"cannot evaluate the {len(members)} objectives in one batched UNet call: guidance_rescale="
+                f"{self.rescale:g} is applied to each objective's guided output on its own; pass "
+                "guidance_rescale=0 to batch, or batch_models=None / False"
+            )
+        logger.debug("objectives evaluated one by one: guidance_rescale is applied per objective")
+        return None
 
 
 class _LatentReward:
@@ -539,6 +553,7 @@ class MSDDAPipeline:
         final_noise: bool = True,
         progress: bool | None = None,
         return_dict: bool = True,
+        batch_models: bool | None = None,
     ) -> MSDDAPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images for `prompt` (or `prompt_embeds`) under preference `weights`.
 
@@ -571,6 +586,13 @@ class MSDDAPipeline:
           read-only); setting `pipeline.interrupt = True` stops after that step.
         final_noise: the last step draws from its kernel as diffusers' step() does (True, for parity with
           diffusers: DDIM with eta > 0 adds noise there); False returns the kernel mean as msdda.sample.
+        batch_models: evaluate the objectives of a step (and the reference when the method uses it) in one
+          UNet call: LoRA objectives as one forward of batch (K + 1) x B (x 2 with guidance) through peft's
+          mixed-adapter batches, full-UNet objectives as one torch.func.vmap call (objectives.UNetBatch).
+          None (default): on accelerators where it saves calls, one by one on CPU (as fast there); True:
+          always, BatchingError naming the reason where it cannot (merged or DoRA adapters, guidance_rescale,
+          LoRA and full-UNet objectives together, ...); False: never. Images agree to float rounding;
+          costs are counted the same.
         Returns MSDDAPipelineOutput, or with return_dict=False the tuple (images, nsfw_content_detected) as
         diffusers does. Raises before any denoising on bad names, weights, scheduler, shapes.
         """
@@ -677,6 +699,7 @@ class MSDDAPipeline:
                 callback=self._step_callback(callback_on_step_end, tensor_inputs, embeds),
                 noise=DiffusersNoise(),
                 final_step="sample" if final_noise else "mean",
+                batch_models=batch_models,
             )
             if rescale:
                 out.cost.model_evals *= 2  # every evaluation above was a cond + uncond pair
@@ -706,6 +729,7 @@ class MSDDAPipeline:
             "width": width,
             "num_images": batch,
             "seed": seed,
+            "batch_models": batch_models,
             "seconds_total": time.perf_counter() - start,
         }
         logger.info("generated %d image(s) with %s in %.2fs (%s)", batch, method, out.seconds, out.cost)

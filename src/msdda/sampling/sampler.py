@@ -240,8 +240,12 @@ def sample(
     batch_models: evaluate the K models in one vmapped call (msdda.models.batched) when they are
     nn.Modules of one architecture: None (auto) batches when they can be stacked and sit on an accelerator
     (on CPU one by one is faster), else evaluates them one by one; True requires it (BatchingError says why
-    not); False never batches. Samples agree to float rounding; cost counts are the same. A step whose rule
-    selects a subset of the models evaluates just those, one by one, even when batching.
+    not); False never batches. Samples agree to float rounding; cost counts are the same. Denoisers that
+    batch themselves (msdda.models.batched.BatchesItself: the SD pipeline's LoRA objectives, one UNet call
+    for K adapters through peft's mixed-adapter batches, and its full UNets, vmapped) build their own
+    evaluator under the same three settings; it also takes the reference when the rule uses it, and a step
+    whose rule selects >= 2 of them. Otherwise a step whose rule selects a subset of the models evaluates
+    just those, one by one, even when batching.
     generator: one torch.Generator, or a list of B (one per sample: row b of x_T and of every step's noise
     comes from generator b, so sample b equals a single run with that generator). Rules that draw their
     own randomness from `ctx.generator` (DB-MPA-LS's model choice) get the first generator of a list.
@@ -280,7 +284,17 @@ def sample(
     else:
         x = x_T.to(dev)
     # Built from the unguided models: the batched evaluator applies guidance itself, on the stacked outputs.
-    batched = stack_for_sampling(models, batch_models, guidance_scale=guidance_scale, null_cond=null_cond)
+    # The reference is offered too when every full step needs it (denoisers that batch themselves, such as
+    # the SD pipeline's adapters of one UNet, then evaluate it in the same call).
+    batched = stack_for_sampling(
+        models,
+        batch_models,
+        guidance_scale=guidance_scale,
+        null_cond=null_cond,
+        reference=reference if rule.uses_reference else None,
+    )
+    with_reference = bool(getattr(batched, "includes_reference", False))
+    subsets = getattr(batched, "evaluate", None)  # evaluators that can run any subset of their members
     if guidance_scale is not None:
         if cond is None:
             raise StepRuleError("guidance_scale needs `cond` (and `null_cond` for the unconditional pass)")
@@ -302,13 +316,20 @@ def sample(
         t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
         return net(x_in, t_in, cond)
 
-    def evaluate_all(x_in: Tensor, timestep: int) -> list[Tensor]:
-        """All K models at (x_in, timestep): one batched call when possible, counted as K evaluations."""
-        if batched is None:
-            return [evaluate(k, x_in, timestep) for k in range(len(models))]
-        cost.model_evals += per_call * len(models)
-        t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
-        return batched(x_in, t_in, cond)
+    def evaluate_many(wanted: Sequence[int | None], x_in: Tensor, timestep: int) -> list[Tensor]:
+        """Models `wanted` (None: the reference) at (x_in, timestep), in that order, counted as one evaluation
+        each. Batched where the evaluator can: an evaluator with `evaluate` runs any >= 2 of its members in
+        one go (the reference among them when it joined the batch); the vmap path runs all K models only
+        (the reference then on its own). Everything else one by one."""
+        if batched is not None and subsets is not None and len(wanted) >= 2 and (with_reference or None not in wanted):
+            cost.model_evals += per_call * len(wanted)
+            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+            return list(subsets(x_in, t_in, cond, [num_models if k is None else k for k in wanted]))
+        if batched is not None and subsets is None and list(wanted[:num_models]) == list(range(num_models)):
+            cost.model_evals += per_call * num_models
+            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+            return [*batched(x_in, t_in, cond), *[evaluate(k, x_in, timestep) for k in wanted[num_models:]]]
+        return [evaluate(k, x_in, timestep) for k in wanted]
 
     def drawer(kernel_: GaussianKernel) -> Tensor:
         return noise.draw(kernel_, gen)
@@ -341,18 +362,20 @@ def sample(
             chosen = _selection(rule, select(ctx) if select is not None else None, num_models, reference)
             ctx.selected = chosen
             if chosen is None:
-                outputs: list[Tensor | None] = list(evaluate_all(x, t))
-                use_reference = bool(rule.uses_reference)
+                wanted: list[int | None] = [*range(num_models), *([None] if rule.uses_reference else [])]
             else:
-                outputs = [None] * num_models
-                for k in chosen:
-                    if k is not None:
-                        outputs[k] = evaluate(k, x, t)
-                use_reference = None in chosen
+                wanted = list(chosen)
+            outputs: list[Tensor | None] = [None] * num_models
+            reference_output = None
+            for k, out_k in zip(wanted, evaluate_many(wanted, x, t), strict=True):
+                if k is None:
+                    reference_output = out_k
+                else:
+                    outputs[k] = out_k
             ctx.outputs = outputs
             ctx.kernels = [None if o is None else ks.kernel(o, t, x, prev_timestep=prev_t) for o in outputs]
-            if use_reference:
-                ctx.reference_output = evaluate(None, x, t)
+            if reference_output is not None:
+                ctx.reference_output = reference_output
                 ctx.reference_kernel = ks.kernel(ctx.reference_output, t, x, prev_timestep=prev_t)
             kernel: GaussianKernel = rule(ctx)
             ctx.kernel = kernel
