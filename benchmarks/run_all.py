@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/run_all.py [--out runs/bench] [--quick]
 
 Runs, each in its own process: fusion cost vs one UNet forward; MSDDA sampling time for K = 2, 4 vs one
-model; batched vs sequential K-model evaluation; memory of LoRA objectives vs full UNet copies; cost of
-MSDDA vs CoDe and RGG next to the hypervolume each reaches. Writes the combined output to OUT/benchmarks.md.
+model; batched vs sequential K-model evaluation; memory of LoRA objectives vs full UNet copies; K LoRA
+objectives in one UNet call vs one by one; cost of MSDDA vs CoDe and RGG next to the hypervolume each
+reaches. Writes the combined output to OUT/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ SUITE = [
     ("MSDDA sampling time vs a single model", "bench_sampling.py", [], ["--steps", "10", "--repeats", "2"]),
     ("Batched vs sequential K-model evaluation", "bench_batched.py", [], []),
     ("LoRA objectives vs full UNet copies", "bench_sd_lora.py", [], ["--configs", "tiny", "--steps", "2"]),
+    (
+        "K LoRA objectives in one UNet call vs one by one",
+        "bench_sd_batched.py",
+        [],
+        ["--sizes", "tiny", "--repeats", "5"],
+    ),
     ("MSDDA vs CoDe and RGG: cost and hypervolume", "bench_methods.py", [], []),
 ]
 
@@ -38,8 +45,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def main() -> None:

@@ -190,7 +190,7 @@ def test_each_method_name_string_is_defined_in_exactly_one_module():
     folder_names = {"tasks/digits/bundle.py", "tasks/digits/training.py", "evaluation/digits_demo.py", "pipelines/cli.py"}
     where["base"] -= folder_names  # the digits base model's folder ("base") and the CLI's config key
     where["base"] -= {"pipelines/objectives.py", "evaluation/digits_variance.py"}  # reserved adapter name, a key
-    where["base"] -= {"cli.py", "pipelines/sd_task.py"}  # the sd task's option key (--base: the pipeline folder)
+    where["base"] -= {"cli.py", "pipelines/sd_task.py", "pipelines/sd_align.py"}  # the sd options key (--base)
     where["msdda"] -= {"cli.py"}  # the program's name (prog_name="msdda")
     where["step-rl"] -= {"cli.py", "tasks/digits/training.py", "tasks/gaussian.py", "evaluation/digits_demo.py", "pipelines/sd_align.py"}  # also the step-RL trainer's name
     bad = {n: sorted(m) for n, m in where.items() if len(m) != 1}

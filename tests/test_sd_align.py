@@ -371,3 +371,42 @@ def test_variance_head_trains_beside_the_lora_and_moves_only_the_variance(tiny, 
         _cli_args(tiny, tmp_path / "x", "--reward", "brightness", "--variance-head-buckets", "5"), capsys
     )
     assert code == 2 and "pass both" in text
+
+
+def test_variance_heads_make_msdda_differ_from_dbmpa_in_the_pipeline(tiny, tmp_path, capsys):
+    """Two LoRAs trained with --variance-head: their kernels' variances differ, so MSDDA's precision-weighted
+    fusion is not DB-MPA's average (DDIM eta 1); the same LoRAs without their heads give equal samples (the
+    fixed-variance theorem); one UNet call for both objectives equals two."""
+    import shutil
+
+    from msdda.models.variance_head import VARIANCE_HEAD_FILE
+    from msdda.pipelines.sd import MSDDAPipeline
+
+    dirs = {}
+    for name, reward, seed in (("a", "brightness", "0"), ("b", "jpeg-compressibility", "1")):
+        args = _cli_args(tiny, tmp_path / name, "--reward", reward, "--trainer", "step-rl", "--variance-head",
+                         "--lr", "5e-2", "--seed", seed)  # fmt: skip
+        code, text = _entry(args, capsys)
+        assert code == 0, text
+        dirs[name] = tmp_path / name
+    plain = {}
+    for name in dirs:  # the same LoRAs without their heads
+        plain[name] = tmp_path / f"{name}-plain"
+        plain[name].mkdir()
+        shutil.copy(dirs[name] / LORA_FILE, plain[name] / LORA_FILE)
+
+    def latents(objectives: dict, method: str, **kw) -> torch.Tensor:
+        with MSDDAPipeline(_base_pipe(tiny), objectives) as pipe:
+            out = pipe(PROMPTS[0], {"a": 0.5, "b": 0.5}, method=method, num_inference_steps=3, eta=1.0,
+                       guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+                       progress=False, **kw)  # fmt: skip
+        return out.images
+
+    with_heads = {m: latents(dirs, m) for m in ("msdda", "db-mpa")}
+    without = {m: latents(plain, m) for m in ("msdda", "db-mpa")}
+    assert float((without["msdda"] - without["db-mpa"]).abs().max()) < 1e-5  # fixed variance: the same rule
+    gap = float((with_heads["msdda"] - with_heads["db-mpa"]).abs().max())
+    assert gap > 1e-4, gap  # per-objective variances: MSDDA weighs each mean by its precision
+    batched = latents(dirs, "msdda", batch_models=True)
+    assert float((batched - with_heads["msdda"]).abs().max()) < 5e-5  # one UNet call = two, heads included
+    assert (dirs["a"] / VARIANCE_HEAD_FILE).is_file()

@@ -55,6 +55,8 @@ class Objective:
     name: the objective's name (a key of `weights`). kind: "lora" (an adapter inside the base UNet) or
     "unet" (a separate full UNet). adapter: the peft adapter name (LoRA only). unet: the full UNet
     (kind "unet" only). source: where it came from (a path, "adapter:<name>" or "module"), for records.
+    variance_head: the objective's `TimestepVarianceHead` when its LoRA folder holds variance_head.safetensors
+    (trained by `msdda align --task sd --variance-head`): its kernels then have a variance of their own.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Objective:
     source: str
     adapter: str | None = None
     unet: nn.Module | None = None
+    variance_head: nn.Module | None = None
 
 
 def check_objective_name(name: Any) -> str:
@@ -248,7 +251,8 @@ class UNetDenoiser:
     unet: the UNet2DConditionModel to call. adapter: the LoRA adapter to activate for the pass (None with a
     `switch`: the base weights, adapters disabled). cross_attention_kwargs: passed to every UNet call as
     diffusers does (e.g. {"scale": 0.5} scales the active LoRA adapter). The output has the UNet's
-    out_channels (the scheduler's prediction_type says whether it is epsilon, x0 or v).
+    out_channels (the scheduler's prediction_type says whether it is epsilon, x0 or v); with a
+    `variance_head` it is [B, 3C]: the prediction and the kernel offsets (d_mean = 0, the head's d_logvar(t)).
     """
 
     def __init__(
@@ -259,13 +263,24 @@ class UNetDenoiser:
         adapter: str | None = None,
         switch: AdapterSwitch | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        variance_head: nn.Module | None = None,
     ):
         self.unet = unet
         self.name = name
         self.adapter = adapter
         self.switch = switch
         self.cross_attention_kwargs = cross_attention_kwargs
+        self.variance_head = variance_head
         self.forwards = 0  # UNet forwards, counted in samples (a CFG pass of batch 2B counts 2B)
+
+    def finish(self, out: Tensor, t: Tensor) -> Tensor:
+        """The denoiser's output from the UNet's `out` at timesteps t: with a variance head, the kernel
+        offsets appended (the one place they are added, for the one-by-one and the batched calls alike)."""
+        if self.variance_head is None:
+            return out
+        from msdda.models.variance_head import with_variance_offsets
+
+        return with_variance_offsets(out, self.variance_head(t))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         if not isinstance(cond, Tensor):
@@ -276,9 +291,10 @@ class UNetDenoiser:
         self.forwards += x_t.shape[0]
         kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
         if self.switch is None:
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+            return self.finish(self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0], t)
         with self.switch.active(self.adapter):
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+            out = self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+        return self.finish(out, t)
 
     def batch_evaluator(
         self, members: Sequence[Any], *, required: bool, guidance_scale: float | None, null_cond: Any
@@ -599,7 +615,7 @@ class UNetBatch:
             )[0]
         for d in dens:
             d.forwards += rows
-        return self._guide(out.split(rows), x_t)
+        return self._guide([d.finish(o, t1) for d, o in zip(dens, out.split(rows), strict=True)], x_t)
 
     def _vmapped(self, mine: list[int], x_t: Tensor, t: Tensor, cond: Tensor, *, number: int) -> list[Tensor]:
         from msdda.models.batched import StackedDenoisers
@@ -612,7 +628,7 @@ class UNetBatch:
         outs = stacked(x1, t1, c1)
         for i in mine:
             self.members[i].forwards += x1.shape[0]
-        return self._guide(outs, x_t)
+        return self._guide([self.members[i].finish(o, t1) for i, o in zip(mine, outs, strict=True)], x_t)
 
     def _one(self, i: int, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """Member i on its own, exactly as the sequential path calls it."""
@@ -946,7 +962,17 @@ def resolve_objective(base_unet: nn.Module, name: str, source: Any) -> Objective
     if kind in ("unet", "pipeline"):
         return Objective(name=name, kind="unet", source=str(path), unet=load_full_unet(base_unet, path, name))
     load_lora(base_unet, path, name, name)
-    return Objective(name=name, kind="lora", source=str(path), adapter=name)
+    return Objective(name=name, kind="lora", source=str(path), adapter=name, variance_head=_variance_head_of(path))
+
+
+def _variance_head_of(path: Path) -> nn.Module | None:
+    """The variance head saved beside a LoRA (variance_head.safetensors in its folder), on the UNet's side of
+    the call; None when there is none."""
+    from msdda.models.variance_head import VARIANCE_HEAD_FILE, load_variance_head
+
+    folder = path if path.is_dir() else path.parent
+    head_file = folder / VARIANCE_HEAD_FILE
+    return load_variance_head(head_file).eval().requires_grad_(False) if head_file.is_file() else None
 
 
 # ----- rewarded soups ---------------------------------------------------------------------------------

@@ -412,7 +412,10 @@ class MSDDAPipeline:
             return UNetDenoiser(self.unet, name=REFERENCE, adapter=None, switch=self.switch)
         obj = self._objective(name)
         if obj.kind == "lora":
-            return UNetDenoiser(self.unet, name=name, adapter=obj.adapter, switch=self.switch)
+            head = obj.variance_head
+            if head is not None:
+                head = head.to(next(self.unet.parameters()).device)
+            return UNetDenoiser(self.unet, name=name, adapter=obj.adapter, switch=self.switch, variance_head=head)
         return UNetDenoiser(obj.unet, name=name)
 
     def _objective(self, name: str) -> Objective:
