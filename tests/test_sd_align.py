@@ -124,7 +124,7 @@ def test_lora_loads_in_diffusers_and_msdda_sample(trained, tiny, tmp_path, capsy
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(str(trained))
     ours = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert abs(ours - before).max() > 1e-3  # the adapter changes the images
+    assert abs(ours - before).max() > 3 / 255  # the adapter changes the images by more than the PNG rounding
     out = tmp_path / "sampled"
     code, text = _entry(
         ["sample", "--base", str(tiny["base"]), "--objective", f"bright={trained}", "--weights", "bright=1",
