@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
-from msdda.core.errors import UnsupportedSchedulerError  # noqa: E402
+from msdda.core.errors import ScheduleError, UnsupportedSchedulerError  # noqa: E402
 from msdda.core.schedule import KernelScheduler  # noqa: E402
 from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError  # noqa: E402
 from msdda.pipelines.pixart import MSDDAPixArtPipeline  # noqa: E402
@@ -42,7 +42,7 @@ PROMPT = "a red cube"
 STEPS = 3
 SCALE = 4.5
 SEQ = 8  # max_sequence_length of the tiny tokenizer
-RTOL = 1e-4  # measured: <= 3e-6 relative to diffusers (float32 vs our float64 kernel math)
+RTOL = 1e-4  # measured: ~3e-7 of max |x| against the references (float32 steps vs our float64 kernel math)
 CALL = {"num_inference_steps": STEPS, "output_type": "latent", "use_resolution_binning": False}
 CALL.update({"clean_caption": False, "max_sequence_length": SEQ, "progress": False})
 TARGETS = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_v", "proj_out")
@@ -91,7 +91,7 @@ def make_text_encoder() -> T5EncoderModel:
 def make_transformer(out_channels: int = 8, seed: int = 1, **kw) -> PixArtTransformer2DModel:
     torch.manual_seed(seed)
     config = {"num_attention_heads": 2, "attention_head_dim": 8, "cross_attention_dim": 16, **kw}
-    return PixArtTransformer2DModel(
+    model = PixArtTransformer2DModel(
         in_channels=4,
         out_channels=out_channels,
         num_layers=1,
@@ -100,6 +100,10 @@ def make_transformer(out_channels: int = 8, seed: int = 1, **kw) -> PixArtTransf
         caption_channels=16,
         **config,
     ).eval()
+    with torch.no_grad():  # a tamer output head: outputs of order 0.1-1 as a trained model's, so 20 steps stay finite
+        model.proj_out.weight.mul_(0.2)
+        model.proj_out.bias.mul_(0.2)
+    return model
 
 
 def make_vae() -> AutoencoderKL:
@@ -139,8 +143,8 @@ def make_lora(transformer, seed: int, targets=TARGETS, rank: int = 2, alpha: flo
     state = {}
     for name in targets:
         layer = transformer.get_submodule(name)
-        a = torch.randn(rank, layer.in_features, generator=g) * 0.5
-        b = torch.randn(layer.out_features, rank, generator=g) * 0.5
+        a = torch.randn(rank, layer.in_features, generator=g) * 0.2
+        b = torch.randn(layer.out_features, rank, generator=g) * 0.2
         if eps_only:
             c_out, c = transformer.config.out_channels, transformer.config.in_channels
             b[torch.arange(layer.out_features) % c_out >= c] = 0.0
@@ -322,7 +326,7 @@ def test_msdda_differs_from_dbmpa_when_variances_differ(tiny):
     ms = pipe(PROMPT, w, method="msdda", generator=torch.Generator().manual_seed(7), **CALL)
     db = pipe(PROMPT, w, method="db-mpa", generator=torch.Generator().manual_seed(7), **CALL)
     diff = float((ms.images - db.images).abs().max())
-    assert diff > 1e-2, diff  # measured ~0.4 (latents of size ~3)
+    assert diff > 1e-1, diff  # measured 3.6 on latents of max |x| ~30 (12%); equal variances give 4e-6
     assert ms.config["learned_variance"] and ms.config["exponents"] == {"a": 0.5, "b": 0.5}
 
 
@@ -444,7 +448,7 @@ def test_bad_calls_fail_before_denoising(tiny):
             ({"weights": {"a": 1.0}, "latents": torch.zeros(1, 4, 4, 4)}, PipelineError, "shape"),
             ({"weights": {"a": 1.0}, "output_type": "jpg"}, PipelineError, "output_type"),
             ({"weights": {"a": 1.0}, "use_resolution_binning": True}, PipelineError, "use_resolution_binning"),
-            ({"weights": {"a": 1.0}, "eta": 0.5}, Exception, "eta"),
+            ({"weights": {"a": 1.0}, "eta": 0.5}, ScheduleError, "DDIM only"),
         ]
         for kw, error, match in bad:
             args = {**CALL, **kw}
