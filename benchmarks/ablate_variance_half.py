@@ -81,6 +81,14 @@ def main() -> None:
     print("|---|" + "---|" * len(weights))
     for name, gaps in rows.items():
         print(f"| {name} | " + " | ".join(f"{gaps[w][0]:.4f} ({gaps[w][1]:.4f})" for w in weights) + " |")
+    # paired over the 18 states (the same states and optimum in both runs): full - mean-only, and how often full wins
+    print("\nmsdda (full) - msdda (mean-only), J* - J paired over states (mean, se, states where full is closer):")
+    for key, entry in full["rules"]["msdda"].items():
+        other = ablated["rules"]["msdda"][key]
+        d = torch.tensor([a["j_star_minus_j"] - b["j_star_minus_j"] for a, b in
+                          zip(entry["per_state"], other["per_state"], strict=True)])  # fmt: skip
+        w = entry["weights"]["ink"]
+        print(f"w={w:g}: {float(d.mean()):+.5f} ({float(d.std() / len(d) ** 0.5):.5f}), {int((d < 0).sum())}/{len(d)}")
 
     if not (args.full_run / "results.jsonl").exists():
         print(f"no {args.full_run}/results.jsonl: skipping the front comparison")

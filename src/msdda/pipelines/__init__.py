@@ -1,4 +1,4 @@
-"""Layer 7 ("faces"): Stable Diffusion through diffusers, with LoRA adapters or full UNets as objectives.
+"""Layer 7 ("faces"): Stable Diffusion and PixArt through diffusers, with LoRA adapters or full models as objectives.
 
 Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
 reward model is built, and their absence raises `MissingDependencyError` naming the install line.
@@ -13,6 +13,7 @@ from msdda.pipelines.errors import (
     RewardModelError,
 )
 from msdda.pipelines.objectives import AdapterSwitch, Objective, UNetDenoiser, build_lora_soup, check_lora_shapes
+from msdda.pipelines.pixart import MSDDAPixArtPipeline, MSDDAPixArtPipelineOutput
 from msdda.pipelines.sd import METHODS, MSDDAPipeline, MSDDAPipelineOutput
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "AdapterSwitch",
     "MSDDAPipeline",
     "MSDDAPipelineOutput",
+    "MSDDAPixArtPipeline",
+    "MSDDAPixArtPipelineOutput",
     "MissingDependencyError",
     "Objective",
     "ObjectiveError",
