@@ -83,7 +83,9 @@ def validate_reward_output(
     message names the offending batch indices and their values).
     """
     if not isinstance(values, Tensor):
-        raise error(f"reward {name!r} must return a torch.Tensor of shape [{batch_size}], got {type(values).__name__}")
+        raise error(
+            f"reward {name!r} must return a torch.Tensor of shape [{batch_size}], got {type(values).__name__}"
+        )
     if tuple(values.shape) != (batch_size,):
         raise error(
             f"reward {name!r} returned shape {list(values.shape)}, expected [{batch_size}] for a batch of "
@@ -140,7 +142,9 @@ class FunctionReward:
     differentiable: None takes the function's own attribute, else the default (see is_differentiable).
     """
 
-    def __init__(self, fn: Callable[[Tensor, Any], Tensor], name: str, differentiable: bool | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[Tensor, Any], Tensor], name: str, differentiable: bool | None = None
+    ) -> None:
         self.fn = fn
         self.name = name
         self.differentiable = is_differentiable(fn) if differentiable is None else bool(differentiable)

@@ -206,7 +206,9 @@ class KernelScheduler:
         a_t = _bc(self.alpha_bar(timestep), x_t)
         a_p = _bc(self.alpha_bar(prev_timestep), x_t)
         beta_t = 1 - a_t / a_p
-        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * _hi(x0) + ((a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)) * _hi(x_t)
+        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * _hi(x0) + (
+            (a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)
+        ) * _hi(x_t)
         var = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
         return mean.to(x_t.dtype), var.to(x_t.dtype)
 
@@ -500,7 +502,9 @@ def _bc(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _x0_eps(out: Tensor, x: Tensor, sqrt_a: Tensor, sqrt_1ma: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+def _x0_eps(
+    out: Tensor, x: Tensor, sqrt_a: Tensor, sqrt_1ma: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
     """x0_hat and eps_hat from a model output, in diffusers' operation order; sqrt(a_t), sqrt(1 - a_t) as `_bc`
     gives them (0-dim, or shaped to broadcast against [B, ...])."""
     if prediction_type == "epsilon":
