@@ -326,9 +326,18 @@ class GaussianEps(torch.nn.Module):
         return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s2 + 1 - ab)
 
 
-@pytest.mark.parametrize("rule", ["single", "msdda"])
-def test_sample_with_euler_ancestral_reproduces_diffusers_loop(rule):
-    s = EulerAncestralDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **SD)
+def _sampler(kind: str):
+    if kind == "euler_ancestral":
+        return EulerAncestralDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **SD)
+    return DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=1, **SD)
+
+
+@pytest.mark.parametrize(
+    ("kind", "rule"), list(itertools.product(["euler_ancestral", "sde-dpmsolver++"], ["single", "msdda"]))
+)
+def test_sample_reproduces_the_diffusers_loop(kind, rule):
+    # msdda.sample, unchanged, with the diffusers scheduler passed as is (integer timesteps)
+    s = _sampler(kind)
     models = [GaussianEps(0.5, 0.3, s.alphas_cumprod), GaussianEps(-1.0, 0.6, s.alphas_cumprod)]
     shape = (3, 2, 4, 4)
     step_rule = SingleModel(0) if rule == "single" else MSDDA([0.3, 0.7])
@@ -345,7 +354,7 @@ def test_sample_with_euler_ancestral_reproduces_diffusers_loop(rule):
         t_in = torch.full((shape[0],), int(t), dtype=torch.long)
         eps = sum(w * m(inp, t_in) for w, m in zip(weights, models, strict=True))
         x = s.step(eps, t, x, generator=g).prev_sample
-    assert torch.allclose(got, x, rtol=1e-4, atol=1e-5)
+    assert (got - x).abs().max().item() <= 1e-5 * x.abs().max().item()  # measured <= 3.8e-7 relative (float32)
     dbmpa = msdda.sample(models, s, DBMPA([0.3, 0.7]), shape=shape, num_inference_steps=15, seed=0, progress=False)
     if rule == "msdda":  # schedule-only variance: MSDDA and DB-MPA are the same sampler here
         assert torch.allclose(got, dbmpa.samples, atol=1e-5)

@@ -550,9 +550,7 @@ class SamplerKernelScheduler:
                 )
             )
         else:
-            if sc.get("rescale_betas_zero_snr"):
-                values["sigma_schedule"] = "mirrored"
-            custom = False
+            custom = False  # trained or zero-SNR betas need nothing more: set_timesteps uses the copied alpha-bar
         if eta is not None and kind != "flow_sde":
             raise ScheduleError(
                 f"eta applies to DDIM and flow-matching (its noise level) only; {name}'s variance is set by its "
@@ -561,8 +559,6 @@ class SamplerKernelScheduler:
         if kind != "flow_sde" and "beta_schedule" in sc:
             values.update(beta_schedule=sc["beta_schedule"], beta_start=sc["beta_start"], beta_end=sc["beta_end"])
         if custom:
-            values["sigma_schedule"] = "mirrored"
-        if kind != "flow_sde" and sc.get("trained_betas") is not None:
             values["sigma_schedule"] = "mirrored"
         cfg = SamplerKernelConfig(**values)
         timesteps = torch.as_tensor(scheduler.timesteps).detach().to("cpu", torch.float64)
