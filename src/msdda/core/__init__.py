@@ -16,6 +16,7 @@ from msdda.core.rewards import (
     reward_name,
     validate_reward_output,
 )
+from msdda.core.samplers import SamplerKernelConfig, SamplerKernelScheduler
 from msdda.core.schedule import (
     KernelScheduler,
     KernelSchedulerConfig,
@@ -32,6 +33,8 @@ __all__ = [
     "KernelScheduler",
     "KernelSchedulerConfig",
     "ReverseKernel",
+    "SamplerKernelConfig",
+    "SamplerKernelScheduler",
     "Reward",
     "RewardError",
     "ScheduleError",

@@ -12,4 +12,4 @@ class ScheduleError(MSDDAError):
 
 
 class UnsupportedSchedulerError(ScheduleError):
-    """The scheduler's reverse kernel is not implemented (only DDPM and DDIM are)."""
+    """The scheduler has no Gaussian reverse kernel here (DDPM, DDIM and the samplers of msdda.core.samplers do)."""

@@ -26,8 +26,10 @@ import torch
 from torch import Tensor
 
 from msdda.config import JSONConfig
+from msdda.core.betas import BETA_SCHEDULES, make_betas  # noqa: F401  (re-exported: msdda.core.schedule.make_betas)
 from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
 from msdda.core.kernel import ReverseKernel, compute_dtype
+from msdda.core.samplers import MIRRORED, SamplerKernelScheduler, unsupported_message
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 KERNEL_KINDS = ("ddpm", "ddim")
@@ -35,32 +37,8 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # diffusers clamps the posterior variance at this floor before taking logs; we match it.
 _VARIANCE_FLOOR = 1e-20
-
-
-def make_betas(
-    num_train_timesteps: int,
-    beta_schedule: str,
-    beta_start: float,
-    beta_end: float,
-    dtype: torch.dtype = torch.float64,
-) -> Tensor:
-    """The training betas [T] by diffusers' formulas (pass dtype=torch.float32 to match its rounding)."""
-    t = num_train_timesteps
-    if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, t, dtype=dtype)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, t, dtype=dtype) ** 2
-    if beta_schedule == "squaredcos_cap_v2":
-
-        def alpha_bar(s: float) -> float:
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        betas = [min(1 - alpha_bar((i + 1) / t) / alpha_bar(i / t), 0.999) for i in range(t)]
-        return torch.tensor(betas, dtype=dtype)
-    raise ScheduleError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
 
 
 @dataclass
@@ -437,10 +415,16 @@ class KernelScheduler:
         """Mirror a diffusers DDPMScheduler or DDIMScheduler (its config, alphas and current timesteps)."""
         name = type(scheduler).__name__
         kinds = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+        if name in MIRRORED:
+            raise UnsupportedSchedulerError(
+                f"{name} has no reverse kernel implemented; use DDPMScheduler or DDIMScheduler here: KernelScheduler "
+                f"mirrors DDPM/DDIM only; {name} is a sigma-table sampler, mirrored by "
+                "msdda.core.samplers.SamplerKernelScheduler.from_diffusers (as_kernel_scheduler and reverse_kernel "
+                "accept it directly)"
+            )
         if name not in kinds:
             raise UnsupportedSchedulerError(
-                f"{name} has no reverse kernel implemented; use DDPMScheduler or DDIMScheduler "
-                f"(e.g. DDIMScheduler.from_config(pipe.scheduler.config))"
+                unsupported_message(name) + " (e.g. DDIMScheduler.from_config(pipe.scheduler.config))"
             )
         sc = scheduler.config
         known = {f.name for f in dataclasses.fields(KernelSchedulerConfig)}
@@ -537,8 +521,24 @@ def _x0_eps(
     return x0, eps
 
 
-def as_kernel_scheduler(scheduler: Any, *, eta: float | None = None) -> KernelScheduler:
-    """Our KernelScheduler as is (eta overridden if given), or a diffusers DDPM/DDIM scheduler mirrored."""
+def as_kernel_scheduler(
+    scheduler: Any, *, eta: float | None = None, space: str | None = None
+) -> KernelScheduler | SamplerKernelScheduler:
+    """A kernel scheduler for `scheduler`: ours as is (eta overridden if given), or a diffusers scheduler mirrored.
+
+    DDPM/DDIM -> KernelScheduler. Euler ancestral, DPM-Solver++ (sde-dpmsolver++, order 1) and flow matching ->
+    SamplerKernelScheduler (msdda.core.samplers); eta is then flow matching's SDE noise level (required there:
+    its own step() is an ODE step). space: Euler ancestral's sample space. A mirrored diffusers Euler ancestral
+    scheduler defaults to "model_input" (x / sqrt(1 + sigma^2), what the model is fed): the msdda sampler, which
+    calls this function, feeds x_t to the model as is and draws x_T ~ N(0, I); reverse_kernel defaults to step()'s
+    own space instead. Other schedulers raise UnsupportedSchedulerError naming the class, why, and what to use.
+    """
+    if isinstance(scheduler, SamplerKernelScheduler):
+        return scheduler.with_options(eta=eta, space=space)
+    if type(scheduler).__name__ in MIRRORED:
+        return SamplerKernelScheduler.from_diffusers(scheduler, eta=eta, space=space or "model_input")
+    if space not in (None, "sample", "model_input"):
+        raise ScheduleError(f"space={space!r}; choose 'sample' or 'model_input' (they coincide for DDPM/DDIM)")
     ks = scheduler if isinstance(scheduler, KernelScheduler) else KernelScheduler.from_diffusers(scheduler)
     if eta is not None and ks.config.kind != "ddim":
         raise ScheduleError(
@@ -559,11 +559,12 @@ def as_kernel_scheduler(scheduler: Any, *, eta: float | None = None) -> KernelSc
 def reverse_kernel(
     scheduler: Any,
     model_output: Tensor,
-    timestep: int | Tensor,
+    timestep: int | float | Tensor,
     sample: Tensor,
     *,
     eta: float | None = None,
     use_clipped_model_output: bool = False,
+    space: str | None = None,
 ) -> ReverseKernel:
     """The Gaussian reverse kernel p(x_prev | x_t) that `scheduler.step()` would sample from.
 
@@ -571,9 +572,15 @@ def reverse_kernel(
     variance of the scheduler's variance type (DDPM fixed_large: beta_0); the sampler returns the mean there,
     so samples agree. Negative timesteps, and a DDIM scheduler without `set_timesteps`, raise ScheduleError.
 
-    scheduler: a KernelScheduler, or diffusers' DDPMScheduler / DDIMScheduler after `set_timesteps`.
-    eta: DDIM only (default: the KernelScheduler's config, 0 for diffusers as in its `step()`).
+    scheduler: a KernelScheduler or SamplerKernelScheduler, or diffusers' DDPMScheduler / DDIMScheduler /
+      EulerAncestralDiscreteScheduler / DPMSolverMultistepScheduler (sde-dpmsolver++, solver_order=1) /
+      FlowMatchEulerDiscreteScheduler (with eta = its SDE noise level) after `set_timesteps`.
+    eta: DDIM (default: the KernelScheduler's config, 0 for diffusers as in its `step()`), or flow matching's
+      noise level. space: Euler ancestral only; a diffusers scheduler defaults to step()'s own space ("sample":
+      `sample` and the kernel are the latents step() takes and returns), ours to its configured space.
     Returns a ReverseKernel: `.mean` [shape of sample], `.var` (0-dim or per element), `.pred_original_sample`.
     """
-    ks = as_kernel_scheduler(scheduler, eta=eta)
+    if type(scheduler).__name__ in MIRRORED:
+        space = space or "sample"
+    ks = as_kernel_scheduler(scheduler, eta=eta, space=space)
     return ks.kernel(model_output, timestep, sample, use_clipped_model_output=use_clipped_model_output)
