@@ -360,11 +360,25 @@ def test_sample_reproduces_the_diffusers_loop(kind, rule):
         assert torch.allclose(got, dbmpa.samples, atol=1e-5)
 
 
-def test_sample_refuses_fractional_timesteps_loudly():
-    s = EulerAncestralDiscreteScheduler(timestep_spacing="linspace", **SD)
-    model = GaussianEps(0.0, 1.0, s.alphas_cumprod)
-    with pytest.raises(ScheduleError, match="fractional and the msdda sampler passes integer ones"):
-        msdda.sample([model], s, SingleModel(0), shape=(1, 1, 2, 2), num_inference_steps=15, progress=False)
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_sample_runs_fractional_timesteps_as_the_diffusers_loop(spacing):
+    # linspace/trailing Euler schedules have fractional timesteps (and x_T's std in the model's input space is
+    # not 1): the sampler passes float timesteps to the models and scales x_T by the kernel's init_noise_sigma
+    s = EulerAncestralDiscreteScheduler(timestep_spacing=spacing, **SD)
+    models = [GaussianEps(0.5, 0.3, s.alphas_cumprod), GaussianEps(-1.0, 0.6, s.alphas_cumprod)]
+    shape = (3, 2, 4, 4)
+    got = msdda.sample(models, s, MSDDA([0.3, 0.7]), shape=shape, num_inference_steps=15, seed=0, progress=False)
+    s.set_timesteps(15)
+    # linspace: fractional timesteps; trailing: integer ones, but x_T's std in the model's space is not 1 either
+    assert bool((s.timesteps != s.timesteps.round()).any()) == (spacing == "linspace")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * s.init_noise_sigma
+    for t in s.timesteps:
+        inp = s.scale_model_input(x, t)
+        t_in = torch.full((shape[0],), float(t))
+        eps = 0.3 * models[0](inp, t_in) + 0.7 * models[1](inp, t_in)
+        x = s.step(eps, t, x, generator=g).prev_sample
+    assert (got.samples - x).abs().max().item() <= 1e-5 * x.abs().max().item()
 
 
 # ----- refusals and errors -----------------------------------------------------------------------------------------
@@ -454,3 +468,32 @@ def test_config_round_trip_and_mirrored_schedules_refuse_to_rebuild():
         as_kernel_scheduler(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=1))
     # DDPM/DDIM are untouched by the new dispatch
     assert isinstance(as_kernel_scheduler(DDPMScheduler()), KernelScheduler)
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact flow-matching velocity for data ~ N(mu, s2): x_t = (1 - sigma) x0 + sigma z, v = z - x0,
+    with sigma = t / 1000 (the model is called with the scheduler's float timesteps)."""
+
+    def __init__(self, mu: float, s2: float):
+        super().__init__()
+        self.mu, self.s2 = mu, s2
+
+    def forward(self, x, t, cond=None):
+        sig = (t.to(F64) / 1000).reshape(-1, *([1] * (x.dim() - 1)))
+        var = (1 - sig) ** 2 * self.s2 + sig**2
+        x0_hat = self.mu + (1 - sig) * self.s2 * (x.to(F64) - (1 - sig) * self.mu) / var
+        z_hat = (x.to(F64) - (1 - sig) * x0_hat) / sig
+        return (z_hat - x0_hat).to(x.dtype)
+
+
+def test_sample_runs_flow_matching_as_the_diffusers_ode_at_noise_level_zero():
+    # float timesteps (1000 sigma) reach the model; eta=0 is the ODE step, which diffusers' step() is
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    model = GaussianVelocity(0.5, 0.2)
+    shape = (4, 1, 3, 3)
+    got = msdda.sample([model], s, SingleModel(0), shape=shape, num_inference_steps=12, eta=0.0, seed=0, progress=False)
+    s.set_timesteps(12)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for t in s.timesteps:
+        x = s.step(model(x, torch.full((shape[0],), float(t))), t, x).prev_sample
+    assert (got.samples - x).abs().max().item() <= 1e-5 * x.abs().max().item()

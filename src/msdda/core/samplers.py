@@ -283,9 +283,7 @@ class SamplerKernelScheduler:
             shown = [round(v, 3) for v in self.timesteps.tolist()[:6]]
             fractional = bool((self.timesteps != self.timesteps.round()).any())
             hint = (
-                " This schedule's timesteps are fractional and the msdda sampler passes integer ones: use "
-                "timestep_spacing='leading' or 'trailing' (Euler ancestral), or the float-timestep sampler support "
-                "described in docs/method.md."
+                " This schedule's timesteps are fractional: pass them as floats (msdda.sample does), not rounded."
                 if fractional
                 else ""
             )

@@ -281,6 +281,9 @@ def sample(
         if shape is None:
             raise StepRuleError("pass `shape` or `x_T` to say what to sample")
         x = noise.randn(tuple(int(d) for d in shape), gen, dev, dtype)
+        sigma0 = float(getattr(ks, "init_noise_sigma", 1.0))  # x_T's std in the kernel's space (1 for DDPM/DDIM)
+        if sigma0 != 1.0:
+            x = x * sigma0
     else:
         x = x_T.to(dev)
     # Built from the unguided models: the batched evaluator applies guidance itself, on the stacked outputs.
@@ -304,7 +307,11 @@ def sample(
     per_call = 2 if guidance_scale is not None else 1
 
     trajectory = [x] if return_trajectory else None
-    timesteps = [int(t) for t in ks.timesteps]
+    # Integer timesteps stay ints (DDPM/DDIM, and models indexing tables by t); a schedule with fractional ones
+    # (Euler ancestral with linspace spacing, flow matching) passes them as floats, as diffusers does.
+    fractional = bool(torch.is_floating_point(ks.timesteps) and (ks.timesteps != ks.timesteps.round()).any())
+    timesteps = [float(t) if fractional else int(t) for t in ks.timesteps]
+    t_dtype = torch.float32 if fractional else torch.long
     cost = Cost()
 
     def evaluate(index: int | None, x_in: Tensor, timestep: int) -> Tensor:
@@ -313,7 +320,7 @@ def sample(
         if net is None:
             raise StepRuleError("this rule needs the reference model; pass `reference=` to sample()")
         cost.model_evals += per_call
-        t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+        t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=t_dtype)
         return net(x_in, t_in, cond)
 
     def evaluate_many(wanted: Sequence[int | None], x_in: Tensor, timestep: int) -> list[Tensor]:
@@ -323,11 +330,11 @@ def sample(
         (the reference then on its own). Everything else one by one."""
         if batched is not None and subsets is not None and len(wanted) >= 2 and (with_reference or None not in wanted):
             cost.model_evals += per_call * len(wanted)
-            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=t_dtype)
             return list(subsets(x_in, t_in, cond, [num_models if k is None else k for k in wanted]))
         if batched is not None and subsets is None and list(wanted[:num_models]) == list(range(num_models)):
             cost.model_evals += per_call * num_models
-            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=torch.long)
+            t_in = torch.full((x_in.shape[0],), timestep, device=x_in.device, dtype=t_dtype)
             return [*batched(x_in, t_in, cond), *[evaluate(k, x_in, timestep) for k in wanted[num_models:]]]
         return [evaluate(k, x_in, timestep) for k in wanted]
 
