@@ -27,11 +27,13 @@ process runs this function; rank 0 alone writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,8 @@ class SDAlignOptions(JSONConfig):
     dtype: the frozen weights' dtype (UNet, VAE, text encoder); the LoRA weights train in float32, as diffusers'
     training scripts do. device: "cpu", "cuda", "cuda:1", "mps". gradient_checkpointing: recompute the UNet's
     activations (diffusers' `enable_gradient_checkpointing`) and the reward pass of each chunk in backward, for
-    memory. scheduler / eta: the training kernels (DDIM with eta in (0, 1], or DDPM). height / width: training
+    memory. scheduler / eta: the training kernels (DDIM with eta in (0, 1], or DDPM; None: the family's, DDIM for
+    SD, DDPM with the learned variance for PixArt). height / width: training
     resolution in pixels (default: the UNet's sample size). reward_batch: candidates decoded and scored per
     chunk (bounds VAE / reward-model memory). allow_pickle: let a reward model load a pickle (trusted files only).
     variance_head: train a `TimestepVarianceHead` with the LoRA (a zero-initialised log-variance offset per
@@ -99,7 +102,7 @@ class SDAlignOptions(JSONConfig):
     dtype: str = "float32"
     device: str = "cpu"
     gradient_checkpointing: bool = False
-    scheduler: str = "ddim"
+    scheduler: str | None = None
     eta: float = 1.0
     height: int | None = None
     width: int | None = None
@@ -114,7 +117,7 @@ class SDAlignOptions(JSONConfig):
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise SDAlignError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise SDAlignError(f"scheduler={self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         eta = self.eta
         if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta):
@@ -177,8 +180,9 @@ def check_reward_weights(specs: Sequence[str], weights: Sequence[float] | None) 
     return w
 
 
-def check_base_folder(base: Any) -> Path:
-    """A local StableDiffusionPipeline folder (model_index.json of class StableDiffusionPipeline)."""
+def check_base_folder(base: Any, family: LoRAFamily | None = None) -> Path:
+    """A local pipeline folder of the family (SD: model_index.json of class StableDiffusionPipeline)."""
+    family = family or SD_FAMILY
     path = Path(str(base)).expanduser()
     index = path / "model_index.json"
     if not index.is_file():
@@ -190,8 +194,13 @@ def check_base_folder(base: Any) -> Path:
         cls_name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError) as exc:
         raise SDAlignError(f"--base {path}: cannot read model_index.json ({exc})") from None
-    if cls_name != "StableDiffusionPipeline":
-        raise SDAlignError(f"--base {path} holds a {cls_name or 'unknown'} pipeline; SD training needs SD 1.x / 2.x")
+    if cls_name not in family.pipeline_classes:
+        hint = {"sd": "SD 1.x / 2.x (StableDiffusionPipeline)", "pixart": "PixArt-alpha / Sigma"}[family.task]
+        other = [f.task for f in FAMILIES.values() if cls_name in f.pipeline_classes]
+        fix = f"; use --task {other[0]}" if other else ""
+        raise SDAlignError(
+            f"--base {path} holds a {cls_name or 'unknown'} pipeline; --task {family.task} needs {hint}{fix}"
+        )
     return path
 
 
@@ -221,58 +230,190 @@ def resolve_reward(spec: str, device: Any = "cpu", *, allow_pickle: bool = False
     return kind, load_reward_model(kind, path, device=device, **kwargs)
 
 
+# ----- model families: what differs between SD's UNet and PixArt's transformer -----------------------------
+
+
+class LoRAFamily:
+    """How one diffusers family is trained with a LoRA: which pipelines it loads, where the denoiser lives,
+    how adapters are injected, how prompts become per-row conditioning, how the model is called, which
+    kernels it trains on, and how the LoRA file is written. `SD_FAMILY` and `PIXART_FAMILY` are the two."""
+
+    task = "sd"
+    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
+    default_scheduler = "ddim"
+
+    def model(self, pipe: Any) -> nn.Module:
+        return pipe.unet
+
+    def inject(self, model: nn.Module, lora_config: Any) -> None:
+        model.add_adapter(lora_config, adapter_name=ADAPTER)  # diffusers' PeftAdapterMixin
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+        """{name: [P + 1, ...]}: row p the prompt texts[p]'s conditioning, row P the empty prompt's."""
+        cond, null = pipe.encode_prompt(texts, pipe.device, 1, True, None)
+        return {"embeds": torch.cat([cond, null[:1]]).to(self.model(pipe).dtype)}
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        return model(x_t, t, encoder_hidden_states=rows["embeds"], return_dict=False)[0]
+
+    def scheduler(self, pipe: Any, options: SDAlignOptions) -> Any:
+        from msdda.core.schedule import KernelScheduler
+        from msdda.pipelines.sd import own_scheduler
+
+        kind = options.scheduler or self.default_scheduler
+        return KernelScheduler.from_diffusers(
+            own_scheduler(pipe.scheduler, kind), eta=options.eta if kind == "ddim" else None
+        )
+
+    def save_lora(self, folder: Path, state: dict[str, Tensor], lora_config: Any) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=state, unet_lora_adapter_metadata=lora_config.to_dict(), safe_serialization=True
+        )
+
+
+class PixArtFamily(LoRAFamily):
+    """PixArt-alpha / Sigma: a transformer that predicts its own variance (learned_range), T5 conditioning with
+    an attention mask, alpha's resolution / aspect-ratio micro-conditions. Trained on DDPM kernels with the
+    learned variance by default, so the variance half adapts with the LoRA."""
+
+    task = "pixart"
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    default_scheduler = "ddpm"
+
+    def model(self, pipe: Any) -> nn.Module:
+        return pipe.transformer
+
+    def inject(self, model: nn.Module, lora_config: Any) -> None:
+        from msdda.pipelines.pixart import PeftHost
+
+        PeftHost(model).add_adapter(lora_config, ADAPTER)  # the transformer has no PeftAdapterMixin
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+        sigma = type(pipe).__name__ == "PixArtSigmaPipeline"
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            texts, True, negative_prompt="", device=pipe.device, clean_caption=False,
+            max_sequence_length=300 if sigma else 120,
+        )  # fmt: skip
+        dtype = self.model(pipe).dtype
+        table = {"embeds": torch.cat([embeds, neg[:1]]).to(dtype), "mask": torch.cat([mask, neg_mask[:1]])}
+        if getattr(self.model(pipe), "use_additional_conditions", False):  # alpha's micro-conditions, per row
+            n = len(texts) + 1
+            table["resolution"] = torch.tensor([height, width], dtype=dtype, device=pipe.device).repeat(n, 1)
+            table["aspect_ratio"] = torch.tensor([height / width], dtype=dtype, device=pipe.device).repeat(n, 1)
+        return table
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        added = {"resolution": rows.get("resolution"), "aspect_ratio": rows.get("aspect_ratio")}
+        return model(
+            x_t, encoder_hidden_states=rows["embeds"], encoder_attention_mask=rows["mask"], timestep=t,
+            added_cond_kwargs=added, return_dict=False,
+        )[0]  # fmt: skip
+
+    def scheduler(self, pipe: Any, options: SDAlignOptions) -> Any:
+        from msdda.core.schedule import KernelScheduler
+        from msdda.pipelines.pixart import pixart_scheduler
+
+        kind = options.scheduler or self.default_scheduler
+        own = pixart_scheduler(pipe.scheduler, self.model(pipe), kind)
+        return KernelScheduler.from_diffusers(own, eta=options.eta if kind == "ddim" else None)
+
+    def save_lora(self, folder: Path, state: dict[str, Tensor], lora_config: Any) -> None:
+        """diffusers' layout for a transformer LoRA ("transformer."-prefixed peft keys, the config in the
+        metadata), which `MSDDAPixArtPipeline` (and diffusers' loaders of transformer LoRAs) read."""
+        from safetensors.torch import save_file
+
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.to_dict().items()}
+        save_file({f"transformer.{k}": v for k, v in state.items()}, str(folder / LORA_FILE),
+                  metadata={"lora_adapter_metadata": json.dumps(config, default=str), "format": "pt"})  # fmt: skip
+
+
+SD_FAMILY = LoRAFamily()
+PIXART_FAMILY = PixArtFamily()
+FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, PIXART_FAMILY)}
+
+
 # ----- the denoisers and the reward the trainers see ---------------------------------------------------------
 
 
 class PromptIndexDenoiser(nn.Module):
-    """`(x_t [B, 4, h, w], t [B], cond = prompt indices [B]) -> eps` through a UNet, each row's prompt embeddings
-    looked up in `embeddings` [P + 1, L, D] (row P: the empty prompt).
+    """`(x_t [B, C, h, w], t [B], cond = prompt indices [B]) -> output` through a UNet or transformer, each row's
+    prompt conditioning looked up in `table` ({name: [P + 1, ...]}, row P: the empty prompt) and passed to the
+    model by `family.call`.
 
-    adapters: True for the policy (the UNet is a submodule: its LoRA weights are what trains); False for the
-    reference, which runs the same UNet with its adapters disabled and does not register it, so freezing the
+    adapters: True for the policy (the model is a submodule: its LoRA weights are what trains); False for the
+    reference, which runs the same model with its adapters disabled and does not register it, so freezing the
     reference (`requires_grad_(False)`) leaves the policy's adapters trainable. variance_head: the policy's
     `TimestepVarianceHead`; the output is then [B, 3C] (eps and kernel offsets, `with_variance_offsets`).
     """
 
     def __init__(
-        self, unet: nn.Module, embeddings: Tensor, *, adapters: bool, variance_head: nn.Module | None = None
+        self,
+        model: nn.Module,
+        table: dict[str, Tensor] | Tensor,
+        *,
+        adapters: bool,
+        variance_head: nn.Module | None = None,
+        family: LoRAFamily | None = None,
     ) -> None:
         super().__init__()
         if adapters:
-            self.unet = unet
+            self.unet = model
         else:
-            object.__setattr__(self, "_shared_unet", unet)
+            object.__setattr__(self, "_shared_unet", model)
         self.adapters = bool(adapters)
         self.variance_head = variance_head
-        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.family = family or SD_FAMILY
+        table = {"embeds": table} if isinstance(table, Tensor) else dict(table)
+        self.names = sorted(table)
+        for name in self.names:
+            self.register_buffer(f"cond_{name}", table[name], persistent=False)
 
     @property
     def model(self) -> nn.Module:
         return self.unet if self.adapters else self._shared_unet
 
+    def rows(self, cond: Tensor) -> dict[str, Tensor]:
+        first = getattr(self, f"cond_{self.names[0]}")
+        return {n: getattr(self, f"cond_{n}")[cond.to(first.device)] for n in self.names}
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         if not isinstance(cond, Tensor):
             raise SDAlignError(f"cond must be prompt indices [B], got {type(cond).__name__}")
-        unet = self.model
-        hidden = self.embeddings[cond.to(self.embeddings.device)]
+        model, rows = self.model, self.rows(cond)
         t = t.to(x_t.device)
         if self.adapters:
-            eps = unet(x_t, t, encoder_hidden_states=hidden, return_dict=False)[0]
+            out = self.family.call(model, x_t, t, rows)
             if self.variance_head is None:
-                return eps
-            return with_variance_offsets(eps, self.variance_head(t))
-        # The UNet's own gradient checkpointing would recompute these blocks in backward, when the adapters are
+                return out
+            return with_variance_offsets(out, self.variance_head(t))
+        # The model's own gradient checkpointing would recompute these blocks in backward, when the adapters are
         # enabled again (a different function); the reward chunk around this call is recomputed as a whole instead.
-        blocks = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        unet.disable_adapters()
-        for m in blocks:
-            m.gradient_checkpointing = False
-        try:
-            return unet(x_t, t, encoder_hidden_states=hidden, return_dict=False)[0]
-        finally:
+        blocks = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        with adapters_disabled(model):
             for m in blocks:
-                m.gradient_checkpointing = True
-            unet.enable_adapters()
+                m.gradient_checkpointing = False
+            try:
+                return self.family.call(model, x_t, t, rows)
+            finally:
+                for m in blocks:
+                    m.gradient_checkpointing = True
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model's peft LoRA layers off within the block (the base weights), on again after, also on error."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 class DecodedImageReward:
@@ -395,19 +536,17 @@ class SDAlignResult:
     variance_head: TimestepVarianceHead | None = None
 
 
-def _load_base(path: Path, options: SDAlignOptions) -> Any:
+def _load_base(path: Path, options: SDAlignOptions, family: LoRAFamily) -> Any:
     from msdda.pipelines._deps import dtype_kwargs, require
 
-    diffusers = require("diffusers", "msdda align --task sd")
-    require("peft", "msdda align --task sd")
-    kwargs = {
-        "use_safetensors": True,
-        "local_files_only": True,
-        "safety_checker": None,
-        "requires_safety_checker": False,
-        **dtype_kwargs(diffusers, getattr(torch, options.dtype)),
-    }
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    diffusers = require("diffusers", f"msdda align --task {family.task}")
+    require("peft", f"msdda align --task {family.task}")
+    cls_name = json.loads((path / "model_index.json").read_text())["_class_name"]
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if family is SD_FAMILY:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update(dtype_kwargs(diffusers, getattr(torch, options.dtype)))
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), **kwargs)
     try:
         pipe = pipe.to(local_device(options.device))  # "cuda" under torchrun: this process's own GPU
     except (RuntimeError, AssertionError) as exc:
@@ -434,14 +573,50 @@ def align_sd(
     reward may be a list of specs with `reward_weights` (one each): the LoRA then learns the step optimum of
     sum_k w_k r_k, the multi-objective step-level RL policy at those weights (the sweep's "step-rl" method).
     See the module docstring for what the folder holds and how training works."""
-    from diffusers import StableDiffusionPipeline
+    return _align_lora(SD_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights, options=options,
+                       resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
+def align_pixart(
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None = None,
+    options: SDAlignOptions | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    throttle: float = 0.0,
+) -> SDAlignResult:
+    """`align_sd` for a PixArt-alpha / Sigma folder: a LoRA on its transformer, trained on DDPM kernels with the
+    transformer's own learned variance (learned_range), so the policy's variance adapts with its mean; the
+    file loads in `MSDDAPixArtPipeline` (docs/learned_variance.md)."""
+    return _align_lora(PIXART_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
+                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
+def _align_lora(
+    family: LoRAFamily,
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None,
+    options: SDAlignOptions | None,
+    resume: bool,
+    progress: bool,
+    throttle: float,
+) -> SDAlignResult:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from msdda.core.schedule import KernelScheduler
-    from msdda.pipelines.sd import own_scheduler
-
     options = options or SDAlignOptions()
+    if options.scheduler is None:  # the family's kernels (validated with eta: DDIM needs eta > 0)
+        options = dataclasses.replace(options, scheduler=family.default_scheduler)
     options.validate()
     config.validate()
     if not config.lora:
@@ -451,12 +626,12 @@ def align_sd(
     if not specs or not all(isinstance(r, str) and r.strip() for r in specs):
         raise SDAlignError(f"reward must be a spec or a non-empty list of specs, got {reward!r:.80}")
     weights = check_reward_weights(specs, reward_weights)
-    base_path = check_base_folder(base)
+    base_path = check_base_folder(base, family)
     out = Path(out)
     ctx = get_context()
-    pipe = _load_base(base_path, options)
+    pipe = _load_base(base_path, options, family)
     resolved = [resolve_reward(r, pipe.device, allow_pickle=options.allow_pickle) for r in specs]
-    unet = pipe.unet
+    unet = family.model(pipe)  # the UNet or the transformer
     unet.requires_grad_(False)
     lora_config = LoraConfig(
         r=int(config.lora_rank),
@@ -467,7 +642,7 @@ def align_sd(
     )
     torch.manual_seed(int(config.seed))  # the adapter's initialisation (lora_B is zero: the policy starts at the base)
     try:
-        unet.add_adapter(lora_config, adapter_name=ADAPTER)
+        family.inject(unet, lora_config)
     except ValueError as exc:
         raise SDAlignError(f"cannot add LoRA adapters to targets {list(config.lora_targets)}: {exc}") from None
     for p in unet.parameters():  # the adapter trains in float32 whatever the frozen weights' dtype
@@ -476,21 +651,23 @@ def align_sd(
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
+    height = options.height or unet.config.sample_size * pipe.vae_scale_factor
+    width = options.width or unet.config.sample_size * pipe.vae_scale_factor
     with torch.no_grad():
-        cond_embeds, null_embeds = pipe.encode_prompt(texts, pipe.device, 1, True, None)
-    embeddings = torch.cat([cond_embeds, null_embeds[:1]]).to(unet.dtype)
+        table = family.encode(pipe, texts, height, width)
     head = None
+    if options.variance_head and family is not SD_FAMILY:
+        raise SDAlignError(
+            f"--variance-head is for fixed-variance models (SD); {family.task} predicts its own variance already"
+        )
     if options.variance_head:
         torch.manual_seed(int(config.seed))
         head = TimestepVarianceHead(
-            int(pipe.scheduler.config.num_train_timesteps), int(unet.config.out_channels), options.variance_head_buckets
+            int(pipe.scheduler.config.num_train_timesteps), int(unet.config.in_channels), options.variance_head_buckets
         ).to(pipe.device)
-    policy = PromptIndexDenoiser(unet, embeddings, adapters=True, variance_head=head)
-    reference = PromptIndexDenoiser(unet, embeddings, adapters=False)
-    kind_scheduler = own_scheduler(pipe.scheduler, options.scheduler)
-    scheduler = KernelScheduler.from_diffusers(kind_scheduler, eta=options.eta if options.scheduler == "ddim" else None)
-    height = options.height or unet.config.sample_size * pipe.vae_scale_factor
-    width = options.width or unet.config.sample_size * pipe.vae_scale_factor
+    policy = PromptIndexDenoiser(unet, table, adapters=True, variance_head=head, family=family)
+    reference = PromptIndexDenoiser(unet, table, adapters=False, family=family)
+    scheduler = family.scheduler(pipe, options)
     sample_shape = (unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     label = (
         resolved[0][0]
@@ -531,9 +708,7 @@ def align_sd(
     }
     tmp = out / ".lora.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=state, unet_lora_adapter_metadata=lora_config.to_dict(), safe_serialization=True
-    )
+    family.save_lora(tmp, state, lora_config)
     (tmp / LORA_FILE).replace(lora_file)  # the file appears whole or not at all
     umask = os.umask(0)
     os.umask(umask)
@@ -544,7 +719,7 @@ def align_sd(
     write_json_atomic(
         out / CONFIG_FILE,
         {
-            "task": "sd",
+            "task": family.task,
             "base": str(base_path),
             "reward": specs[0] if weights is None else specs,
             "reward_weights": weights,
@@ -580,6 +755,9 @@ __all__ = [
     "SDAlignError",
     "SDAlignOptions",
     "SDAlignResult",
+    "FAMILIES",
+    "LoRAFamily",
+    "align_pixart",
     "align_sd",
     "check_prompts",
     "check_reward_weights",
