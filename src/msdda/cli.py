@@ -274,8 +274,8 @@ def align(
     out: Path = typer.Option(..., help="Run directory: final model, train_log.jsonl, checkpoints/."),
     task: str = typer.Option(
         "digits",
-        help="digits (the shipped base), gaussian (a policy on the exact oracle) or sd (a LoRA on a Stable "
-        "Diffusion folder: needs --base and --prompt-file).",
+        help="digits (the shipped base), gaussian (a policy on the exact oracle), sd (a LoRA on a Stable "
+        "Diffusion folder: needs --base and --prompt-file) or pixart (a LoRA on a PixArt-alpha/Sigma folder).",
     ),
     reward: list[str] = typer.Option(
         ...,
@@ -386,10 +386,11 @@ def align(
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
     rewards = list(reward)
-    if task != "sd" and (len(rewards) != 1 or reward_weights is not None):
+    image_task = task in ("sd", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    if not image_task and (len(rewards) != 1 or reward_weights is not None):
         raise typer.BadParameter(
             f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
-            "rewards with --reward-weights are for --task sd"
+            "rewards with --reward-weights are for --task sd or pixart"
         )
     for value, option in ((beta, "--beta"), (lr, "--lr")):
         if value is not None:
@@ -441,11 +442,13 @@ def align(
         "--variance-head-buckets": variance_head_buckets,
         "--allow-pickle": allow_pickle or None,
     }
-    if task != "sd":
+    if not image_task:
         given = [k for k, v in sd_given.items() if v is not None]
         if given:
-            raise typer.BadParameter(f"{', '.join(given)} belong to --task sd; task {task!r} takes none of them")
-    if task == "sd":
+            raise typer.BadParameter(
+                f"{', '.join(given)} belong to --task sd (or pixart); task {task!r} takes none of them"
+            )
+    if image_task:
         for flag, value in (
             ("--lora", lora or None),
             ("--kernel-offsets", kernel_offsets or None),
@@ -474,6 +477,7 @@ def align(
             }
         )
         _align_sd(
+            task,
             out,
             base,
             rewards,
@@ -507,7 +511,9 @@ def align(
         _align_gaussian(out, reward, trainer, beta, seed, resume, overrides, quiet)
         return
     if task != "digits":
-        raise typer.BadParameter(f"task {task!r} is not available for training; use --task digits, gaussian or sd")
+        raise typer.BadParameter(
+            f"task {task!r} is not available for training; use --task digits, gaussian, sd or pixart"
+        )
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward
 
@@ -537,6 +543,7 @@ def align(
 
 
 def _align_sd(
+    task: str,
     out: Path,
     base: Path | None,
     rewards: list[str],
@@ -552,12 +559,15 @@ def _align_sd(
     throttle: float,
     sd_options: dict,
 ) -> None:
-    """`msdda align --task sd`: every option checked before the pipeline loads, then `align_sd`."""
+    """`msdda align --task sd|pixart`: every option checked before the pipeline loads, then `align_sd` /
+    `align_pixart`."""
     from msdda.alignment.errors import AlignmentError
     from msdda.pipelines.cli import _read_prompt_file
     from msdda.pipelines.sd_align import (
+        FAMILIES,
         SDAlignError,
         SDAlignOptions,
+        align_pixart,
         align_sd,
         check_base_folder,
         check_reward_weights,
@@ -566,10 +576,11 @@ def _align_sd(
     from msdda.pipelines.sd_task import SDTaskError
     from msdda.pipelines.sd_task import _check_reward_spec as check_sd_reward_spec
 
+    family = FAMILIES[task]
     if base is None:
-        raise typer.BadParameter("--task sd needs --base DIR: a local StableDiffusionPipeline folder")
+        raise typer.BadParameter(f"--task {task} needs --base DIR: a local {family.pipeline_classes[0]} folder")
     if prompt_file is None:
-        raise typer.BadParameter("--task sd needs --prompt-file FILE: the training prompts, one per line")
+        raise typer.BadParameter(f"--task {task} needs --prompt-file FILE: the training prompts, one per line")
     prompts = _read_prompt_file(prompt_file)
     specs = [r.strip() for r in rewards]
     weights = None
@@ -579,7 +590,7 @@ def _align_sd(
         except ValueError:
             raise typer.BadParameter(f"--reward-weights {reward_weights!r} must be numbers, e.g. 0.5,0.5") from None
     try:  # every option is checked here, before the pipeline loads: one error line naming the fix
-        check_base_folder(base)
+        check_base_folder(base, family)
         names = []
         for spec in specs:
             if "=" in spec or ":" not in spec:
@@ -590,12 +601,18 @@ def _align_sd(
         weights = check_reward_weights(specs, weights)
         name = names[0] if weights is None else "+".join(f"{w:g}*{n}" for n, w in zip(names, weights, strict=True))
         options = SDAlignOptions(**{k: v for k, v in sd_options.items() if v is not None and v is not False})
+        if options.scheduler is None:  # the family's kernels, checked with eta now
+            options = SDAlignOptions(**{**options.to_dict(), "scheduler": family.default_scheduler})
+        if sd_options.get("eta") is not None and options.scheduler != "ddim":
+            raise SDAlignError(
+                f"--eta sets DDIM's noise; the {options.scheduler} kernels take none (or pass --scheduler ddim)"
+            )
         cfg = sd_train_config(trainer, name, beta=beta, seed=seed, data_shards=data_shards, **overrides)
     except (SDAlignError, SDTaskError, AlignmentError) as exc:
         raise typer.BadParameter(str(exc)) from None
     check_output_dir(out)
     with _quiet_sd_loading(quiet):
-        result = align_sd(
+        result = (align_sd if task == "sd" else align_pixart)(
             base,
             specs[0] if weights is None else specs,
             prompts,

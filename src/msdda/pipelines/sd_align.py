@@ -619,6 +619,10 @@ def _align_lora(
         options = dataclasses.replace(options, scheduler=family.default_scheduler)
     options.validate()
     config.validate()
+    if options.variance_head and family is not SD_FAMILY:
+        raise SDAlignError(
+            f"--variance-head is for fixed-variance models (SD); {family.task} predicts its own variance already"
+        )
     if not config.lora:
         raise SDAlignError("SD training trains LoRA adapters only: pass a config with lora=True (sd_train_config)")
     texts = check_prompts(prompts)
@@ -656,10 +660,6 @@ def _align_lora(
     with torch.no_grad():
         table = family.encode(pipe, texts, height, width)
     head = None
-    if options.variance_head and family is not SD_FAMILY:
-        raise SDAlignError(
-            f"--variance-head is for fixed-variance models (SD); {family.task} predicts its own variance already"
-        )
     if options.variance_head:
         torch.manual_seed(int(config.seed))
         head = TimestepVarianceHead(
