@@ -27,8 +27,14 @@ def tiny_model(seed: int = 0) -> DigitsDenoiser:
 def tiny_base(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_base")
     sched = KernelScheduler(training_scheduler_config())
-    save_pretrained(tiny_model(), d, model_type=MODEL_TYPE, task="digits", architecture=TINY.to_dict(),
-                   scheduler=sched.config.to_dict())
+    save_pretrained(
+        tiny_model(),
+        d,
+        model_type=MODEL_TYPE,
+        task="digits",
+        architecture=TINY.to_dict(),
+        scheduler=sched.config.to_dict(),
+    )
     return d
 
 
@@ -36,3 +42,12 @@ def tiny_base(tmp_path_factory) -> Path:
 def _isolated_policy_cache(tmp_path_factory, monkeypatch) -> None:
     """Step-RL policies a user trained into ~/.cache/msdda must never leak into a test's results."""
     monkeypatch.setenv("MSDDA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "msdda-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (tiny models: threads cost more than they give), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -37,12 +37,7 @@ from msdda.pipelines.rewards import CLIP_MEAN, CLIP_STD, AestheticScorer, CLIPSi
 PROMPTS = ["a red cube", "a blue ball on a red cube"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 def gen(seed: int) -> torch.Generator:

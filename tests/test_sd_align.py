@@ -46,12 +46,7 @@ def recording_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return images.mean(dim=(1, 2, 3))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 @pytest.fixture(scope="module")

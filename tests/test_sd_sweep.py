@@ -19,9 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from msdda.cli import app  # noqa: E402
@@ -29,6 +28,7 @@ from msdda.evaluation.sweep import SweepConfig, Unit, run_unit, sample_image_pat
 from msdda.pipelines.rewards import brightness  # noqa: E402
 from msdda.pipelines.sd import MSDDAPipeline  # noqa: E402
 from msdda.pipelines.sd_task import SDTaskError, check_sd_options, sd_bundle  # noqa: E402
+from test_sd_pipeline import make_text_encoder, make_tokenizer, make_unet, make_vae, sd_scheduler  # noqa: E402
 
 PROMPTS = ["a red cube", "# a comment line", "", "a blue sphere"]
 STEPS = 2
@@ -37,84 +37,13 @@ ETA = 0.5  # DDIM with noise: every step draws from the generator, so noise equa
 ALL_METHODS = "base,msdda,db-mpa,db-mpa-ls,rewarded-soup,code"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _tokenizer(folder: Path) -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges), written to `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 def _components(root: Path) -> dict:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    ).eval()
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            projection_dim=16,
-        )
-    ).eval()
-    torch.manual_seed(2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=16,
-    ).eval()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
-    return dict(unet=unet, text_encoder=text_encoder, vae=vae, scheduler=scheduler, tokenizer=_tokenizer(root / "tok"))
+    """The tiny SD parts of test_sd_pipeline (same configs and seeds), DDIM with SD 1.5's settings."""
+    return dict(unet=make_unet(), text_encoder=make_text_encoder(), vae=make_vae(), scheduler=sd_scheduler("ddim"),
+                tokenizer=make_tokenizer(root / "tok"))  # fmt: skip
 
 
 def _save_lora(unet: torch.nn.Module, folder: Path, name: str, seed: int) -> Path:
