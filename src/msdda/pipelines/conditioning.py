@@ -45,8 +45,11 @@ class AddedConditions:
         if prompt_embeds.dim() != 3:
             raise PipelineError(f"prompt_embeds have shape {tuple(prompt_embeds.shape)}; expected [B, L, D]")
         b, _, width = prompt_embeds.shape
-        for what, value, dim in (("pooled text embeddings", text_embeds, self.text_embeds_dim),
-                                 ("time ids", time_ids, self.time_ids_dim)):  # fmt: skip
+        expected = (
+            ("pooled text embeddings", text_embeds, self.text_embeds_dim),
+            ("time ids", time_ids, self.time_ids_dim),
+        )
+        for what, value, dim in expected:
             if tuple(value.shape) != (b, dim):
                 raise PipelineError(
                     f"the {what} have shape {tuple(value.shape)}; this UNet needs {(b, dim)} (one row per image of "

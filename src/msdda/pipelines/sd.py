@@ -412,9 +412,10 @@ class MSDDAPipeline:
 
     def _check_alive(self) -> None:
         if self._released:
+            name = type(self).__name__
             raise PipelineError(
-                "this MSDDAPipeline was released (its adapters were removed from the UNet); build a new one, e.g. "
-                "MSDDAPipeline.from_pipe(base, objectives)"
+                f"this {name} was released (its adapters were removed from the UNet); build a new one, e.g. "
+                f"{name}.from_pipe(base, objectives)"
             )
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
