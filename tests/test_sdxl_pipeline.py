@@ -525,6 +525,16 @@ def test_sd_and_sdxl_pipelines_refuse_each_other(tiny):
     )
     with pytest.raises(PipelineError, match="is not an SDXL pipeline.*use msdda.pipelines.MSDDAPipeline"):
         MSDDAXLPipeline(sd, {})
+    # the refiner (an aesthetic score instead of the target size) and LCM UNets are refused too
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    refiner = StableDiffusionXLImg2ImgPipeline(**tiny.base("ddim").components, requires_aesthetics_score=True)
+    with pytest.raises(PipelineError, match="requires_aesthetics_score=True"):
+        MSDDAXLPipeline(refiner, {})
+    lcm = tiny.base("ddim")
+    lcm.unet.register_to_config(time_cond_proj_dim=8)
+    with pytest.raises(PipelineError, match="time_cond_proj_dim"):
+        MSDDAXLPipeline(lcm, {})
     # SDXL-only keywords given to MSDDAPipeline: a TypeError that points to MSDDAXLPipeline
     with pytest.raises(TypeError, match=r"\['prompt_2'\]; SDXL's keywords need msdda.pipelines.sdxl.MSDDAXLPipeline"):
         MSDDAPipeline(sd, {})(PROMPT, method="base", prompt_2="x", num_inference_steps=1)
