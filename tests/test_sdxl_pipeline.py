@@ -348,6 +348,18 @@ def test_callback_sees_the_sdxl_tensors_as_diffusers(tiny):
         )
 
 
+def test_guidance_rescale_and_lora_scale_match_diffusers(tiny):
+    pipe = tiny.pipeline("ddim")
+    ref = tiny.base("ddim")
+    ref.load_lora_weights(tiny.aes, adapter_name="aes")
+    kw = {"guidance_rescale": 0.7, "cross_attention_kwargs": {"scale": 0.5}, "eta": 0.5}
+    ours = run(pipe, {"aes": 1.0}, **kw).images
+    assert _max_diff(ours, diffusers_latents(ref, **kw)) < ATOL
+    assert _max_diff(ours, run(pipe, {"aes": 1.0}, eta=0.5).images) > 1e-3  # both settings matter
+    fused = run(pipe, {"aes": 0.5, "align": 0.3}, **kw)  # every model and the reference guided and rescaled
+    assert torch.isfinite(fused.images).all() and fused.cost.model_evals == STEPS * 2 * 3
+
+
 # ----- rules against each other -----------------------------------------------------------------------------
 
 

@@ -124,10 +124,8 @@ class MSDDAXLPipeline(MSDDAPipeline):
     _callback_tensor_inputs = (*_CALLBACK_TENSOR_INPUTS, "add_text_embeds", "add_time_ids")
 
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | None = None) -> None:
-        require("diffusers", "MSDDAXLPipeline")
-        _check_xl_base(base)  # before anything is built, so the conditions below can be read
-        self._conditions = _xl_conditions(base)
-        super().__init__(base, objectives, scheduler=scheduler)
+        super().__init__(base, objectives, scheduler=scheduler)  # checks the base first (_check_base)
+        self._conditions = _xl_conditions(self.base)  # the layout every UNet denoiser of this pipeline unpacks
 
     @classmethod
     def _check_base(cls, base: Any) -> None:
