@@ -314,6 +314,15 @@ def test_prompt_embeds_and_images_match(tiny):
     assert run(pipe, method="base", output_type="pil").images[0].size == (16, 16)
 
 
+def test_fp16_vae_is_upcast_while_decoding_as_diffusers(tiny):
+    half = copy.copy(tiny)
+    half.vae = copy.deepcopy(tiny.vae).half()  # config force_upcast=True: decoded in float32, then back
+    base = half.base("ddim")
+    ours = run(MSDDAXLPipeline(base, {}), method="base", output_type="np").images
+    assert base.vae.dtype == torch.float16 and ours.dtype == "float32"
+    assert abs(ours - diffusers_latents(half.base("ddim"), output_type="np")).max() < ATOL
+
+
 def test_callback_sees_the_sdxl_tensors_as_diffusers(tiny):
     pipe = tiny.pipeline("ddim")
     inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
