@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from msdda.pipelines._deps import dtype_kwargs, require
+from msdda.pipelines.conditioning import AddedConditions, unet_inputs
 from msdda.pipelines.errors import AdapterError, ObjectiveError
 from msdda.sampling.methods import SOUP_AVERAGES
 
@@ -248,6 +249,10 @@ def _is_tuner_layer(module: nn.Module) -> bool:
 class UNetDenoiser:
     """A Denoiser over latents: `(x_t [B, 4, h, w], t LongTensor [B], cond=prompt_embeds [B, L, D]) -> eps`.
 
+    conditions: for SDXL UNets, the layout of the pooled embeddings and time ids packed as trailing tokens of
+    `cond` (msdda.pipelines.conditioning.AddedConditions); they are unpacked into the UNet's
+    added_cond_kwargs right before each call. None (SD): cond is the prompt embeddings themselves.
+
     unet: the UNet2DConditionModel to call. adapter: the LoRA adapter to activate for the pass (None with a
     `switch`: the base weights, adapters disabled). cross_attention_kwargs: passed to every UNet call as
     diffusers does (e.g. {"scale": 0.5} scales the active LoRA adapter). The output has the UNet's
@@ -264,8 +269,10 @@ class UNetDenoiser:
         switch: AdapterSwitch | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         variance_head: nn.Module | None = None,
+        conditions: AddedConditions | None = None,
     ):
         self.unet = unet
+        self.conditions = conditions
         self.name = name
         self.adapter = adapter
         self.switch = switch
@@ -290,10 +297,11 @@ class UNetDenoiser:
             )
         self.forwards += x_t.shape[0]
         kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
+        kwargs.update(unet_inputs(self.conditions, cond))
         if self.switch is None:
-            return self.finish(self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0], t)
+            return self.finish(self.unet(x_t, t, return_dict=False, **kwargs)[0], t)
         with self.switch.active(self.adapter):
-            out = self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+            out = self.unet(x_t, t, return_dict=False, **kwargs)[0]
         return self.finish(out, t)
 
     def batch_evaluator(
@@ -357,6 +365,11 @@ def mixed_batch_problem(dens: Sequence[UNetDenoiser]) -> str | None:
     if unet.training:
         return "the UNet is in training mode (peft mixes adapters at inference only); call unet.eval()"
     for d in dens[1:]:
+        if d.conditions != first.conditions:
+            return (
+                f"objectives {first.name!r} and {d.name!r} unpack their conditions differently ({first.conditions!r} "
+                f"vs {d.conditions!r}); one UNet call takes one layout"
+            )
         if d.cross_attention_kwargs != first.cross_attention_kwargs:
             return (
                 f"objectives {first.name!r} and {d.name!r} pass different cross_attention_kwargs "
@@ -605,14 +618,9 @@ class UNetBatch:
         first = dens[0]
         kwargs = {"cross_attention_kwargs": first.cross_attention_kwargs} if first.cross_attention_kwargs else {}
         n = len(dens)
+        kwargs.update(unet_inputs(first.conditions, c1.repeat(n, *([1] * (c1.dim() - 1)))))
         with mixed_adapter_rows(first.switch, names):
-            out = first.unet(
-                x1.repeat(n, *([1] * (x1.dim() - 1))),
-                t1.repeat(n),
-                encoder_hidden_states=c1.repeat(n, *([1] * (c1.dim() - 1))),
-                return_dict=False,
-                **kwargs,
-            )[0]
+            out = first.unet(x1.repeat(n, *([1] * (x1.dim() - 1))), t1.repeat(n), return_dict=False, **kwargs)[0]
         for d in dens:
             d.forwards += rows
         return self._guide([d.finish(o, t1) for d, o in zip(dens, out.split(rows), strict=True)], x_t)
@@ -678,10 +686,11 @@ class _PlainUNet(nn.Module):
         super().__init__()
         self.unet = den.unet
         self.cross_attention_kwargs = dict(den.cross_attention_kwargs) if den.cross_attention_kwargs else None
+        self.conditions = den.conditions  # compared by can_stack like any plain attribute
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
-        return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+        return self.unet(x_t, t, return_dict=False, **kwargs, **unet_inputs(self.conditions, cond))[0]
 
 
 # ----- loading ----------------------------------------------------------------------------------------
@@ -903,7 +912,16 @@ def _load_peft_lora(unet: nn.Module, path: Path, adapter: str, objective: str) -
 
 
 def _check_unet_compatible(base: nn.Module, other: nn.Module, objective: str, source: str) -> None:
-    keys = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
+    # the addition_* keys: SDXL's pooled-embedding and time-id conditioning (None on SD 1.x / 2.x)
+    keys = (
+        "in_channels",
+        "out_channels",
+        "cross_attention_dim",
+        "sample_size",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+    )
     for key in keys:
         mine, theirs = base.config.get(key), getattr(other, "config", {}).get(key)
         if mine != theirs:

@@ -7,8 +7,9 @@ the initial latents exactly as diffusers does, wraps every objective as a Denois
 `(x_t, t, cond=prompt_embeds) -> eps`, runs `msdda.sampling.sample` with the chosen step rule, and
 decodes with the VAE exactly as diffusers does.
 
-SDXL is not supported: its UNet needs pooled text embeddings and time ids beside the prompt embeddings,
-which this pipeline's shared `cond` does not carry.
+SDXL has a pipeline of its own, `msdda.pipelines.sdxl.MSDDAXLPipeline`, built on this one: the few places
+where the model families differ (checking the base, assembling the diffusers pipeline, encoding the
+prompt, decoding) are the hook methods marked "family hook" below.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from msdda.errors import MSDDAError
 from msdda.models.batched import BatchingError
 from msdda.models.denoiser import combine_guidance
 from msdda.pipelines._deps import dtype_kwargs, require
+from msdda.pipelines.conditioning import AddedConditions
 from msdda.pipelines.errors import ObjectiveError, PipelineError, RewardModelError
 from msdda.pipelines.objectives import (
     AdapterSwitch,
@@ -132,25 +134,31 @@ class _RescaledGuidance:
 class _LatentReward:
     """Adapts a user reward to CoDe/RGG's `(x0_latents, cond) -> [B]` signature.
 
-    reward_input "image": the Tweedie latents are decoded by the VAE to images [B, 3, H, W] in [0, 1]
-    (differentiably, for RGG) and the reward is called as `reward(images, prompts)`.
+    reward_input "image": the Tweedie latents are decoded by `decode` (the pipeline's VAE decode, latents ->
+    images in [-1, 1]) to images [B, 3, H, W] in [0, 1] (differentiably, for RGG) and the reward is called as
+    `reward(images, prompts)`.
     reward_input "latent": the reward gets the latents [B, 4, h, w] themselves: `reward(latents, prompts)`.
     prompts: the list of B prompt strings (None when the call gave prompt_embeds).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], name: str, vae: nn.Module | None, prompts: list[str] | None):
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        name: str,
+        decode: Callable[[Tensor], Tensor] | None,
+        prompts: list[str] | None,
+    ):
         self.fn = fn
         self.name = name
-        self.vae = vae
+        self.decode = decode
         self.prompts = prompts
         self.differentiable = is_differentiable(fn)
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        if self.vae is None:
+        if self.decode is None:
             values = self.fn(x0, self.prompts)
         else:
-            latents = x0.to(self.vae.dtype) / self.vae.config.scaling_factor
-            images = self.vae.decode(latents, return_dict=False)[0]
+            images = self.decode(x0)
             values = self.fn((images / 2 + 0.5).clamp(0, 1), self.prompts)
         values = validate_reward_output(values, x0.shape[0], self.name, error=RewardModelError)
         return values.to(x0.dtype)
@@ -160,8 +168,9 @@ def _check_base(base: Any) -> None:
     name = type(base).__name__
     if "XL" in name or getattr(base, "text_encoder_2", None) is not None:
         raise PipelineError(
-            f"{name} is an SDXL pipeline; MSDDAPipeline supports StableDiffusionPipeline (SD 1.x / 2.x) only, "
-            "because SDXL's UNet needs pooled embeddings and time ids that the shared condition does not carry"
+            f"{name} is an SDXL pipeline; MSDDAPipeline supports StableDiffusionPipeline (SD 1.x / 2.x) only. "
+            "Use msdda.pipelines.sdxl.MSDDAXLPipeline (MSDDAXLPipeline(base, objectives) or "
+            "MSDDAXLPipeline.from_pipe(base, objectives)), which passes SDXL's pooled embeddings and time ids"
         )
     for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "encode_prompt", "prepare_latents"):
         if getattr(base, attr, None) is None:
@@ -189,29 +198,19 @@ def _signature_keys(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self", "requires_safety_checker"}
 
 
-def _own_pipeline(base: Any, scheduler: str | None) -> Any:
-    """A StableDiffusionPipeline holding the caller's modules (shared, not copied) and a scheduler of its own."""
-    diffusers = require("diffusers", "MSDDAPipeline")
-    components = base.components
-    safety_checker = components.get("safety_checker")
-    try:
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=base.unet,
-            scheduler=own_scheduler(base.scheduler, scheduler),
-            safety_checker=safety_checker,
-            feature_extractor=components.get("feature_extractor"),
-            image_encoder=components.get("image_encoder"),
-            # without a checker, False: the caller's pipeline already warned about it once
-            requires_safety_checker=safety_checker is not None and bool(base.config.get("requires_safety_checker", 1)),
-        )
-    except ImportError as exc:  # a package diffusers found installed but cannot import (e.g. a broken peft)
-        require(exc.name or "diffusers", "MSDDAPipeline")
-        raise
-    pipe.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
-    return pipe
+@dataclass
+class EncodedPrompt:
+    """A call's prompt encoding as the sampler takes it (see MSDDAPipeline._encode).
+
+    cond / null_cond: the condition of every row [B, L', D] and the negative one (None without guidance); for
+    SDXL the pooled embeddings and time ids are packed into them (msdda.pipelines.conditioning).
+    callback_tensors: what callback_on_step_end may ask for besides "latents", laid out as the diffusers
+    pipeline hands them to its callback (read-only).
+    """
+
+    cond: Tensor
+    null_cond: Tensor | None
+    callback_tensors: dict[str, Tensor | None]
 
 
 class MSDDAPipeline:
@@ -238,16 +237,20 @@ class MSDDAPipeline:
       cannot be called.
     """
 
+    _diffusers_class = "StableDiffusionPipeline"  # the diffusers pipeline this family wraps (from_pretrained, views)
+    _callback_tensor_inputs = _CALLBACK_TENSOR_INPUTS
+    _conditions: AddedConditions | None = None  # SDXL: the layout of the conditions packed into `cond`
+
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | None = None) -> None:
-        require("diffusers", "MSDDAPipeline")
-        _check_base(base)
+        require("diffusers", type(self).__name__)
+        self._check_base(base)
         if not isinstance(objectives, Mapping):
             raise ObjectiveError(
                 f"objectives must be a mapping name -> source, got {type(objectives).__name__}; e.g. "
                 "{'aesthetic': 'loras/aesthetic', 'alignment': 'loras/alignment'}"
             )
         self._origin = base  # the caller's pipeline: only its offload hooks are reset after a call
-        self.base = _own_pipeline(base, scheduler)
+        self.base = self._own_pipeline(base, scheduler)
         self.unet: nn.Module = self.base.unet
         self._restore_point = UNetRestorePoint(self.unet)
         self._added_adapters: list[str] = []
@@ -266,6 +269,34 @@ class MSDDAPipeline:
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
+    def _check_base(cls, base: Any) -> None:
+        """Family hook: refuse a base pipeline this family cannot wrap (PipelineError naming the fix)."""
+        _check_base(base)
+
+    @classmethod
+    def _assemble(cls, like: Any, components: Mapping[str, Any]) -> Any:
+        """Family hook: a new diffusers pipeline of this family from `components` (modules by name, shared, not
+        copied), with the non-module settings of pipeline `like`."""
+        diffusers = require("diffusers", cls.__name__)
+        keys = _signature_keys(diffusers.StableDiffusionPipeline)
+        kwargs = {k: components.get(k) for k in keys}
+        # without a checker, False: the caller's pipeline already warned about it once
+        requires = kwargs["safety_checker"] is not None and bool(like.config.get("requires_safety_checker", 1))
+        return diffusers.StableDiffusionPipeline(**kwargs, requires_safety_checker=requires)
+
+    @classmethod
+    def _own_pipeline(cls, base: Any, scheduler: str | None) -> Any:
+        """A pipeline of this family holding the caller's modules (shared, not copied) and a scheduler of its own."""
+        components = {**base.components, "scheduler": own_scheduler(base.scheduler, scheduler)}
+        try:
+            pipe = cls._assemble(base, components)
+        except ImportError as exc:  # a package diffusers found installed but cannot import (e.g. a broken peft)
+            require(exc.name or "diffusers", cls.__name__)
+            raise
+        pipe.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
+        return pipe
+
+    @classmethod
     def from_pretrained(
         cls,
         base: str | Path,
@@ -280,8 +311,9 @@ class MSDDAPipeline:
 
         dtype: e.g. torch.float16 on GPUs. base_kwargs go to `StableDiffusionPipeline.from_pretrained` (e.g.
         safety_checker=None). The objectives load in the base UNet's dtype and device.
+        (MSDDAXLPipeline: a StableDiffusionXLPipeline folder, loaded by its from_pretrained.)
         """
-        diffusers = require("diffusers", "MSDDAPipeline")
+        diffusers = require("diffusers", cls.__name__)
         path = Path(base).expanduser()
         index = path / "model_index.json"
         if not index.is_file():
@@ -290,14 +322,18 @@ class MSDDAPipeline:
                 "pipe.save_pretrained(folder) or download it first"
             )
         cls_name = json.loads(index.read_text()).get("_class_name", "")
-        if cls_name != "StableDiffusionPipeline":
+        if cls_name != cls._diffusers_class:
+            hint = {
+                "StableDiffusionPipeline": "; use MSDDAPipeline.from_pretrained for it",
+                "StableDiffusionXLPipeline": "; use msdda.pipelines.sdxl.MSDDAXLPipeline.from_pretrained for it",
+            }.get(cls_name, "")
             raise PipelineError(
-                f"{path} holds a {cls_name or 'unknown'} pipeline; MSDDAPipeline supports StableDiffusionPipeline "
-                "(SD 1.x / 2.x) only"
+                f"{path} holds a {cls_name or 'unknown'} pipeline; {cls.__name__} supports {cls._diffusers_class} "
+                f"folders only{hint}"
             )
         kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, **dtype_kwargs(diffusers, dtype)}
         kwargs.update(base_kwargs)
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        pipe = getattr(diffusers, cls._diffusers_class).from_pretrained(str(path), **kwargs)
         if device is not None:
             pipe = pipe.to(device)
         return cls(pipe, objectives, scheduler=scheduler)
@@ -315,12 +351,11 @@ class MSDDAPipeline:
         components: replacement modules by name (e.g. safety_checker=None, unet=my_unet), as diffusers'
           from_pipe takes them. `pipe` itself is not changed (see the class docstring for what is shared).
         """
-        diffusers = require("diffusers", "MSDDAPipeline")
         origin = pipe
         if isinstance(pipe, MSDDAPipeline):
             pipe._check_alive()
             origin, pipe = pipe._origin, pipe.base
-        _check_base(pipe)
+        cls._check_base(pipe)
         if scheduler is not None and not isinstance(scheduler, str):
             components["scheduler"], scheduler = scheduler, None
         if not components:
@@ -333,10 +368,7 @@ class MSDDAPipeline:
                     f"from_pipe got {unknown}, which are not components of {type(pipe).__name__} (it has "
                     f"{sorted(known)}); pass modules by component name, e.g. safety_checker=None"
                 )
-            keys = _signature_keys(diffusers.StableDiffusionPipeline)
-            merged = {k: v for k, v in {**pipe.components, **components}.items() if k in keys}
-            requires = merged.get("safety_checker") is not None and pipe.config.get("requires_safety_checker", True)
-            view = diffusers.StableDiffusionPipeline(**merged, requires_safety_checker=bool(requires))
+            view = cls._assemble(pipe, {**pipe.components, **components})
             view.set_progress_bar_config(**dict(getattr(pipe, "_progress_bar_config", {})))
             out = cls(view, objectives, scheduler=scheduler)
         out._origin = origin
@@ -380,9 +412,10 @@ class MSDDAPipeline:
 
     def _check_alive(self) -> None:
         if self._released:
+            name = type(self).__name__
             raise PipelineError(
-                "this MSDDAPipeline was released (its adapters were removed from the UNet); build a new one, e.g. "
-                "MSDDAPipeline.from_pipe(base, objectives)"
+                f"this {name} was released (its adapters were removed from the UNet); build a new one, e.g. "
+                f"{name}.from_pipe(base, objectives)"
             )
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -409,14 +442,20 @@ class MSDDAPipeline:
     def denoiser(self, name: str | None) -> UNetDenoiser:
         """The Denoiser for objective `name` (None or "reference": the base UNet, adapters disabled)."""
         if name is None or name == REFERENCE:
-            return UNetDenoiser(self.unet, name=REFERENCE, adapter=None, switch=self.switch)
+            return self._unet_denoiser(self.unet, name=REFERENCE, adapter=None, switch=self.switch)
         obj = self._objective(name)
         if obj.kind == "lora":
             head = obj.variance_head
             if head is not None:
                 head = head.to(next(self.unet.parameters()).device)
-            return UNetDenoiser(self.unet, name=name, adapter=obj.adapter, switch=self.switch, variance_head=head)
-        return UNetDenoiser(obj.unet, name=name)
+            return self._unet_denoiser(
+                self.unet, name=name, adapter=obj.adapter, switch=self.switch, variance_head=head
+            )
+        return self._unet_denoiser(obj.unet, name=name)
+
+    def _unet_denoiser(self, unet: nn.Module, **kwargs: Any) -> UNetDenoiser:
+        """A UNetDenoiser that unpacks this family's condition (SDXL: pooled embeddings and time ids)."""
+        return UNetDenoiser(unet, conditions=self._conditions, **kwargs)
 
     def _objective(self, name: str) -> Objective:
         if name not in self.objectives:
@@ -444,11 +483,11 @@ class MSDDAPipeline:
             raise PipelineError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise PipelineError(f"num_inference_steps={num_inference_steps!r}; it must be an integer >= 1")
-        bad_inputs = [k for k in callback_inputs if k not in _CALLBACK_TENSOR_INPUTS]
+        bad_inputs = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if bad_inputs:
             raise PipelineError(
                 f"callback_on_step_end_tensor_inputs {bad_inputs} are not supported; the callback can see "
-                f"{list(_CALLBACK_TENSOR_INPUTS)}"
+                f"{list(self._callback_tensor_inputs)}"
             )
 
     def _check_batch(
@@ -495,9 +534,10 @@ class MSDDAPipeline:
 
         callback_kwargs holds the requested `inputs`: "latents" x [B, 4, h, w] after the step, and as in
         diffusers' SD pipeline "prompt_embeds" ([negative; positive], [2B, L, D], with guidance, else [B, L, D])
-        and "negative_prompt_embeds" [B, L, D] (None without guidance). A returned "latents" replaces x; the
-        embeddings are read-only (returning them unchanged is fine). `pipeline.interrupt = True` (set by the
-        callback) ends the run after the current step.
+        and "negative_prompt_embeds" [B, L, D] (None without guidance); MSDDAXLPipeline adds SDXL's
+        "add_text_embeds" and "add_time_ids" (`embeds`: EncodedPrompt.callback_tensors). A returned "latents"
+        replaces x; the embeddings are read-only (returning them unchanged is fine). `pipeline.interrupt = True`
+        (set by the callback) ends the run after the current step.
         """
         if callback is None:
             return None
@@ -508,7 +548,7 @@ class MSDDAPipeline:
             new = out.get("latents", x)
             if not isinstance(new, Tensor) or new.shape != x.shape:
                 raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
-            for key in ("prompt_embeds", "negative_prompt_embeds"):
+            for key in embeds:
                 if key in out and out[key] is not embeds[key]:
                     same = isinstance(out[key], Tensor) and isinstance(embeds[key], Tensor)
                     if not (same and out[key].shape == embeds[key].shape and torch.equal(out[key], embeds[key])):
@@ -557,6 +597,7 @@ class MSDDAPipeline:
         progress: bool | None = None,
         return_dict: bool = True,
         batch_models: bool | None = None,
+        **family_kwargs: Any,
     ) -> MSDDAPipelineOutput | tuple[Any, list[bool] | None]:
         """Generate images for `prompt` (or `prompt_embeds`) under preference `weights`.
 
@@ -596,17 +637,22 @@ class MSDDAPipeline:
           always, BatchingError naming the reason where it cannot (merged or DoRA adapters, guidance_rescale,
           LoRA and full-UNet objectives together, ...); False: never. Images agree to float rounding;
           costs are counted the same.
+        family_kwargs: the keywords of a model family's own conditioning (MSDDAXLPipeline: prompt_2, pooled
+          embeddings, size conditioning); MSDDAPipeline takes none (TypeError).
         Returns MSDDAPipelineOutput, or with return_dict=False the tuple (images, nsfw_content_detected) as
         diffusers does. Raises before any denoising on bad names, weights, scheduler, shapes.
         """
         self._check_alive()
+        self._check_family_kwargs(family_kwargs)
         base = self.base
         # 1. check inputs
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         self._check_call(output_type, num_inference_steps, tensor_inputs)
         self._check_batch(prompt, prompt_embeds, num_images_per_prompt, latents, height, width, generator)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(
-            guidance_scale
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, int | float)
+            or not math.isfinite(guidance_scale)
         ):  # nan > 1 is False: a nan scale would silently turn guidance off
             raise PipelineError(f"guidance_scale={guidance_scale!r}; pass a finite number (<= 1 turns guidance off)")
         if (
@@ -631,7 +677,9 @@ class MSDDAPipeline:
         height = height or base.unet.config.sample_size * base.vae_scale_factor
         width = width or base.unet.config.sample_size * base.vae_scale_factor
         try:
-            base.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            self._check_prompt(
+                prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, family_kwargs
+            )
         except ValueError as exc:
             if isinstance(exc, PipelineError):
                 raise
@@ -651,7 +699,7 @@ class MSDDAPipeline:
             )
             self._check_plan(plan, kind, float(eta))
             # 3. encode the prompt
-            prompt_embeds, negative_prompt_embeds = base.encode_prompt(
+            encoded = self._encode(
                 prompt,
                 device,
                 num_images_per_prompt,
@@ -661,11 +709,15 @@ class MSDDAPipeline:
                 negative_prompt_embeds=negative_prompt_embeds,
                 lora_scale=attn_kwargs.get("scale") if attn_kwargs else None,
                 clip_skip=clip_skip,
+                height=height,
+                width=width,
+                family_kwargs=family_kwargs,
             )
+            cond, null_cond, dtype = encoded.cond, encoded.null_cond, encoded.cond.dtype
             # 4. prepare the latents exactly as diffusers does
-            batch = prompt_embeds.shape[0]
+            batch = cond.shape[0]
             channels = base.unet.config.in_channels
-            x_T = base.prepare_latents(batch, channels, height, width, prompt_embeds.dtype, device, generator, latents)
+            x_T = base.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
             # 5. denoise: every objective evaluated at the same latents, the planned rule at every step
             if progress is None:
                 progress = not getattr(base, "_progress_bar_config", {}).get("disable", False)
@@ -675,31 +727,26 @@ class MSDDAPipeline:
                     den.cross_attention_kwargs = attn_kwargs
             rescale = do_cfg and guidance_rescale > 0.0
             if rescale:  # guidance (and the rescale) applied here: the sampler runs the guided denoisers as given
-                null = negative_prompt_embeds
-                models = [_RescaledGuidance(m, guidance_scale, guidance_rescale, null) for m in models]
+                models = [_RescaledGuidance(m, guidance_scale, guidance_rescale, null_cond) for m in models]
                 if reference is not None:
-                    reference = _RescaledGuidance(reference, guidance_scale, guidance_rescale, null)
-            embeds = {
-                "prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
-                "negative_prompt_embeds": negative_prompt_embeds,
-            }
+                    reference = _RescaledGuidance(reference, guidance_scale, guidance_rescale, null_cond)
             start = time.perf_counter()
             out = sample(
                 models,
                 base.scheduler,
                 plan.rule,
                 x_T=x_T,
-                cond=prompt_embeds,
+                cond=cond,
                 reference=reference,
                 guidance_scale=guidance_scale if do_cfg and not rescale else None,
-                null_cond=negative_prompt_embeds,
+                null_cond=null_cond,
                 num_inference_steps=num_inference_steps,
                 eta=float(eta) if kind == "ddim" else None,
                 generator=generator,
                 device=device,
                 dtype=x_T.dtype,
                 progress=progress,
-                callback=self._step_callback(callback_on_step_end, tensor_inputs, embeds),
+                callback=self._step_callback(callback_on_step_end, tensor_inputs, encoded.callback_tensors),
                 noise=DiffusersNoise(),
                 final_step="sample" if final_noise else "mean",
                 batch_models=batch_models,
@@ -710,7 +757,7 @@ class MSDDAPipeline:
             store.release()
             self.switch.disable()
         # 6. decode
-        images, nsfw = self._decode(out.samples, output_type, device, prompt_embeds.dtype, generator)
+        images, nsfw = self._decode(out.samples, output_type, device, dtype, generator)
         free_hooks = getattr(self._origin, "maybe_free_model_hooks", None)
         if callable(free_hooks):
             free_hooks()  # the caller's offload hooks, as its own call would
@@ -733,6 +780,7 @@ class MSDDAPipeline:
             "num_images": batch,
             "seed": seed,
             "batch_models": batch_models,
+            **{k: v for k, v in family_kwargs.items() if not isinstance(v, Tensor)},  # e.g. SDXL's sizes
             "seconds_total": time.perf_counter() - start,
         }
         logger.info("generated %d image(s) with %s in %.2fs (%s)", batch, method, out.seconds, out.cost)
@@ -749,6 +797,68 @@ class MSDDAPipeline:
     def interrupt(self, value: bool) -> None:
         self._interrupt = bool(value)
 
+    # ----- family hooks of the call (MSDDAXLPipeline overrides them) --------------------------------------
+    def _check_family_kwargs(self, family_kwargs: Mapping[str, Any]) -> None:
+        """Family hook: refuse keywords this family does not take (SD takes none)."""
+        if family_kwargs:
+            raise TypeError(
+                f"{type(self).__name__}.__call__() got unexpected keyword argument(s) {sorted(family_kwargs)}"
+                + ("; SDXL's keywords need msdda.pipelines.sdxl.MSDDAXLPipeline" if "prompt_2" in family_kwargs else "")
+            )
+
+    def _check_prompt(
+        self,
+        prompt: Any,
+        height: int,
+        width: int,
+        negative_prompt: Any,
+        prompt_embeds: Tensor | None,
+        negative_prompt_embeds: Tensor | None,
+        family_kwargs: Mapping[str, Any],
+    ) -> None:
+        """Family hook: diffusers' own check of the prompt inputs (its ValueError becomes a PipelineError)."""
+        self.base.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+
+    def _encode(
+        self,
+        prompt: Any,
+        device: Any,
+        num_images_per_prompt: int,
+        do_cfg: bool,
+        negative_prompt: Any,
+        *,
+        prompt_embeds: Tensor | None,
+        negative_prompt_embeds: Tensor | None,
+        lora_scale: float | None,
+        clip_skip: int | None,
+        height: int,
+        width: int,
+        family_kwargs: Mapping[str, Any],
+    ) -> EncodedPrompt:
+        """Family hook: the prompt encoded by diffusers' encode_prompt, as the sampler's cond / null_cond."""
+        embeds, negative = self.base.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        callback = {
+            "prompt_embeds": torch.cat([negative, embeds]) if do_cfg else embeds,
+            "negative_prompt_embeds": negative,
+        }
+        return EncodedPrompt(embeds, negative, callback)
+
+    def _decode_latents(self, latents: Tensor) -> Tensor:
+        """Family hook: latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] by the VAE (differentiable; the
+        rewards of CoDe / RGG see these)."""
+        vae = self.base.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
     def _check_plan(self, plan: MethodPlan, kind: str, eta: float) -> None:
         for den in [*plan.models, *([plan.reference] if plan.uses_reference else [])]:
             p = next(den.unet.parameters())
@@ -761,7 +871,8 @@ class MSDDAPipeline:
             raise PipelineError("CoDe with DDIM and eta=0 draws identical candidates; pass eta>0 or use DDPM")
 
     def _decode(self, final: Tensor, output_type: str, device: Any, dtype: torch.dtype, generator: Any) -> tuple:
-        """The final latents as images (diffusers' VAE decode, safety checker and postprocessing)."""
+        """Family hook: the final latents as (images, nsfw flags) (diffusers' VAE decode, safety checker and
+        postprocessing)."""
         base = self.base
         if output_type == "latent":
             return final, None
@@ -792,8 +903,8 @@ class _ObjectiveStore:
         self.pipe = pipe
         self.objectives = list(pipe.objectives)
         self.aligned = {name: pipe.denoiser(name) for name in self.objectives}
-        vae = pipe.base.vae if reward_input == "image" else None
-        self.rewards = {k: _LatentReward(fn, k, vae, prompts) for k, fn in rewards.items()}
+        decode = pipe._decode_latents if reward_input == "image" else None
+        self.rewards = {k: _LatentReward(fn, k, decode, prompts) for k, fn in rewards.items()}
         self._soup_built = False
 
     @property
@@ -820,10 +931,10 @@ class _ObjectiveStore:
             self._soup_built = True
             pipe.switch.refresh()
             pipe.switch.disable()
-            return UNetDenoiser(pipe.unet, name=REWARDED_SOUP, adapter=SOUP_ADAPTER, switch=pipe.switch)
+            return pipe._unet_denoiser(pipe.unet, name=REWARDED_SOUP, adapter=SOUP_ADAPTER, switch=pipe.switch)
         if kinds == {"unet"}:
             unet_soup = build_unet_soup(pipe.unet, {k: pipe.objectives[k].unet for k in weights}, dict(weights))
-            return UNetDenoiser(unet_soup, name=REWARDED_SOUP)
+            return pipe._unet_denoiser(unet_soup, name=REWARDED_SOUP)
         raise PipelineError(
             f"{REWARDED_SOUP} mixes LoRA and full-UNet objectives ({sorted(weights)}); interpolate objectives of one "
             f"kind, or use method={MSDDA.name!r}"
