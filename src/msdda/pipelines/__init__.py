@@ -1,4 +1,5 @@
-"""Layer 7 ("faces"): Stable Diffusion and PixArt through diffusers, with LoRA adapters or full models as objectives.
+"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL) and PixArt through diffusers, with LoRA adapters or
+full models as objectives.
 
 Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
 reward model is built, and their absence raises `MissingDependencyError` naming the install line.
@@ -15,6 +16,7 @@ from msdda.pipelines.errors import (
 from msdda.pipelines.objectives import AdapterSwitch, Objective, UNetDenoiser, build_lora_soup, check_lora_shapes
 from msdda.pipelines.pixart import MSDDAPixArtPipeline, MSDDAPixArtPipelineOutput
 from msdda.pipelines.sd import METHODS, MSDDAPipeline, MSDDAPipelineOutput
+from msdda.pipelines.sdxl import MSDDAXLPipeline
 
 __all__ = [
     "METHODS",
@@ -24,6 +26,7 @@ __all__ = [
     "MSDDAPipelineOutput",
     "MSDDAPixArtPipeline",
     "MSDDAPixArtPipelineOutput",
+    "MSDDAXLPipeline",
     "MissingDependencyError",
     "Objective",
     "ObjectiveError",
