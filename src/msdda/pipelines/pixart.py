@@ -42,23 +42,20 @@ import torch
 from torch import Tensor, nn
 
 from msdda.core.errors import UnsupportedSchedulerError
-from msdda.core.rewards import is_differentiable, validate_reward_output
 from msdda.core.schedule import LEARNED_VARIANCE_TYPES, KernelScheduler, as_kernel_scheduler
 from msdda.errors import MSDDAError
 from msdda.models.denoiser import combine_guidance
 from msdda.pipelines._deps import dtype_kwargs, require
-from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError, RewardModelError
+from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError
 from msdda.pipelines.objectives import (
     AdapterSwitch,
     UNetRestorePoint,
-    build_lora_soup,
-    build_unet_soup,
     check_lora_shapes,
     check_objective_name,
 )
-from msdda.pipelines.sd import DiffusersNoise
+from msdda.pipelines.sd import DiffusersNoise, _ObjectiveStore
 from msdda.sampling import MSDDA, CoDe, Cost, StepContext, make_generator, sample
-from msdda.sampling.methods import REFERENCE, REWARDED_SOUP, MethodPlan, method_names, plan_method
+from msdda.sampling.methods import REFERENCE, MethodPlan, method_names, plan_method
 
 logger = logging.getLogger(__name__)
 
@@ -196,23 +193,6 @@ class _TextGuidance:
         both = self.null.cat(cond)
         out = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         return combine_guidance(out[b:], out[:b], self.scale, x_t.shape[1])
-
-
-class _LatentReward:
-    """A user reward as CoDe/RGG's `(x0_latents, cond) -> [B]`: on VAE-decoded images [B, 3, H, W] in [0, 1]
-    ("image", differentiably for RGG) or on the latents themselves ("latent"), called as reward(x, prompts)."""
-
-    def __init__(self, fn: Callable[..., Tensor], name: str, vae: nn.Module | None, prompts: list[str] | None):
-        self.fn, self.name, self.vae, self.prompts = fn, name, vae, prompts
-        self.differentiable = is_differentiable(fn)
-
-    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        if self.vae is None:
-            values = self.fn(x0, self.prompts)
-        else:
-            images = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            values = self.fn((images / 2 + 0.5).clamp(0, 1), self.prompts)
-        return validate_reward_output(values, x0.shape[0], self.name, error=RewardModelError).to(x0.dtype)
 
 
 # ----- adapters on a transformer without diffusers' PeftAdapterMixin -----------------------------------
@@ -1043,6 +1023,29 @@ class MSDDAPixArtPipeline:
         sch.set_timesteps(num_inference_steps)
         return int(sch.timesteps[-1])
 
+    # What the shared objective store (msdda.pipelines.sd._ObjectiveStore: soups, rewards) asks a pipeline.
+    _full_kind = "transformer"
+
+    @property
+    def _base_model(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def _adapter_host(self) -> Any:
+        return self.host
+
+    @staticmethod
+    def _full_model(obj: Any) -> nn.Module:
+        return obj.transformer
+
+    def _model_denoiser(self, model: nn.Module, **kwargs: Any) -> TransformerDenoiser:
+        return TransformerDenoiser(model, **kwargs)
+
+    def _decode_latents(self, latents: Tensor) -> Tensor:
+        """latents -> images in [-1, 1] by the VAE (differentiable; the rewards of CoDe / RGG see these)."""
+        vae = self.base.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
     def _decode(self, final: Tensor, output_type: str, binning: bool, width: int, height: int) -> Any:
         """The final latents as images, exactly as diffusers' PixArt pipelines decode them."""
         if output_type == "latent":
@@ -1052,79 +1055,3 @@ class MSDDAPixArtPipeline:
         if binning:
             image = self.base.image_processor.resize_and_crop_tensor(image, width, height)
         return self.base.image_processor.postprocess(image, output_type=output_type)
-
-
-class _ObjectiveStore:
-    """The pipeline's objectives as an `msdda.sampling.ObjectiveSet` for one call (denoisers, rewards and a
-    Rewarded-Soups builder whose temporary adapter `release()` removes again)."""
-
-    rgg_scale = 1.0
-
-    def __init__(
-        self,
-        pipe: MSDDAPixArtPipeline,
-        rewards: Mapping[str, Callable[..., Tensor]],
-        reward_input: str,
-        prompts: list[str] | None,
-    ) -> None:
-        if not isinstance(rewards, Mapping):
-            raise PipelineError(f"rewards must be a mapping name -> callable, got {type(rewards).__name__}")
-        if reward_input not in ("image", "latent"):
-            raise PipelineError(f"reward_input={reward_input!r}; choose 'image' or 'latent'")
-        self.pipe = pipe
-        self.objectives = list(pipe.objectives)
-        self.aligned = {name: pipe.denoiser(name) for name in self.objectives}
-        vae = pipe.base.vae if reward_input == "image" else None
-        self.rewards = {k: _LatentReward(fn, k, vae, prompts) for k, fn in rewards.items()}
-        self._soup_built = False
-
-    @property
-    def reference(self) -> TransformerDenoiser:
-        return self.pipe.denoiser(None)
-
-    def beta_of(self, objective: str) -> float:
-        return 1.0
-
-    def soup(self, weights: Mapping[str, float], average: str = "delta") -> TransformerDenoiser:
-        """Rewarded Soups: LoRA objectives as a temporary adapter (build_lora_soup: "delta" dW = sum_k w_k
-        B_k A_k exactly, or "factors"); full transformers as theta_base + sum_k w_k (theta_k - theta_base)."""
-        pipe = self.pipe
-        kinds = {pipe.objectives[k].kind for k in weights}
-        if kinds == {"lora"}:
-            adapters = {pipe.objectives[k].adapter: v for k, v in weights.items()}
-            build_lora_soup(pipe.host, adapters, SOUP_ADAPTER, average=average)
-            self._soup_built = True
-            pipe.switch.refresh()
-            pipe.switch.disable()
-            return TransformerDenoiser(pipe.transformer, name=REWARDED_SOUP, adapter=SOUP_ADAPTER, switch=pipe.switch)
-        if average == "factors":
-            raise PipelineError(
-                f"{REWARDED_SOUP} average='factors' averages LoRA factors; objectives {sorted(weights)} include full "
-                "transformers; use average='delta' (the parameter interpolation)"
-            )
-        if kinds == {"transformer"}:
-            mods = {k: pipe.objectives[k].transformer for k in weights}
-            return TransformerDenoiser(build_unet_soup(pipe.transformer, mods, dict(weights)), name=REWARDED_SOUP)
-        raise PipelineError(
-            f"{REWARDED_SOUP} mixes LoRA and full-transformer objectives ({sorted(weights)}); interpolate objectives "
-            f"of one kind, or use method={MSDDA.name!r}"
-        )
-
-    def release(self) -> None:
-        if self._soup_built:
-            self.pipe.switch.delete(SOUP_ADAPTER)
-            self._soup_built = False
-
-
-__all__ = [
-    "METHODS",
-    "MSDDAPixArtPipeline",
-    "MSDDAPixArtPipelineOutput",
-    "PeftHost",
-    "TextCondition",
-    "TransformerDenoiser",
-    "TransformerObjective",
-    "learns_variance",
-    "load_transformer_lora",
-    "pixart_scheduler",
-]

@@ -457,6 +457,26 @@ class MSDDAPipeline:
         """A UNetDenoiser that unpacks this family's condition (SDXL: pooled embeddings and time ids)."""
         return UNetDenoiser(unet, conditions=self._conditions, **kwargs)
 
+    # What the shared objective store (`_ObjectiveStore`: soups, rewards) asks a pipeline; PixArt's answers
+    # with its transformer.
+    _full_kind = "unet"  # Objective.kind of a full-model objective
+
+    @property
+    def _base_model(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def _adapter_host(self) -> Any:
+        """The module LoRA adapters are injected into (a temporary soup adapter too)."""
+        return self.unet
+
+    @staticmethod
+    def _full_model(obj: Any) -> nn.Module:
+        return obj.unet
+
+    def _model_denoiser(self, model: nn.Module, **kwargs: Any) -> Any:
+        return self._unet_denoiser(model, **kwargs)
+
     def _objective(self, name: str) -> Objective:
         if name not in self.objectives:
             raise ObjectiveError(
@@ -914,29 +934,30 @@ class _ObjectiveStore:
     def beta_of(self, objective: str) -> float:
         return 1.0
 
-    def soup(self, weights: Mapping[str, float], average: str = "delta") -> UNetDenoiser:
+    def soup(self, weights: Mapping[str, float], average: str = "delta") -> Any:
         """The Rewarded-Soups model for {objective: w}. LoRA objectives: a temporary adapter with
         average="delta" dW = sum_k w_k B_k A_k (exact) or "factors" (sum_k w_k B_k)(sum_k w_k A_k)
-        (see build_lora_soup); full-UNet objectives: theta_base + sum_k w_k (theta_k - theta_base)."""
+        (see build_lora_soup); full-model objectives: theta_base + sum_k w_k (theta_k - theta_base)."""
         pipe = self.pipe
         kinds = {pipe.objectives[k].kind for k in weights}
+        full = pipe._full_kind  # "unet" (SD, SDXL) or "transformer" (PixArt)
         if average == "factors" and kinds != {"lora"}:
             raise PipelineError(
                 f"{REWARDED_SOUP} average='factors' averages LoRA factors; objectives {sorted(weights)} include "
-                "full UNets; use average='delta' (the parameter interpolation)"
+                f"full {full}s; use average='delta' (the parameter interpolation)"
             )
         if kinds == {"lora"}:
             adapters = {pipe.objectives[k].adapter: v for k, v in weights.items()}
-            build_lora_soup(pipe.unet, adapters, SOUP_ADAPTER, average=average)
+            build_lora_soup(pipe._adapter_host, adapters, SOUP_ADAPTER, average=average)
             self._soup_built = True
             pipe.switch.refresh()
             pipe.switch.disable()
-            return pipe._unet_denoiser(pipe.unet, name=REWARDED_SOUP, adapter=SOUP_ADAPTER, switch=pipe.switch)
-        if kinds == {"unet"}:
-            unet_soup = build_unet_soup(pipe.unet, {k: pipe.objectives[k].unet for k in weights}, dict(weights))
-            return pipe._unet_denoiser(unet_soup, name=REWARDED_SOUP)
+            return pipe._model_denoiser(pipe._base_model, name=REWARDED_SOUP, adapter=SOUP_ADAPTER, switch=pipe.switch)
+        if kinds == {full}:
+            mods = {k: pipe._full_model(pipe.objectives[k]) for k in weights}
+            return pipe._model_denoiser(build_unet_soup(pipe._base_model, mods, dict(weights)), name=REWARDED_SOUP)
         raise PipelineError(
-            f"{REWARDED_SOUP} mixes LoRA and full-UNet objectives ({sorted(weights)}); interpolate objectives of one "
+            f"{REWARDED_SOUP} mixes LoRA and full-{full} objectives ({sorted(weights)}); interpolate objectives of one "
             f"kind, or use method={MSDDA.name!r}"
         )
 
