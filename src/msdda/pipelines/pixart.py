@@ -50,6 +50,7 @@ from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError
 from msdda.pipelines.objectives import (
     AdapterSwitch,
     UNetRestorePoint,
+    _refuse_pickle,
     check_lora_shapes,
     check_objective_name,
 )
@@ -262,14 +263,6 @@ class TransformerObjective:
     source: str
     adapter: str | None = None
     transformer: nn.Module | None = None
-
-
-def _refuse_pickle(path: Path, objective: str) -> None:
-    raise AdapterError(
-        f"objective {objective!r}: {path} is a pickled checkpoint; msdda never unpickles files (unpickling can "
-        "run arbitrary code). Convert it once to safetensors (safetensors.torch.save_file(torch.load(path, "
-        "weights_only=True), 'pytorch_lora_weights.safetensors')) and pass that file"
-    )
 
 
 def _classify(path: Path) -> str:
