@@ -152,7 +152,10 @@ def sample_command(
         "own generator, so each image equals the --seed run with that seed.",
     ),
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
-    scheduler: str = typer.Option("ddim", help="ddim | ddpm (rebuilt from the base's config) | keep."),
+    scheduler: str = typer.Option(
+        "ddim",
+        help="ddim | ddpm | euler-ancestral | sde-dpmsolver++ (first order), rebuilt from the base's config; or keep.",
+    ),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt for classifier-free guidance."),
     num_images: int = typer.Option(1, min=1, help="Images per prompt."),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's)."),
@@ -227,8 +230,10 @@ def sample_command(
     batch_choice = {"auto": None, "on": True, "off": False}
     if batch_models not in batch_choice:
         raise typer.BadParameter(f"--batch-models {batch_models!r}; choose auto, on or off")
-    if scheduler not in ("ddim", "ddpm", "keep"):
-        raise typer.BadParameter(f"--scheduler {scheduler!r}; choose ddim, ddpm or keep")
+    from msdda.pipelines.sd import SCHEDULERS
+
+    if scheduler not in (*SCHEDULERS, "keep"):
+        raise typer.BadParameter(f"--scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} or keep")
     needs_weights = spec.weighted
     if needs_weights and not weight_map:
         raise typer.BadParameter(f"--method {method} needs --weights NAME=W for the objectives")

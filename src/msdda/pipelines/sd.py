@@ -14,6 +14,7 @@ prompt, decoding) are the hook methods marked "family hook" below.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from msdda.core.errors import UnsupportedSchedulerError
 from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, validate_reward_output
-from msdda.core.schedule import KernelScheduler, as_kernel_scheduler
+from msdda.core.schedule import as_kernel_scheduler
 from msdda.errors import MSDDAError
 from msdda.models.batched import BatchingError
 from msdda.models.denoiser import combine_guidance
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 METHODS = tuple(method_names())  # the planner's registry (msdda.sampling.methods)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SOUP_ADAPTER = "msdda_rewarded_soup"
-SCHEDULERS = ("ddim", "ddpm")
+SCHEDULERS = ("ddim", "ddpm", "euler-ancestral", "sde-dpmsolver++")
 _CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 RewardCallable = Callable[[Tensor, Any], Tensor]
@@ -182,14 +183,26 @@ def _check_base(base: Any) -> None:
 
 
 def own_scheduler(scheduler: Any, kind: str | None) -> Any:
-    """A new scheduler built from `scheduler`'s config: DDIM or DDPM for kind "ddim" / "ddpm", the same class
-    for None. `scheduler` itself is never changed."""
+    """A new scheduler built from `scheduler`'s config: DDIM, DDPM, Euler ancestral or first-order
+    SDE-DPM-Solver++ for kind "ddim" / "ddpm" / "euler-ancestral" / "sde-dpmsolver++" (every one a Gaussian
+    step, msdda.core.samplers), the same class for None. `scheduler` itself is never changed."""
     diffusers = require("diffusers", "MSDDAPipeline")
-    classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}
+    classes = {
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "ddpm": (diffusers.DDPMScheduler, {}),
+        "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
+        # first order: a multistep history would make the kernel depend on earlier steps (docs/method.md)
+        "sde-dpmsolver++": (
+            diffusers.DPMSolverMultistepScheduler,
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 1},
+        ),
+    }
     if kind is not None and kind not in classes:
         raise PipelineError(f"scheduler={kind!r}; choose one of {SCHEDULERS} (or None to keep the base's)")
-    cls = type(scheduler) if kind is None else classes[kind]
-    return cls.from_config(scheduler.config)
+    if kind is None:
+        return type(scheduler).from_config(scheduler.config)
+    cls, overrides = classes[kind]
+    return cls.from_config(scheduler.config, **overrides)
 
 
 def _signature_keys(cls: type) -> set[str]:
@@ -488,14 +501,16 @@ class MSDDAPipeline:
     # ----- the call -----------------------------------------------------------------------------------
     def _check_scheduler(self, eta: float) -> str:
         """The base scheduler's kind; an eta it cannot take raises the sampler's own ScheduleError."""
+        probe = copy.deepcopy(self.base.scheduler)  # sigma-table schedulers mirror only with their timesteps set
+        probe.set_timesteps(2)
         try:
-            kind = KernelScheduler.from_diffusers(self.base.scheduler).config.kind
+            kind = as_kernel_scheduler(probe).config.kind
         except UnsupportedSchedulerError as exc:
             raise UnsupportedSchedulerError(
-                f"{exc}; or build the pipeline with scheduler='ddim' / 'ddpm' (MSDDAPipeline(base, objectives, "
+                f"{exc}; or build the pipeline with one of scheduler={SCHEDULERS} (MSDDAPipeline(base, objectives, "
                 "scheduler='ddim'))"
             ) from None
-        as_kernel_scheduler(self.base.scheduler, eta=None if kind == "ddpm" and eta == 0.0 else eta)
+        as_kernel_scheduler(probe, eta=None if kind != "ddim" and eta == 0.0 else eta)
         return kind
 
     def _check_call(self, output_type: str, num_inference_steps: Any, callback_inputs: Sequence[str]) -> None:
@@ -738,6 +753,14 @@ class MSDDAPipeline:
             batch = cond.shape[0]
             channels = base.unet.config.in_channels
             x_T = base.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
+            # The kernels' space may differ from step()'s (Euler ancestral: x / sqrt(1 + sigma^2), what the UNet
+            # is fed), and Euler's init_noise_sigma depends on the schedule: the same draw z, at the std of x_T
+            # in the kernels' space (a copy of the scheduler is set; the pipeline's own is left as it is).
+            timed = copy.deepcopy(base.scheduler)
+            timed.set_timesteps(num_inference_steps)
+            ks_sigma = float(getattr(as_kernel_scheduler(timed), "init_noise_sigma", 1.0))
+            if ks_sigma != float(base.scheduler.init_noise_sigma):
+                x_T = x_T * (ks_sigma / float(base.scheduler.init_noise_sigma))
             # 5. denoise: every objective evaluated at the same latents, the planned rule at every step
             if progress is None:
                 progress = not getattr(base, "_progress_bar_config", {}).get("disable", False)
