@@ -88,4 +88,7 @@ def test_cli_samples_with_euler_ancestral(tiny, tmp_path):
     assert json.loads((out / "config.json").read_text())["scheduler"] == "EulerAncestralDiscreteScheduler"
     bad = CliRunner().invoke(app, [*args[:-3], "--scheduler", "pndm", "--out", str(tmp_path / "x")])
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", bad.output).split())
-    assert bad.exit_code == 2 and "'pndm'; choose one of ddim, ddpm, euler-ancestral, sde-dpmsolver++" in flat
+    assert (
+        bad.exit_code == 2
+        and "'pndm'; StableDiffusionPipeline takes one of ddim, ddpm, euler-ancestral, sde-dpmsolver++" in flat
+    )

@@ -127,8 +127,42 @@ def _atomic_write_image(path: Path, image: Any) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+# The msdda pipeline for each diffusers pipeline class a --base folder can hold (its model_index.json):
+# (module, class name).
+FAMILY_PIPELINES: dict[str, tuple[str, str]] = {
+    "StableDiffusionPipeline": ("msdda.pipelines.sd", "MSDDAPipeline"),
+    "StableDiffusionXLPipeline": ("msdda.pipelines.sdxl", "MSDDAXLPipeline"),
+    "PixArtAlphaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
+    "PixArtSigmaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
+}
+
+
+def _family_pipeline(base: Path) -> tuple[Any, str]:
+    """(the msdda pipeline class, the diffusers class name) for the folder `base`; SD's when model_index.json
+    is missing or unreadable (its from_pretrained then says what is wrong)."""
+    try:
+        name = json.loads((Path(base) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    module, cls = FAMILY_PIPELINES.get(name, FAMILY_PIPELINES["StableDiffusionPipeline"])
+    return getattr(importlib.import_module(module), cls), name
+
+
+def _pixart_call_options(pipe: Any) -> dict[str, Any]:
+    """PixArt's resolution binning where its transformer's size has aspect-ratio bins (diffusers' default), off
+    where it has none (small or custom models)."""
+    from msdda.pipelines.pixart import _aspect_bins
+
+    bins = _aspect_bins(type(pipe.base).__name__, int(pipe.transformer.config.sample_size))
+    return {"use_resolution_binning": bins is not None}
+
+
 def sample_command(
-    base: Path = typer.Option(..., help="Local diffusers StableDiffusionPipeline folder (model_index.json)."),
+    base: Path = typer.Option(
+        ...,
+        help="Local diffusers pipeline folder (model_index.json): Stable Diffusion 1.x / 2.x, SDXL or "
+        "PixArt-alpha / Sigma; the matching msdda pipeline is chosen from its class.",
+    ),
     objective: list[str] = typer.Option(
         [], help="NAME=PATH: a LoRA (diffusers or peft format, safetensors) or a full-UNet folder; repeatable."
     ),
@@ -142,7 +176,11 @@ def sample_command(
         None, help="A method name (`msdda methods` lists them; default msdda). Reward-guided ones need Python."
     ),
     steps: int = typer.Option(50, min=1, max=1000, help="Denoising steps."),
-    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance per objective (<= 1: off)."),
+    guidance_scale: float | None = typer.Option(
+        None,
+        help="Classifier-free guidance per objective (<= 1: off). Default: the family's, as diffusers' (SD 7.5, "
+        "SDXL 5.0, PixArt 4.5).",
+    ),
     seed: int | None = typer.Option(
         None, callback=_seed, help="Seed of the one torch.Generator (CPU) used for all randomness (default 0)."
     ),
@@ -152,9 +190,10 @@ def sample_command(
         "own generator, so each image equals the --seed run with that seed.",
     ),
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
-    scheduler: str = typer.Option(
-        "ddim",
-        help="ddim | ddpm | euler-ancestral | sde-dpmsolver++ (first order), rebuilt from the base's config; or keep.",
+    scheduler: str | None = typer.Option(
+        None,
+        help="ddim | ddpm | euler-ancestral | sde-dpmsolver++ (first order; SD 1.x / 2.x), rebuilt from the base's "
+        "config, or keep. Default: ddim (SD, SDXL); ddpm with the learned variance (PixArt).",
     ),
     negative_prompt: str | None = typer.Option(None, help="Negative prompt for classifier-free guidance."),
     num_images: int = typer.Option(1, min=1, help="Images per prompt."),
@@ -186,7 +225,6 @@ def sample_command(
     import torch
 
     from msdda.errors import MSDDAError
-    from msdda.pipelines.sd import MSDDAPipeline
 
     objectives = _parse_pairs(objective, "--objective", number=False)
     weight_map = _parse_pairs(weights, "--weights", number=True)
@@ -230,10 +268,25 @@ def sample_command(
     batch_choice = {"auto": None, "on": True, "off": False}
     if batch_models not in batch_choice:
         raise typer.BadParameter(f"--batch-models {batch_models!r}; choose auto, on or off")
-    from msdda.pipelines.sd import SCHEDULERS
+    pipeline_class, family = _family_pipeline(base)
+    pixart = pipeline_class.__name__ == "MSDDAPixArtPipeline"
+    from msdda.pipelines import pixart as pixart_module
+    from msdda.pipelines import sd as sd_module
 
-    if scheduler not in (*SCHEDULERS, "keep"):
-        raise typer.BadParameter(f"--scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)} or keep")
+    choices = pixart_module.SCHEDULERS if pixart else sd_module.SCHEDULERS
+    if pipeline_class.__name__ == "MSDDAXLPipeline":
+        choices = ("ddim", "ddpm")  # the Gaussian samplers tested on SDXL
+    if scheduler is None:
+        scheduler = "ddpm" if pixart else "ddim"
+    if guidance_scale is None:
+        guidance_scale = {"MSDDAXLPipeline": 5.0, "MSDDAPixArtPipeline": 4.5}.get(pipeline_class.__name__, 7.5)
+    if scheduler not in (*choices, "keep"):
+        raise typer.BadParameter(
+            f"--scheduler {scheduler!r}; {family or 'this base'} takes one of {', '.join(choices)} or keep"
+        )
+    if pixart and (no_safety_checker or batch_models != "auto"):
+        flag = "--no-safety-checker" if no_safety_checker else "--batch-models"
+        raise typer.BadParameter(f"{flag} applies to Stable Diffusion folders; {family} has no such option")
     needs_weights = spec.weighted
     if needs_weights and not weight_map:
         raise typer.BadParameter(f"--method {method} needs --weights NAME=W for the objectives")
@@ -252,13 +305,13 @@ def sample_command(
         generator = [torch.Generator().manual_seed(s) for _ in prompt for s in seed_list]
     per_prompt = len(seed_list) if seed_list is not None else num_images
     image_seeds = [s for _ in prompt for s in seed_list] if seed_list is not None else None
-    extra = {"safety_checker": None, "requires_safety_checker": False} if no_safety_checker else {}
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if no_safety_checker else {}
     try:
         from safetensors import SafetensorError
 
         try:
             with _quiet_libraries(quiet):
-                pipe = MSDDAPipeline.from_pretrained(
+                pipe = pipeline_class.from_pretrained(
                     base,
                     objectives,
                     scheduler=None if scheduler == "keep" else scheduler,
@@ -280,7 +333,7 @@ def sample_command(
                 prompt if len(prompt) > 1 else prompt[0],
                 weight_map if needs_weights else None,
                 method=method,
-                negative_prompt=negative,
+                **({"negative_prompt": negative} if negative is not None or not pixart else {}),
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 eta=eta,
@@ -293,7 +346,7 @@ def sample_command(
                 betas=beta_map or None,
                 output_type="pil",
                 progress=not quiet,
-                batch_models=batch_choice[batch_models],
+                **(_pixart_call_options(pipe) if pixart else {"batch_models": batch_choice[batch_models]}),
             )
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -323,7 +376,8 @@ def sample_command(
             "image_prompts": [p for p in prompt for _ in range(per_prompt)],
             "image_seeds": image_seeds,
             "cost": result.cost.to_dict(),
-            "nsfw_content_detected": result.nsfw_content_detected,
+            "nsfw_content_detected": getattr(result, "nsfw_content_detected", None),
+            "pipeline": pipeline_class.__name__,
             "images": files,
         }
         write_bytes_atomic(out / "config.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
