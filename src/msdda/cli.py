@@ -275,7 +275,7 @@ def align(
     task: str = typer.Option(
         "digits",
         help="digits (the shipped base), gaussian (a policy on the exact oracle), sd (a LoRA on a Stable "
-        "Diffusion folder: needs --base and --prompt-file) or pixart (a LoRA on a PixArt-alpha/Sigma folder).",
+        "Diffusion folder: needs --base and --prompt-file), sdxl or pixart (the same on an SDXL or PixArt folder).",
     ),
     reward: list[str] = typer.Option(
         ...,
@@ -386,7 +386,7 @@ def align(
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
     rewards = list(reward)
-    image_task = task in ("sd", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    image_task = task in ("sd", "sdxl", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
     if not image_task and (len(rewards) != 1 or reward_weights is not None):
         raise typer.BadParameter(
             f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
@@ -512,7 +512,7 @@ def align(
         return
     if task != "digits":
         raise typer.BadParameter(
-            f"task {task!r} is not available for training; use --task digits, gaussian, sd or pixart"
+            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl or pixart"
         )
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward
@@ -564,11 +564,10 @@ def _align_sd(
     from msdda.alignment.errors import AlignmentError
     from msdda.pipelines.cli import _read_prompt_file
     from msdda.pipelines.sd_align import (
+        ALIGNERS,
         FAMILIES,
         SDAlignError,
         SDAlignOptions,
-        align_pixart,
-        align_sd,
         check_base_folder,
         check_reward_weights,
         sd_train_config,
@@ -612,7 +611,7 @@ def _align_sd(
         raise typer.BadParameter(str(exc)) from None
     check_output_dir(out)
     with _quiet_sd_loading(quiet):
-        result = (align_sd if task == "sd" else align_pixart)(
+        result = ALIGNERS[task](
             base,
             specs[0] if weights is None else specs,
             prompts,

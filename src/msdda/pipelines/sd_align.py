@@ -195,7 +195,8 @@ def check_base_folder(base: Any, family: LoRAFamily | None = None) -> Path:
     except (OSError, ValueError) as exc:
         raise SDAlignError(f"--base {path}: cannot read model_index.json ({exc})") from None
     if cls_name not in family.pipeline_classes:
-        hint = {"sd": "SD 1.x / 2.x (StableDiffusionPipeline)", "pixart": "PixArt-alpha / Sigma"}[family.task]
+        hint = {"sd": "SD 1.x / 2.x (StableDiffusionPipeline)", "sdxl": "SDXL (StableDiffusionXLPipeline)",
+                "pixart": "PixArt-alpha / Sigma"}[family.task]  # fmt: skip
         other = [f.task for f in FAMILIES.values() if cls_name in f.pipeline_classes]
         fix = f"; use --task {other[0]}" if other else ""
         raise SDAlignError(
@@ -329,9 +330,52 @@ class PixArtFamily(LoRAFamily):
                   metadata={"lora_adapter_metadata": json.dumps(config, default=str), "format": "pt"})  # fmt: skip
 
 
+class SDXLFamily(LoRAFamily):
+    """SDXL: SD's UNet family with two text encoders, whose UNet also takes the pooled embedding and six size /
+    crop time ids. They travel packed as trailing tokens of the prompt embeddings (msdda.pipelines.conditioning,
+    as MSDDAXLPipeline carries them), so a row lookup gives the UNet all three."""
+
+    task = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+
+    @staticmethod
+    def conditions(unet: nn.Module) -> Any:
+        from msdda.pipelines.conditioning import AddedConditions
+
+        cfg = unet.config
+        time_ids = 6
+        pooled = int(cfg.projection_class_embeddings_input_dim) - time_ids * int(cfg.addition_time_embed_dim)
+        return AddedConditions(text_embeds_dim=pooled, time_ids_dim=time_ids)
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+        from msdda.pipelines.sdxl import _xl_conditions
+
+        packing = _xl_conditions(pipe)  # refuses a UNet that is not an SDXL text-to-image one
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(texts, device=pipe.device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True)  # fmt: skip
+        ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=embeds.dtype,
+            text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim),
+        ).to(pipe.device)  # fmt: skip
+        rows = packing.pack(embeds, pooled, ids.repeat(len(texts), 1))
+        null = packing.pack(neg[:1], neg_pooled[:1], ids)
+        return {"embeds": torch.cat([rows, null]).to(self.model(pipe).dtype)}
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        return model(x_t, t, return_dict=False, **self.conditions(model).unet_inputs(rows["embeds"]))[0]
+
+    def save_lora(self, folder: Path, state: dict[str, Tensor], lora_config: Any) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=state, unet_lora_adapter_metadata=lora_config.to_dict(), safe_serialization=True
+        )
+
+
 SD_FAMILY = LoRAFamily()
+SDXL_FAMILY = SDXLFamily()
 PIXART_FAMILY = PixArtFamily()
-FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, PIXART_FAMILY)}
+FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, PIXART_FAMILY)}
 
 
 # ----- the denoisers and the reward the trainers see ---------------------------------------------------------
@@ -577,6 +621,29 @@ def align_sd(
                        resume=resume, progress=progress, throttle=throttle)  # fmt: skip
 
 
+def align_sdxl(
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None = None,
+    options: SDAlignOptions | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    throttle: float = 0.0,
+) -> SDAlignResult:
+    """`align_sd` for an SDXL folder: the UNet also gets the pooled embeddings and size / crop time ids of the
+    training resolution (original = target = (height, width), crop (0, 0)); the file is diffusers' SDXL LoRA
+    layout, loadable by `StableDiffusionXLPipeline.load_lora_weights` and `MSDDAXLPipeline`."""
+    return _align_lora(SDXL_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
+                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
+ALIGNERS: dict[str, Any] = {}  # task -> align function, filled below
+
+
 def align_pixart(
     base: str | Path,
     reward: str | Sequence[str],
@@ -757,10 +824,15 @@ __all__ = [
     "SDAlignResult",
     "FAMILIES",
     "LoRAFamily",
+    "ALIGNERS",
     "align_pixart",
     "align_sd",
+    "align_sdxl",
     "check_prompts",
     "check_reward_weights",
     "resolve_reward",
     "sd_train_config",
 ]
+
+
+ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "pixart": align_pixart})
