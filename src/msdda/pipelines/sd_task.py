@@ -48,6 +48,7 @@ OPTIONS = (
     "width",
     "policies",
 )
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the base folders the task takes
 WEIGHT_TOLERANCE = 1e-9  # a trained step-RL policy serves a weight vector equal to its own to this tolerance
 
 
@@ -91,7 +92,7 @@ def _check_reward_spec(name: str, spec: Any) -> tuple[str, str | None]:
 def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The "sd" task's options, checked and with defaults filled in, without loading anything.
 
-    base: a local StableDiffusionPipeline folder; objectives {name: LoRA path or UNet folder} (>= 2);
+    base: a local StableDiffusionPipeline or StableDiffusionXLPipeline folder; objectives {name: LoRA path or UNet folder} (>= 2);
     rewards {name: spec} for every objective (spec: jpeg-compressibility, jpeg-incompressibility,
     brightness, or KIND=PATH for `load_reward_model`); betas {name: beta} (default 1 each); prompts: the
     default prompt texts; device ("cpu"), dtype ("float32"), guidance_scale (7.5; <= 1: off), scheduler
@@ -113,8 +114,11 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if not index.is_file():
         raise SDTaskError(f"base {base_path} is not a diffusers pipeline folder (no model_index.json)")
     cls_name = json.loads(index.read_text()).get("_class_name", "")
-    if cls_name != "StableDiffusionPipeline":
-        raise SDTaskError(f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task needs SD 1.x / 2.x")
+    if cls_name not in PIPELINES:
+        raise SDTaskError(
+            f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task takes SD 1.x / 2.x or SDXL "
+            f"({', '.join(PIPELINES)})"
+        )
     objectives = o.get("objectives") or {}
     if not isinstance(objectives, Mapping) or len(objectives) < 2:
         raise SDTaskError(
@@ -223,13 +227,15 @@ def _policy_record(path: str) -> tuple[float, float | None, str] | None:
 
 
 class _Prompts:
-    """Text conditions: each prompt encoded once; remembers which texts the last condition it made holds, so
-    rewards (called with that condition) get the prompt texts."""
+    """Text conditions: each prompt encoded once, by the pipeline's own family hook (`MSDDAPipeline._encode`:
+    SD's prompt embeddings, SDXL's with the pooled embeddings and time ids packed in); remembers which texts
+    the last condition it made holds, so rewards (called with that condition) get the prompt texts."""
 
-    def __init__(self, base: Any, device: torch.device, do_cfg: bool) -> None:
-        self.base = base
+    def __init__(self, pipe: Any, device: torch.device, do_cfg: bool, height: int, width: int) -> None:
+        self.pipe = pipe
         self.device = device
         self.do_cfg = do_cfg
+        self.height, self.width = height, width
         self.cache: dict[str, Tensor] = {}
         self.null: Tensor | None = None
         self._last: tuple[Tensor, list[str]] | None = None
@@ -237,7 +243,11 @@ class _Prompts:
     def _encode(self, prompt: str) -> Tensor:
         if prompt not in self.cache:
             with torch.no_grad():
-                embeds, negative = self.base.encode_prompt(prompt, self.device, 1, self.do_cfg, None)
+                encoded = self.pipe._encode(
+                    prompt, self.device, 1, self.do_cfg, None, prompt_embeds=None, negative_prompt_embeds=None,
+                    lora_scale=None, clip_skip=None, height=self.height, width=self.width, family_kwargs={},
+                )  # fmt: skip
+            embeds, negative = encoded.cond, encoded.null_cond
             self.cache[prompt] = embeds
             if self.null is None and negative is not None:
                 self.null = negative
@@ -279,6 +289,7 @@ def sd_bundle(**options: Any) -> Any:
     """The "sd" TaskBundle (options: see `check_sd_options`); loads the base pipeline, objectives, rewards."""
     from msdda.pipelines.reward_models import load_reward_model
     from msdda.pipelines.sd import DiffusersNoise, MSDDAPipeline, _ObjectiveStore
+    from msdda.pipelines.sdxl import MSDDAXLPipeline
     from msdda.tasks.bundle import TaskBundle
 
     o = check_sd_options(options)
@@ -286,7 +297,8 @@ def sd_bundle(**options: Any) -> Any:
     from msdda.distributed import local_device
 
     device_name = local_device(o["device"])  # "cuda" under torchrun / accelerate launch: this process's own GPU
-    pipe = MSDDAPipeline.from_pretrained(
+    is_xl = json.loads((Path(o["base"]) / "model_index.json").read_text()).get("_class_name") == PIPELINES[1]
+    pipe = (MSDDAXLPipeline if is_xl else MSDDAPipeline).from_pretrained(
         o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name, safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
@@ -294,7 +306,9 @@ def sd_bundle(**options: Any) -> Any:
     device = base._execution_device
     vae = base.vae
     do_cfg = o["guidance_scale"] > 1.0
-    prompts = _Prompts(base, device, do_cfg)
+    height = o.get("height") or base.unet.config.sample_size * base.vae_scale_factor
+    width = o.get("width") or base.unet.config.sample_size * base.vae_scale_factor
+    prompts = _Prompts(pipe, device, do_cfg, height, width)
 
     last: list[Any] = [None, None, None]  # (latents, their version, images) of the last no-grad decode
 
@@ -322,8 +336,6 @@ def sd_bundle(**options: Any) -> Any:
         store.release()  # one soup adapter at a time: the previous weight vector's is removed first
         return store.soup(weights, average=average)
 
-    height = o.get("height") or base.unet.config.sample_size * base.vae_scale_factor
-    width = o.get("width") or base.unet.config.sample_size * base.vae_scale_factor
     channels = base.unet.config.in_channels
     prompts.make_cond(o["prompts"][0] if o["prompts"] else "", 1)  # the null condition: the empty prompt's
     if do_cfg and prompts.null is None:
