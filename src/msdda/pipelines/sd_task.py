@@ -92,7 +92,8 @@ def _check_reward_spec(name: str, spec: Any) -> tuple[str, str | None]:
 def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The "sd" task's options, checked and with defaults filled in, without loading anything.
 
-    base: a local StableDiffusionPipeline or StableDiffusionXLPipeline folder; objectives {name: LoRA path or UNet folder} (>= 2);
+    base: a local StableDiffusionPipeline or StableDiffusionXLPipeline folder; objectives {name: LoRA path or UNet
+    folder} (>= 2);
     rewards {name: spec} for every objective (spec: jpeg-compressibility, jpeg-incompressibility,
     brightness, or KIND=PATH for `load_reward_model`); betas {name: beta} (default 1 each); prompts: the
     default prompt texts; device ("cpu"), dtype ("float32"), guidance_scale (7.5; <= 1: off), scheduler
