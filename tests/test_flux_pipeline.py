@@ -25,15 +25,15 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from test_pixart_align import _tokenizer as make_t5_tokenizer  # noqa: E402
-from test_pixart_pipeline import WORDS  # noqa: E402
-from test_sd_pipeline import make_text_encoder as make_clip  # noqa: E402
-from test_sd_pipeline import make_tokenizer as make_clip_tokenizer  # noqa: E402
 from transformers import T5Config, T5EncoderModel  # noqa: E402
 
 from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError  # noqa: E402
 from msdda.pipelines.flux import MSDDAFluxPipeline, flux_timesteps  # noqa: E402
 from msdda.sampling.methods import PlanError  # noqa: E402
+from test_pixart_align import _tokenizer as make_t5_tokenizer  # noqa: E402
+from test_pixart_pipeline import WORDS  # noqa: E402
+from test_sd_pipeline import make_text_encoder as make_clip  # noqa: E402
+from test_sd_pipeline import make_tokenizer as make_clip_tokenizer  # noqa: E402
 
 PROMPT = "a red cube"
 STEPS = 3
@@ -277,6 +277,7 @@ def test_sde_equals_flow_grpo_loop(tiny):
         assert rel(run(pipe, method="base", eta=0.7, seed=1), out) > 1e-2
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_msdda_equals_db_mpa_and_soup_equals_set_adapters(tiny, eta):
     """The flow kernels' variance is the schedule's, so MSDDA with normalised weights is DB-MPA."""
@@ -303,6 +304,9 @@ def test_generator_list_rows_equal_single_runs(tiny):
         for row, seed in ((0, 3), (1, 4)):
             single = pipe(PROMPT, generator=gen(seed), **{**kw, "num_images_per_prompt": 1}).images
             assert rel(both[row : row + 1], single) < RTOL
+        ode = pipe(PROMPT, method="base", generator=[gen(3), gen(4)], **{**CALL, "num_images_per_prompt": 2}).images
+        ref = pipe.base(PROMPT, generator=[gen(3), gen(4)], num_images_per_prompt=2, **DIFF).images
+        assert rel(ode, ref) < RTOL  # diffusers' own pipeline with the same generator list
         with pytest.raises(PipelineError, match="list of 3 generators"):
             pipe(PROMPT, generator=[gen(), gen(), gen()], **kw)
 
@@ -365,3 +369,40 @@ def test_bad_inputs_fail_before_denoising(tiny, tmp_path):
     with pytest.raises(AdapterError, match="pickled"):
         MSDDAFluxPipeline(tiny.base(), {"x": tmp_path / "lora.bin"})
     assert not getattr(tiny.dev, "peft_config", None)  # failed constructions released themselves
+
+
+def _brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("method", ["code", "rgg", "db-mpa-ls"])
+def test_every_method_runs(tiny, method):
+    """The reward-guided and sampled methods run on packed latents (rewards see the decoded images)."""
+    rewards = {"a": _brightness, "b": lambda images, prompts: -_brightness(images, prompts)}
+    with MSDDAFluxPipeline(tiny.base(), dict(tiny.loras)) as pipe:
+        options = {"tempering": "constant"} if method == "rgg" else None
+        kw = {"method": method, "rewards": rewards, "method_options": options, "generator": gen(), **CALL}
+        out = pipe(PROMPT, {"a": 0.5, "b": 0.5}, eta=0.7, **kw)
+        assert out.images.shape == (1, 32, 4) and torch.isfinite(out.images).all()
+        assert out.config["method"] == method
+        if method == "rgg":
+            with pytest.raises(PipelineError, match="tempering"):
+                pipe(PROMPT, {"a": 0.5, "b": 0.5}, eta=0.7, **{**kw, "method_options": None})
+            with pytest.raises(PipelineError, match="RGG with eta=0"):
+                pipe(PROMPT, {"a": 0.5, "b": 0.5}, eta=0.0, **kw)
+
+
+def test_callback_interrupt_and_tuple_output(tiny):
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append((i, float(t)))
+        pipe.interrupt = i == 1
+        return {"latents": kwargs["latents"] * 0}
+
+    with MSDDAFluxPipeline(tiny.base(), {}) as pipe:
+        out = pipe(PROMPT, method="base", callback_on_step_end=callback, generator=gen(), **CALL)
+        assert [i for i, _ in seen] == [0, 1] and out.config["steps_run"] == 2 and out.config["interrupted"]
+        assert seen[0][1] == pytest.approx(1000.0) and not out.images.abs().max()
+        (images,) = pipe(PROMPT, method="base", return_dict=False, generator=gen(), **{**CALL, "output_type": "pt"})
+        assert images.shape == (1, 3, H, W)

@@ -53,7 +53,7 @@ from msdda.pipelines.objectives import (
 )
 from msdda.pipelines.pixart import TransformerObjective, load_full_transformer
 from msdda.pipelines.sd import SOUP_ADAPTER, DiffusersNoise, _ObjectiveStore
-from msdda.sampling import MSDDA, CoDe, Cost, StepContext, make_generator, sample
+from msdda.sampling import MSDDA, RGG, CoDe, Cost, StepContext, make_generator, sample
 from msdda.sampling.methods import REFERENCE, MethodPlan, plan_method
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ _ARCH_KEYS = (
     "guidance_embeds",
     "axes_dims_rope",
 )
+_SD_HINT = "use an adapter trained for this base model (e.g. an SD 1.5 LoRA with an SD 1.5 checkpoint)"
 _LORA_HINT = "use a LoRA trained for this FLUX transformer (FLUX.1-dev and schnell LoRAs share the layout)"
 
 
@@ -199,7 +200,8 @@ def _classify(path: Path) -> str:
 
 def _with_flux_hint(exc: AdapterError) -> AdapterError:
     # the shared shape check's hint names SD 1.5; say what fits here
-    return AdapterError(str(exc).replace("use an adapter trained for this base model (e.g. an SD 1.5 LoRA with an SD 1.5 checkpoint)", _LORA_HINT).replace("base UNet", "base transformer"))  # fmt: skip
+    text = str(exc).replace(_SD_HINT, _LORA_HINT).replace("base UNet", "base transformer")
+    return AdapterError(text)
 
 
 def load_flux_lora(transformer: nn.Module, path: Path, adapter: str, objective: str) -> None:
@@ -309,7 +311,9 @@ def resolve_flux_objective(transformer: nn.Module, name: str, source: Any) -> Tr
 # ----- the schedule -------------------------------------------------------------------------------------
 
 
-def flux_timesteps(scheduler: Any, num_inference_steps: int, image_seq_len: int, sigmas: Any = None) -> tuple[Any, float]:
+def flux_timesteps(
+    scheduler: Any, num_inference_steps: int, image_seq_len: int, sigmas: Any = None
+) -> tuple[Any, float]:
     """A copy of `scheduler` with its timesteps set exactly as FluxPipeline sets them, and the shift mu.
 
     sigmas default to linspace(1, 1/n, n) (none with use_flow_sigmas); mu = diffusers' calculate_shift of the
@@ -342,7 +346,9 @@ def _check_base(base: Any) -> None:
     name = type(base).__name__
     if name not in FLUX_PIPELINES:
         hint = " (use msdda.pipelines.MSDDAPipeline for Stable Diffusion)" if "StableDiffusion" in name else ""
-        raise PipelineError(f"{name} is not a FLUX text-to-image pipeline; MSDDAFluxPipeline takes a diffusers FluxPipeline" + hint)  # fmt: skip
+        raise PipelineError(
+            f"{name} is not a FLUX text-to-image pipeline; MSDDAFluxPipeline takes a diffusers FluxPipeline" + hint
+        )
     for attr in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
         if getattr(base, attr, None) is None:
             raise PipelineError(f"{name} has no {attr!r}; pass a complete FluxPipeline as the base")
@@ -421,7 +427,9 @@ class MSDDAFluxPipeline:
             )
         cls_name = json.loads(index.read_text()).get("_class_name", "")
         if cls_name not in FLUX_PIPELINES:
-            raise PipelineError(f"{path} holds a {cls_name or 'unknown'} pipeline; MSDDAFluxPipeline supports {FLUX_PIPELINES}")  # fmt: skip
+            raise PipelineError(
+                f"{path} holds a {cls_name or 'unknown'} pipeline; MSDDAFluxPipeline supports {FLUX_PIPELINES}"
+            )
         kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, **dtype_kwargs(diffusers, dtype)}
         kwargs.update(base_kwargs)
         pipe = diffusers.FluxPipeline.from_pretrained(str(path), **kwargs)
@@ -438,7 +446,9 @@ class MSDDAFluxPipeline:
         try:
             obj = resolve_flux_objective(self.transformer, name, source)
         finally:
-            self._added_adapters += [a for a in (getattr(self.transformer, "peft_config", None) or {}) if a not in before]  # fmt: skip
+            self._added_adapters += [
+                a for a in (getattr(self.transformer, "peft_config", None) or {}) if a not in before
+            ]
             self.switch.refresh()
             self.switch.disable()
         self.objectives[name] = obj
@@ -541,7 +551,9 @@ class MSDDAFluxPipeline:
         if sde_type not in SDE_TYPES:
             raise PipelineError(f"sde_type={sde_type!r}; choose one of {SDE_TYPES}")
         if sde_type == "cps" and eta > 1:
-            raise PipelineError(f"sde_type='cps' takes a noise level in [0, 1] (std = sigma sin(a pi / 2)); got eta={eta}")  # fmt: skip
+            raise PipelineError(
+                f"sde_type='cps' takes a noise level in [0, 1] (std = sigma sin(a pi / 2)); got eta={eta}"
+            )
         sch2, _ = flux_timesteps(sch, 2, 256)
         SamplerKernelScheduler.from_diffusers(sch2, eta=float(eta), sde_type=sde_type)  # unsupported options raise
 
@@ -576,6 +588,16 @@ class MSDDAFluxPipeline:
             raise PipelineError(
                 "CoDe with eta=0 (the flow ODE, a point mass) draws identical candidates; pass eta>0 (e.g. 0.7)"
             )
+        if isinstance(plan.rule, RGG):
+            if eta == 0.0:  # RGG moves the mean by lambda * var * grad: nothing at all on the ODE's var = 0
+                raise PipelineError(
+                    "RGG with eta=0 (the flow ODE, variance 0) applies no guidance; pass eta>0 (e.g. 0.7)"
+                )
+            if plan.rule.tempering != "constant":
+                raise PipelineError(
+                    f"RGG tempering={plan.rule.tempering!r} reads alpha-bar, which a flow-matching schedule does not "
+                    "have; pass method_options={'tempering': 'constant'}"
+                )
 
     def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
         """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler callback."""
@@ -679,7 +701,8 @@ class MSDDAFluxPipeline:
         bad = [k for k in inputs if k not in _CALLBACK_TENSOR_INPUTS]
         if bad:
             raise PipelineError(
-                f"callback_on_step_end_tensor_inputs {bad} are not supported; the callback sees {_CALLBACK_TENSOR_INPUTS}"
+                f"callback_on_step_end_tensor_inputs {bad} are not supported; the callback sees "
+                f"{_CALLBACK_TENSOR_INPUTS}"
             )
         self._check_scheduler(eta, sde_type)
         eta = float(eta)
@@ -711,12 +734,12 @@ class MSDDAFluxPipeline:
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
         do_true_cfg = true_cfg_scale > 1 and has_neg
-        if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise PipelineError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape for true CFG"
-                )
+        given = do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None
+        if given and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise PipelineError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape for true CFG"
+            )
         n_prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else int(prompt_embeds.shape[0])
         batch = n_prompts * num_images_per_prompt
         self._check_batch(batch, generator, latents, height, width)
@@ -735,8 +758,8 @@ class MSDDAFluxPipeline:
             encode = {"device": device, "num_images_per_prompt": num_images_per_prompt}
             encode["max_sequence_length"] = max_sequence_length
             embeds, pooled, text_ids = base.encode_prompt(
-                prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, **encode
-            )  # fmt: skip
+                prompt, prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, **encode
+            )
             x_T, image_ids = base.prepare_latents(
                 batch, self.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generator, latents
             )
@@ -747,8 +770,12 @@ class MSDDAFluxPipeline:
             models, reference = list(plan.models), plan.reference
             if do_true_cfg:
                 neg_embeds, neg_pooled, neg_ids = base.encode_prompt(
-                    prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode
-                )  # fmt: skip
+                    negative_prompt,
+                    negative_prompt_2,
+                    prompt_embeds=negative_prompt_embeds,
+                    pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    **encode,
+                )
                 null = FluxCondition(neg_embeds, neg_pooled, neg_ids, image_ids, guidance)
                 models = [_TrueCFG(m, true_cfg_scale, null) for m in models]
                 reference = _TrueCFG(reference, true_cfg_scale, null) if reference is not None else None
