@@ -247,8 +247,8 @@ def test_full_transformer_objective_and_from_pretrained(tiny, tmp_path):
 # ----- the SDE, the methods ---------------------------------------------------------------------------------
 
 
-def flow_grpo_loop(base: FluxPipeline, transformer, a: float, seed: int = 0) -> torch.Tensor:
-    """Flow-GRPO's SDE step (sde_step_with_logprob, sde_type 'sde') written out, with diffusers' x_T and
+def flow_sde_loop(base: FluxPipeline, transformer, a: float, sde_type: str = "sde", seed: int = 0) -> torch.Tensor:
+    """Flow-GRPO's SDE step (sde_step_with_logprob, sde_type 'sde' / 'cps') written out, with diffusers' x_T and
     randn_tensor noise from the same generator, at every step (the last one too)."""
     g = gen(seed)
     embeds, pooled, text_ids = base.encode_prompt(PROMPT, None, max_sequence_length=SEQ)
@@ -260,21 +260,29 @@ def flow_grpo_loop(base: FluxPipeline, transformer, a: float, seed: int = 0) -> 
             v = transformer(hidden_states=x, timestep=t.expand(1) / 1000, guidance=torch.full([1], 3.5),
                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                             img_ids=image_ids, return_dict=False)[0].double()  # fmt: skip
-        s, dt = float(sig[i]), float(sig[i + 1] - sig[i])
-        std = a * math.sqrt(s / (1 - (float(sig[1]) if s == 1.0 else s)))
-        mean = x.double() * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
-        x = (mean + std * math.sqrt(-dt) * randn_tensor(x.shape, generator=g).double()).float()
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        dt = s_next - s
+        z = randn_tensor(x.shape, generator=g).double()
+        if sde_type == "sde":
+            std = a * math.sqrt(s / (1 - (float(sig[1]) if s == 1.0 else s)))
+            mean = x.double() * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+            x = (mean + std * math.sqrt(-dt) * z).float()
+        else:  # Flow-CPS: x0_hat and the noise estimate recombined at sigma_next, std = sigma_next sin(a pi / 2)
+            x0, x1 = x.double() - s * v, x.double() + (1 - s) * v
+            std = s_next * math.sin(a * math.pi / 2)
+            x = ((1 - s_next) * x0 + math.sqrt(s_next**2 - std**2) * x1 + std * z).float()
     return x
 
 
-def test_sde_equals_flow_grpo_loop(tiny):
+@pytest.mark.parametrize(("a", "sde_type"), [(0.7, "sde"), (0.5, "cps")])
+def test_sde_equals_hand_written_loop(tiny, a, sde_type):
     base = tiny.base()
-    ref = flow_grpo_loop(base, tiny.dev, 0.7)
+    ref = flow_sde_loop(base, tiny.dev, a, sde_type)
     with MSDDAFluxPipeline(base, {}) as pipe:
-        out = run(pipe, method="base", eta=0.7)
+        out = run(pipe, method="base", eta=a, sde_type=sde_type)
         assert rel(out, ref) < RTOL
         assert rel(out, run(pipe, method="base")) > 1e-2  # stochastic: not the ODE
-        assert rel(run(pipe, method="base", eta=0.7, seed=1), out) > 1e-2
+        assert rel(run(pipe, method="base", eta=a, sde_type=sde_type, seed=1), out) > 1e-2
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
