@@ -69,3 +69,22 @@ def test_sdxl_folder_samples_with_the_sdxl_pipeline(tmp_path):
         ref = pipe(PROMPT, {"o": 1.0}, num_inference_steps=3, seed=0, guidance_scale=5.0, output_type="np",
                    progress=False).images[0]  # fmt: skip
     assert float(np.abs(_png(tmp_path / "out" / "image_000.png") - ref).max()) <= 1 / 255 + 1e-6
+
+
+def test_flux_folder_samples_with_the_flux_pipeline(tmp_path):
+    from msdda.pipelines.flux import MSDDAFluxPipeline
+    from test_flux_pipeline import Tiny as TinyFlux
+
+    tiny = TinyFlux(tmp_path)
+    tiny.base().save_pretrained(tmp_path / "base", safe_serialization=True)
+    size = ["--height", "32", "--width", "32"]
+    result = _sample(tmp_path / "base", tiny.loras["a"], tmp_path / "out", "--eta", "0.5", *size)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pipeline"] == "MSDDAFluxPipeline"
+    with MSDDAFluxPipeline.from_pretrained(tmp_path / "base", {"o": str(tiny.loras["a"])}) as pipe:
+        ref = pipe(PROMPT, {"o": 1.0}, num_inference_steps=3, seed=0, eta=0.5, height=32, width=32, output_type="np",
+                   progress=False).images[0]  # fmt: skip
+    assert float(np.abs(_png(tmp_path / "out" / "image_000.png") - ref).max()) <= 1 / 255 + 1e-6
+    bad = _sample(tmp_path / "base", tiny.loras["a"], tmp_path / "x", "--scheduler", "ddim", *size)
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", bad.output).split())
+    assert bad.exit_code == 2 and "FluxPipeline takes none" in flat

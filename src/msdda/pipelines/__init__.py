@@ -1,4 +1,4 @@
-"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL) and PixArt through diffusers, with LoRA adapters or
+"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL), PixArt and FLUX through diffusers, with LoRA adapters or
 full models as objectives.
 
 Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
@@ -13,6 +13,7 @@ from msdda.pipelines.errors import (
     PipelineError,
     RewardModelError,
 )
+from msdda.pipelines.flux import MSDDAFluxPipeline
 from msdda.pipelines.objectives import AdapterSwitch, Objective, UNetDenoiser, build_lora_soup, check_lora_shapes
 from msdda.pipelines.pixart import MSDDAPixArtPipeline, MSDDAPixArtPipelineOutput
 from msdda.pipelines.sd import METHODS, MSDDAPipeline, MSDDAPipelineOutput
@@ -20,6 +21,7 @@ from msdda.pipelines.sdxl import MSDDAXLPipeline
 
 __all__ = [
     "METHODS",
+    "MSDDAFluxPipeline",
     "AdapterError",
     "AdapterSwitch",
     "MSDDAPipeline",

@@ -134,6 +134,7 @@ FAMILY_PIPELINES: dict[str, tuple[str, str]] = {
     "StableDiffusionXLPipeline": ("msdda.pipelines.sdxl", "MSDDAXLPipeline"),
     "PixArtAlphaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
     "PixArtSigmaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
+    "FluxPipeline": ("msdda.pipelines.flux", "MSDDAFluxPipeline"),
 }
 
 
@@ -160,8 +161,8 @@ def _pixart_call_options(pipe: Any) -> dict[str, Any]:
 def sample_command(
     base: Path = typer.Option(
         ...,
-        help="Local diffusers pipeline folder (model_index.json): Stable Diffusion 1.x / 2.x, SDXL or "
-        "PixArt-alpha / Sigma; the matching msdda pipeline is chosen from its class.",
+        help="Local diffusers pipeline folder (model_index.json): Stable Diffusion 1.x / 2.x, SDXL, "
+        "PixArt-alpha / Sigma or FLUX.1; the matching msdda pipeline is chosen from its class.",
     ),
     objective: list[str] = typer.Option(
         [], help="NAME=PATH: a LoRA (diffusers or peft format, safetensors) or a full-UNet folder; repeatable."
@@ -269,22 +270,28 @@ def sample_command(
     if batch_models not in batch_choice:
         raise typer.BadParameter(f"--batch-models {batch_models!r}; choose auto, on or off")
     pipeline_class, family = _family_pipeline(base)
-    pixart = pipeline_class.__name__ == "MSDDAPixArtPipeline"
+    kind = pipeline_class.__name__
+    pixart, flux = kind == "MSDDAPixArtPipeline", kind == "MSDDAFluxPipeline"
     from msdda.pipelines import pixart as pixart_module
     from msdda.pipelines import sd as sd_module
 
     choices = pixart_module.SCHEDULERS if pixart else sd_module.SCHEDULERS
-    if pipeline_class.__name__ == "MSDDAXLPipeline":
+    if kind == "MSDDAXLPipeline":
         choices = ("ddim", "ddpm")  # the Gaussian samplers tested on SDXL
+    if flux:
+        choices = ()  # FLUX samples with its own flow-matching schedule; --eta is the SDE's noise level
     if scheduler is None:
-        scheduler = "ddpm" if pixart else "ddim"
-    if guidance_scale is None:
-        guidance_scale = {"MSDDAXLPipeline": 5.0, "MSDDAPixArtPipeline": 4.5}.get(pipeline_class.__name__, 7.5)
+        scheduler = "ddpm" if pixart else "keep" if flux else "ddim"
+    if guidance_scale is None:  # diffusers' defaults (FLUX.1-dev: the embedded guidance value)
+        guidance_scale = {"MSDDAXLPipeline": 5.0, "MSDDAPixArtPipeline": 4.5, "MSDDAFluxPipeline": 3.5}.get(kind, 7.5)
     if scheduler not in (*choices, "keep"):
-        raise typer.BadParameter(
-            f"--scheduler {scheduler!r}; {family or 'this base'} takes one of {', '.join(choices)} or keep"
+        takes = (
+            f"one of {', '.join(choices)} or keep"
+            if choices
+            else "none (its own flow-matching schedule; --eta > 0: the SDE)"
         )
-    if pixart and (no_safety_checker or batch_models != "auto"):
+        raise typer.BadParameter(f"--scheduler {scheduler!r}; {family or 'this base'} takes {takes}")
+    if (pixart or flux) and (no_safety_checker or batch_models != "auto"):
         flag = "--no-safety-checker" if no_safety_checker else "--batch-models"
         raise typer.BadParameter(f"{flag} applies to Stable Diffusion folders; {family} has no such option")
     needs_weights = spec.weighted
@@ -314,7 +321,7 @@ def sample_command(
                 pipe = pipeline_class.from_pretrained(
                     base,
                     objectives,
-                    scheduler=None if scheduler == "keep" else scheduler,
+                    **({} if flux else {"scheduler": None if scheduler == "keep" else scheduler}),
                     dtype=getattr(torch, dtype),
                     device=device,
                     **extra,
@@ -333,7 +340,7 @@ def sample_command(
                 prompt if len(prompt) > 1 else prompt[0],
                 weight_map if needs_weights else None,
                 method=method,
-                **({"negative_prompt": negative} if negative is not None or not pixart else {}),
+                **({"negative_prompt": negative} if negative is not None or not (pixart or flux) else {}),
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 eta=eta,
@@ -346,7 +353,13 @@ def sample_command(
                 betas=beta_map or None,
                 output_type="pil",
                 progress=not quiet,
-                **(_pixart_call_options(pipe) if pixart else {"batch_models": batch_choice[batch_models]}),
+                **(
+                    _pixart_call_options(pipe)
+                    if pixart
+                    else {}
+                    if flux
+                    else {"batch_models": batch_choice[batch_models]}
+                ),
             )
     except MSDDAError as exc:
         typer.echo(f"error: {exc}", err=True)
