@@ -821,11 +821,13 @@ def _cleanup_adapter(unet: nn.Module, adapter: str) -> None:
             logger.warning("could not remove the partly loaded adapter %r", adapter, exc_info=True)
 
 
-def load_lora(unet: nn.Module, path: Path, adapter: str, objective: str) -> None:
+def load_lora(unet: nn.Module, path: Path, adapter: str, objective: str, *, prefix: str = "unet") -> None:
     """Load a diffusers- or peft-format LoRA from `path` into `unet` as adapter `adapter` (disabled after).
 
     The shapes are checked against the UNet first (`check_lora_shapes`); a LoRA that also adapts the
-    text encoder is refused (the prompt embeddings are shared by all objectives).
+    text encoder is refused (the prompt embeddings are shared by all objectives). prefix: the key prefix of
+    the network's weights in a diffusers-format file ("unet"; "transformer" for SD3, whose transformer has
+    the same PeftAdapterMixin `load_lora_adapter`).
     """
     require("peft", "LoRA objectives")
     diffusers = require("diffusers", "LoRA objectives")
@@ -856,15 +858,15 @@ def load_lora(unet: nn.Module, path: Path, adapter: str, objective: str) -> None
             f"e.g. {text_keys[0]!r}); objectives share one prompt encoding, so only UNet LoRAs are supported "
             "(DPOK/DDPO LoRAs are UNet-only); save the UNet part alone"
         )
-    prefix = "unet" if any(k.startswith("unet.") for k in state_dict) else None
-    peft_keys = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    key_prefix = prefix if any(k.startswith(f"{prefix}.") for k in state_dict) else None
+    peft_keys = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items()}
     if not any("lora_A" in k for k in peft_keys):
         peft_keys = diffusers.utils.convert_unet_state_dict_to_peft(peft_keys)
     check_lora_shapes(unet, peft_keys, objective, source)
     try:
         unet.load_lora_adapter(
             state_dict,
-            prefix=prefix,
+            prefix=key_prefix,
             network_alphas=network_alphas,
             metadata=metadata,
             adapter_name=adapter,
@@ -949,10 +951,11 @@ def load_full_unet(base_unet: nn.Module, path: Path, objective: str) -> nn.Modul
     return unet.to(base_unet.device).eval()
 
 
-def resolve_objective(base_unet: nn.Module, name: str, source: Any) -> Objective:
+def resolve_objective(base_unet: nn.Module, name: str, source: Any, *, lora_prefix: str = "unet") -> Objective:
     """Turn one objective source (adapter name, path or UNet module) into an Objective, loading as needed.
 
-    LoRA sources are loaded into `base_unet` under the objective's name and left disabled.
+    LoRA sources are loaded into `base_unet` under the objective's name and left disabled (lora_prefix: see
+    load_lora's prefix).
     """
     check_objective_name(name)
     loaded = getattr(base_unet, "peft_config", None) or {}
@@ -979,7 +982,7 @@ def resolve_objective(base_unet: nn.Module, name: str, source: Any) -> Objective
     kind = _classify(path)
     if kind in ("unet", "pipeline"):
         return Objective(name=name, kind="unet", source=str(path), unet=load_full_unet(base_unet, path, name))
-    load_lora(base_unet, path, name, name)
+    load_lora(base_unet, path, name, name, prefix=lora_prefix)
     return Objective(name=name, kind="lora", source=str(path), adapter=name, variance_head=_variance_head_of(path))
 
 

@@ -167,6 +167,11 @@ class _LatentReward:
 
 def _check_base(base: Any) -> None:
     name = type(base).__name__
+    if getattr(base, "transformer", None) is not None and getattr(base, "text_encoder_3", None) is not None:
+        raise PipelineError(
+            f"{name} is a Stable Diffusion 3 pipeline (a transformer, three text encoders); MSDDAPipeline supports "
+            "StableDiffusionPipeline (SD 1.x / 2.x) only. Use msdda.pipelines.sd3.MSDDASD3Pipeline"
+        )
     if "XL" in name or getattr(base, "text_encoder_2", None) is not None:
         raise PipelineError(
             f"{name} is an SDXL pipeline; MSDDAPipeline supports StableDiffusionPipeline (SD 1.x / 2.x) only. "
@@ -253,6 +258,7 @@ class MSDDAPipeline:
     _diffusers_class = "StableDiffusionPipeline"  # the diffusers pipeline this family wraps (from_pretrained, views)
     _callback_tensor_inputs = _CALLBACK_TENSOR_INPUTS
     _conditions: AddedConditions | None = None  # SDXL: the layout of the conditions packed into `cond`
+    _network_name = "unet"  # family hook: the base pipeline's denoising network (SD3: "transformer")
 
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | None = None) -> None:
         require("diffusers", type(self).__name__)
@@ -264,7 +270,7 @@ class MSDDAPipeline:
             )
         self._origin = base  # the caller's pipeline: only its offload hooks are reset after a call
         self.base = self._own_pipeline(base, scheduler)
-        self.unet: nn.Module = self.base.unet
+        self.unet: nn.Module = getattr(self.base, self._network_name)  # the denoising network (SD3: the transformer)
         self._restore_point = UNetRestorePoint(self.unet)
         self._added_adapters: list[str] = []
         self._released = False
@@ -339,6 +345,7 @@ class MSDDAPipeline:
             hint = {
                 "StableDiffusionPipeline": "; use MSDDAPipeline.from_pretrained for it",
                 "StableDiffusionXLPipeline": "; use msdda.pipelines.sdxl.MSDDAXLPipeline.from_pretrained for it",
+                "StableDiffusion3Pipeline": "; use msdda.pipelines.sd3.MSDDASD3Pipeline.from_pretrained for it",
             }.get(cls_name, "")
             raise PipelineError(
                 f"{path} holds a {cls_name or 'unknown'} pipeline; {cls.__name__} supports {cls._diffusers_class} "
@@ -394,7 +401,7 @@ class MSDDAPipeline:
             raise ObjectiveError(f"objective {name!r} already exists; choose another name")
         before = set(getattr(self.unet, "peft_config", None) or {})
         try:
-            obj = resolve_objective(self.unet, name, source)
+            obj = self._resolve_objective(name, source)
         finally:
             self._added_adapters += [a for a in (getattr(self.unet, "peft_config", None) or {}) if a not in before]
             self.switch.refresh()
@@ -402,6 +409,10 @@ class MSDDAPipeline:
         self.objectives[name] = obj
         logger.info("objective %r: %s from %s", name, obj.kind, obj.source)
         return obj
+
+    def _resolve_objective(self, name: str, source: Any) -> Objective:
+        """Family hook: one objective source as an Objective, LoRA sources loaded into the base network."""
+        return resolve_objective(self.unet, name, source)
 
     def release(self) -> None:
         """Delete every adapter this pipeline added to the shared UNet and restore the UNet exactly as it was
@@ -553,7 +564,7 @@ class MSDDAPipeline:
             return
         if not isinstance(latents, Tensor):
             raise PipelineError(f"latents is a {type(latents).__name__}; pass a tensor [B, 4, H/8, W/8] or None")
-        cfg, scale = self.base.unet.config, self.base.vae_scale_factor
+        cfg, scale = self.unet.config, self.base.vae_scale_factor
         h = (height or cfg.sample_size * scale) // scale
         w = (width or cfg.sample_size * scale) // scale
         if tuple(latents.shape) != (batch, cfg.in_channels, h, w):
@@ -705,12 +716,13 @@ class MSDDAPipeline:
             )
         attn_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         kind = self._check_scheduler(float(eta))
+        sampler_eta = float(eta) if kind in ("ddim", "flow_sde") else None  # flow matching: the SDE's noise level
         try:
             generator = make_generator(generator, seed, "cpu")
         except MSDDAError as exc:
             raise PipelineError(str(exc)) from None
-        height = height or base.unet.config.sample_size * base.vae_scale_factor
-        width = width or base.unet.config.sample_size * base.vae_scale_factor
+        height = height or self.unet.config.sample_size * base.vae_scale_factor
+        width = width or self.unet.config.sample_size * base.vae_scale_factor
         try:
             self._check_prompt(
                 prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, family_kwargs
@@ -751,16 +763,17 @@ class MSDDAPipeline:
             cond, null_cond, dtype = encoded.cond, encoded.null_cond, encoded.cond.dtype
             # 4. prepare the latents exactly as diffusers does
             batch = cond.shape[0]
-            channels = base.unet.config.in_channels
+            channels = self.unet.config.in_channels
             x_T = base.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
             # The kernels' space may differ from step()'s (Euler ancestral: x / sqrt(1 + sigma^2), what the UNet
             # is fed), and Euler's init_noise_sigma depends on the schedule: the same draw z, at the std of x_T
             # in the kernels' space (a copy of the scheduler is set; the pipeline's own is left as it is).
             timed = copy.deepcopy(base.scheduler)
             timed.set_timesteps(num_inference_steps)
-            ks_sigma = float(getattr(as_kernel_scheduler(timed), "init_noise_sigma", 1.0))
-            if ks_sigma != float(base.scheduler.init_noise_sigma):
-                x_T = x_T * (ks_sigma / float(base.scheduler.init_noise_sigma))
+            ks_sigma = float(getattr(as_kernel_scheduler(timed, eta=sampler_eta), "init_noise_sigma", 1.0))
+            step_sigma = float(getattr(base.scheduler, "init_noise_sigma", 1.0))  # flow matching has none: 1
+            if ks_sigma != step_sigma:
+                x_T = x_T * (ks_sigma / step_sigma)
             # 5. denoise: every objective evaluated at the same latents, the planned rule at every step
             if progress is None:
                 progress = not getattr(base, "_progress_bar_config", {}).get("disable", False)
@@ -784,7 +797,7 @@ class MSDDAPipeline:
                 guidance_scale=guidance_scale if do_cfg and not rescale else None,
                 null_cond=null_cond,
                 num_inference_steps=num_inference_steps,
-                eta=float(eta) if kind == "ddim" else None,
+                eta=sampler_eta,
                 generator=generator,
                 device=device,
                 dtype=x_T.dtype,
