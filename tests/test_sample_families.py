@@ -88,3 +88,34 @@ def test_flux_folder_samples_with_the_flux_pipeline(tmp_path):
     bad = _sample(tmp_path / "base", tiny.loras["a"], tmp_path / "x", "--scheduler", "ddim", *size)
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", bad.output).split())
     assert bad.exit_code == 2 and "FluxPipeline takes none" in flat
+
+
+def test_sd3_folder_samples_with_the_sd3_pipeline(tmp_path):
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    import test_sd3_pipeline as t3
+    from msdda.pipelines.sd3 import MSDDASD3Pipeline
+
+    tok = t3.make_tokenizer(tmp_path / "tok")
+    base = diffusers.StableDiffusion3Pipeline(
+        transformer=t3.make_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=t3.make_vae(), text_encoder=t3.make_clip(1), tokenizer=tok, text_encoder_2=t3.make_clip(2),
+        tokenizer_2=copy.deepcopy(tok), text_encoder_3=t3.make_t5(), tokenizer_3=t3.make_t5_tokenizer(),
+    )  # fmt: skip
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    t = copy.deepcopy(base.transformer)
+    t.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    t3._randomise_lora(t, 10, scale=1.0)
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(t)
+    )
+    result = _sample(tmp_path / "base", tmp_path / "lora", tmp_path / "out", "--eta", "0.5")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pipeline"] == "MSDDASD3Pipeline"
+    with MSDDASD3Pipeline.from_pretrained(tmp_path / "base", {"o": str(tmp_path / "lora")}) as pipe:
+        ref = pipe(PROMPT, {"o": 1.0}, num_inference_steps=3, seed=0, eta=0.5, output_type="np",
+                   progress=False).images[0]  # fmt: skip
+    assert float(np.abs(_png(tmp_path / "out" / "image_000.png") - ref).max()) <= 1 / 255 + 1e-6

@@ -1,4 +1,4 @@
-"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL), PixArt and FLUX through diffusers, with LoRA adapters or
+"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL, SD3), PixArt and FLUX through diffusers, with LoRA adapters or
 full models as objectives.
 
 Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
@@ -17,6 +17,7 @@ from msdda.pipelines.flux import MSDDAFluxPipeline
 from msdda.pipelines.objectives import AdapterSwitch, Objective, UNetDenoiser, build_lora_soup, check_lora_shapes
 from msdda.pipelines.pixart import MSDDAPixArtPipeline, MSDDAPixArtPipelineOutput
 from msdda.pipelines.sd import METHODS, MSDDAPipeline, MSDDAPipelineOutput
+from msdda.pipelines.sd3 import MSDDASD3Pipeline
 from msdda.pipelines.sdxl import MSDDAXLPipeline
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MSDDAPipelineOutput",
     "MSDDAPixArtPipeline",
     "MSDDAPixArtPipelineOutput",
+    "MSDDASD3Pipeline",
     "MSDDAXLPipeline",
     "MissingDependencyError",
     "Objective",

@@ -134,6 +134,7 @@ FAMILY_PIPELINES: dict[str, tuple[str, str]] = {
     "StableDiffusionXLPipeline": ("msdda.pipelines.sdxl", "MSDDAXLPipeline"),
     "PixArtAlphaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
     "PixArtSigmaPipeline": ("msdda.pipelines.pixart", "MSDDAPixArtPipeline"),
+    "StableDiffusion3Pipeline": ("msdda.pipelines.sd3", "MSDDASD3Pipeline"),
     "FluxPipeline": ("msdda.pipelines.flux", "MSDDAFluxPipeline"),
 }
 
@@ -161,7 +162,7 @@ def _pixart_call_options(pipe: Any) -> dict[str, Any]:
 def sample_command(
     base: Path = typer.Option(
         ...,
-        help="Local diffusers pipeline folder (model_index.json): Stable Diffusion 1.x / 2.x, SDXL, "
+        help="Local diffusers pipeline folder (model_index.json): Stable Diffusion 1.x / 2.x, SDXL, SD3 / 3.5, "
         "PixArt-alpha / Sigma or FLUX.1; the matching msdda pipeline is chosen from its class.",
     ),
     objective: list[str] = typer.Option(
@@ -190,7 +191,9 @@ def sample_command(
         help="Comma-separated seeds, e.g. 0,1,2 (instead of --seed): one image per seed per prompt, each from its "
         "own generator, so each image equals the --seed run with that seed.",
     ),
-    eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta (0: deterministic); DDIM only."),
+    eta: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="DDIM eta, or the flow SDE's noise level for SD3 / FLUX (0: deterministic)."
+    ),
     scheduler: str | None = typer.Option(
         None,
         help="ddim | ddpm | euler-ancestral | sde-dpmsolver++ (first order; SD 1.x / 2.x), rebuilt from the base's "
@@ -272,18 +275,25 @@ def sample_command(
     pipeline_class, family = _family_pipeline(base)
     kind = pipeline_class.__name__
     pixart, flux = kind == "MSDDAPixArtPipeline", kind == "MSDDAFluxPipeline"
+    flow = flux or kind == "MSDDASD3Pipeline"  # flow matching: the folder's own schedule, --eta the SDE's noise
     from msdda.pipelines import pixart as pixart_module
     from msdda.pipelines import sd as sd_module
 
     choices = pixart_module.SCHEDULERS if pixart else sd_module.SCHEDULERS
     if kind == "MSDDAXLPipeline":
         choices = ("ddim", "ddpm")  # the Gaussian samplers tested on SDXL
-    if flux:
-        choices = ()  # FLUX samples with its own flow-matching schedule; --eta is the SDE's noise level
+    if flow:
+        choices = ()  # FLUX / SD3 sample with their own flow-matching schedule; --eta is the SDE's noise level
     if scheduler is None:
-        scheduler = "ddpm" if pixart else "keep" if flux else "ddim"
+        scheduler = "ddpm" if pixart else "keep" if flow else "ddim"
     if guidance_scale is None:  # diffusers' defaults (FLUX.1-dev: the embedded guidance value)
-        guidance_scale = {"MSDDAXLPipeline": 5.0, "MSDDAPixArtPipeline": 4.5, "MSDDAFluxPipeline": 3.5}.get(kind, 7.5)
+        defaults = {
+            "MSDDAXLPipeline": 5.0,
+            "MSDDAPixArtPipeline": 4.5,
+            "MSDDAFluxPipeline": 3.5,
+            "MSDDASD3Pipeline": 7.0,
+        }
+        guidance_scale = defaults.get(kind, 7.5)
     if scheduler not in (*choices, "keep"):
         takes = (
             f"one of {', '.join(choices)} or keep"
@@ -291,7 +301,7 @@ def sample_command(
             else "none (its own flow-matching schedule; --eta > 0: the SDE)"
         )
         raise typer.BadParameter(f"--scheduler {scheduler!r}; {family or 'this base'} takes {takes}")
-    if (pixart or flux) and (no_safety_checker or batch_models != "auto"):
+    if (pixart or flux) and batch_models != "auto" or (pixart or flow) and no_safety_checker:
         flag = "--no-safety-checker" if no_safety_checker else "--batch-models"
         raise typer.BadParameter(f"{flag} applies to Stable Diffusion folders; {family} has no such option")
     needs_weights = spec.weighted
