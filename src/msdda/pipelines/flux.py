@@ -51,10 +51,10 @@ from msdda.pipelines.objectives import (
     check_lora_shapes,
     check_objective_name,
 )
-from msdda.pipelines.pixart import TransformerObjective, load_full_transformer
+from msdda.pipelines.pixart import TransformerObjective, TransformerPipelineMixin, load_full_transformer
 from msdda.pipelines.sd import SOUP_ADAPTER, DiffusersNoise, _ObjectiveStore
-from msdda.sampling import MSDDA, RGG, CoDe, Cost, StepContext, make_generator, sample
-from msdda.sampling.methods import REFERENCE, MethodPlan, plan_method
+from msdda.sampling import MSDDA, RGG, CoDe, Cost, make_generator, sample
+from msdda.sampling.methods import MethodPlan, plan_method
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def _check_base(base: Any) -> None:
             raise PipelineError(f"{name} has no {attr!r}; pass a complete FluxPipeline as the base")
 
 
-class MSDDAFluxPipeline:
+class MSDDAFluxPipeline(TransformerPipelineMixin):
     """Multi-objective FLUX.1: K objectives (LoRA adapters or full transformers) fused at every step.
 
     base: a diffusers FluxPipeline (FLUX.1-dev, with guidance embeds, or schnell, without). Its transformer is
@@ -373,6 +373,8 @@ class MSDDAFluxPipeline:
     deletes them and restores the transformer's modules, state_dict keys, adapter states, requires_grad flags
     and train/eval mode exactly. A failed construction releases itself.
     """
+
+    _denoiser_class = FluxDenoiser
 
     def __init__(self, base: Any, objectives: Mapping[str, Any]) -> None:
         require("diffusers", "MSDDAFluxPipeline")
@@ -468,68 +470,9 @@ class MSDDAFluxPipeline:
         self._restore_point.restore(self.transformer)
         self.switch.layers = []
 
-    def __enter__(self) -> MSDDAFluxPipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def _check_alive(self) -> None:
-        if self._released:
-            raise PipelineError(
-                "this MSDDAFluxPipeline was released (its adapters were removed); build a new one, e.g. "
-                "MSDDAFluxPipeline(base, objectives)"
-            )
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self.base.set_progress_bar_config(**kwargs)
-
-    def to(self, *args: Any, **kwargs: Any) -> MSDDAFluxPipeline:
-        """Move the (shared) modules and every full-transformer objective."""
-        self.base = self.base.to(*args, **kwargs)
-        for obj in self.objectives.values():
-            if obj.transformer is not None:
-                obj.transformer.to(*args, **kwargs)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.base._execution_device
-
-    @property
-    def objective_names(self) -> list[str]:
-        return list(self.objectives)
-
-    def denoiser(self, name: str | None) -> FluxDenoiser:
-        """The Denoiser for objective `name` (None or "reference": the base transformer, adapters disabled)."""
-        if name is None or name == REFERENCE:
-            return FluxDenoiser(self.transformer, name=REFERENCE, switch=self.switch)
-        if name not in self.objectives:
-            raise ObjectiveError(
-                f"unknown objective {name!r}; this pipeline has {sorted(self.objectives)} (and {REFERENCE!r})"
-            )
-        obj = self.objectives[name]
-        if obj.kind == "lora":
-            return FluxDenoiser(self.transformer, name=name, adapter=obj.adapter, switch=self.switch)
-        return FluxDenoiser(obj.transformer, name=name)
-
-    # What the shared objective store (msdda.pipelines.sd._ObjectiveStore: soups, rewards) asks a pipeline.
-    _full_kind = "transformer"
-
-    @property
-    def _base_model(self) -> nn.Module:
-        return self.transformer
-
     @property
     def _adapter_host(self) -> Any:
         return self.transformer  # FluxTransformer2DModel has diffusers' PeftAdapterMixin: no PeftHost needed
-
-    @staticmethod
-    def _full_model(obj: Any) -> nn.Module:
-        return obj.transformer
-
-    def _model_denoiser(self, model: nn.Module, **kwargs: Any) -> FluxDenoiser:
-        return FluxDenoiser(model, **kwargs)
 
     # ----- checks ------------------------------------------------------------------------------------
     def _check_scheduler(self, eta: float, sde_type: str) -> None:
@@ -598,31 +541,6 @@ class MSDDAFluxPipeline:
                     f"RGG tempering={plan.rule.tempering!r} reads alpha-bar, which a flow-matching schedule does not "
                     "have; pass method_options={'tempering': 'constant'}"
                 )
-
-    def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
-        """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler callback."""
-        if callback is None:
-            return None
-
-        def on_step(ctx: StepContext, x: Tensor) -> Tensor:
-            out = callback(self, ctx.index, torch.tensor(ctx.timestep), {"latents": x}) or {}
-            new = out.get("latents", x)
-            if not isinstance(new, Tensor) or new.shape != x.shape:
-                raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
-            if self.interrupt:
-                ctx.stop = True
-            return new
-
-        return on_step
-
-    @property
-    def interrupt(self) -> bool:
-        """Set to True (e.g. from callback_on_step_end) to stop denoising after the current step."""
-        return getattr(self, "_interrupt", False)
-
-    @interrupt.setter
-    def interrupt(self, value: bool) -> None:
-        self._interrupt = bool(value)
 
     # ----- the call ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -546,7 +546,100 @@ def _aspect_bins(cls_name: str, sample_size: int) -> dict[str, list[float]] | No
     return bins.get(int(sample_size))
 
 
-class MSDDAPixArtPipeline:
+class TransformerPipelineMixin:
+    """What the transformer pipelines (PixArt, FLUX) share: the context-manager and release guard, device moves,
+    objective denoisers, the diffusers-style step callback and interrupt, and the hooks of the shared objective
+    store (`msdda.pipelines.sd._ObjectiveStore`). A subclass sets `_denoiser_class` and has `base`,
+    `transformer`, `switch`, `objectives` and `_released`."""
+
+    _denoiser_class: type
+    _full_kind = "transformer"  # Objective.kind of a full-model objective
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # type: ignore[attr-defined]
+
+    def _check_alive(self) -> None:
+        if self._released:  # type: ignore[attr-defined]
+            name = type(self).__name__
+            raise PipelineError(
+                f"this {name} was released (its adapters were removed); build a new one, e.g. {name}(base, objectives)"
+            )
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.base.set_progress_bar_config(**kwargs)  # type: ignore[attr-defined]
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Move the (shared) modules and every full-transformer objective."""
+        self.base = self.base.to(*args, **kwargs)  # type: ignore[attr-defined]
+        for obj in self.objectives.values():  # type: ignore[attr-defined]
+            if obj.transformer is not None:
+                obj.transformer.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.base._execution_device  # type: ignore[attr-defined]
+
+    @property
+    def objective_names(self) -> list[str]:
+        return list(self.objectives)  # type: ignore[attr-defined]
+
+    def denoiser(self, name: str | None) -> Any:
+        """The Denoiser for objective `name` (None or "reference": the base transformer, adapters disabled)."""
+        make, transformer, switch = self._denoiser_class, self.transformer, self.switch  # type: ignore[attr-defined]
+        if name is None or name == REFERENCE:
+            return make(transformer, name=REFERENCE, switch=switch)
+        objectives = self.objectives  # type: ignore[attr-defined]
+        if name not in objectives:
+            raise ObjectiveError(
+                f"unknown objective {name!r}; this pipeline has {sorted(objectives)} (and {REFERENCE!r})"
+            )
+        obj = objectives[name]
+        if obj.kind == "lora":
+            return make(transformer, name=name, adapter=obj.adapter, switch=switch)
+        return make(obj.transformer, name=name)
+
+    def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
+        """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler callback."""
+        if callback is None:
+            return None
+
+        def on_step(ctx: StepContext, x: Tensor) -> Tensor:
+            out = callback(self, ctx.index, torch.tensor(ctx.timestep), {"latents": x}) or {}
+            new = out.get("latents", x)
+            if not isinstance(new, Tensor) or new.shape != x.shape:
+                raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
+            if self.interrupt:
+                ctx.stop = True
+            return new
+
+        return on_step
+
+    @property
+    def interrupt(self) -> bool:
+        """Set to True (e.g. from callback_on_step_end) to stop denoising after the current step."""
+        return getattr(self, "_interrupt", False)
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._interrupt = bool(value)
+
+    @property
+    def _base_model(self) -> nn.Module:
+        return self.transformer  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _full_model(obj: Any) -> nn.Module:
+        return obj.transformer
+
+    def _model_denoiser(self, model: nn.Module, **kwargs: Any) -> Any:
+        return self._denoiser_class(model, **kwargs)
+
+
+class MSDDAPixArtPipeline(TransformerPipelineMixin):
     """Multi-objective PixArt-alpha / PixArt-Sigma: K objectives (LoRA adapters or full transformers) fused
     at every step, with each objective's own learned variance.
 
@@ -571,6 +664,8 @@ class MSDDAPixArtPipeline:
     `with` block) deletes them and restores the transformer's modules, state_dict keys, adapter states,
     requires_grad flags and train/eval mode exactly. A failed construction releases itself.
     """
+
+    _denoiser_class = TransformerDenoiser
 
     def __init__(self, base: Any, objectives: Mapping[str, Any], *, scheduler: str | Any | None = "ddpm") -> None:
         require("diffusers", "MSDDAPixArtPipeline")
@@ -670,57 +765,12 @@ class MSDDAPixArtPipeline:
         self._restore_point.restore(self.transformer)
         self.switch.layers = []
 
-    def __enter__(self) -> MSDDAPixArtPipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def _check_alive(self) -> None:
-        if self._released:
-            raise PipelineError(
-                "this MSDDAPixArtPipeline was released (its adapters were removed); build a new one, e.g. "
-                "MSDDAPixArtPipeline(base, objectives)"
-            )
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self.base.set_progress_bar_config(**kwargs)
-
-    def to(self, *args: Any, **kwargs: Any) -> MSDDAPixArtPipeline:
-        """Move the (shared) modules and every full-transformer objective."""
-        self.base = self.base.to(*args, **kwargs)
-        for obj in self.objectives.values():
-            if obj.transformer is not None:
-                obj.transformer.to(*args, **kwargs)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.base._execution_device
-
-    @property
-    def objective_names(self) -> list[str]:
-        return list(self.objectives)
-
     @property
     def learned_variance(self) -> bool:
         """True when the kernels carry each model's own variance (learned-sigma transformer, DDPM learned_*)."""
         cfg = self.base.scheduler.config
         learned = type(self.base.scheduler).__name__ == "DDPMScheduler" and cfg.variance_type in LEARNED_VARIANCE_TYPES
         return learned and learns_variance(self.transformer)
-
-    def denoiser(self, name: str | None) -> TransformerDenoiser:
-        """The Denoiser for objective `name` (None or "reference": the base transformer, adapters disabled)."""
-        if name is None or name == REFERENCE:
-            return TransformerDenoiser(self.transformer, name=REFERENCE, switch=self.switch)
-        if name not in self.objectives:
-            raise ObjectiveError(
-                f"unknown objective {name!r}; this pipeline has {sorted(self.objectives)} (and {REFERENCE!r})"
-            )
-        obj = self.objectives[name]
-        if obj.kind == "lora":
-            return TransformerDenoiser(self.transformer, name=name, adapter=obj.adapter, switch=self.switch)
-        return TransformerDenoiser(obj.transformer, name=name)
 
     # ----- checks ------------------------------------------------------------------------------------
     def _check_scheduler(self, eta: float) -> str:
@@ -774,31 +824,6 @@ class MSDDAPixArtPipeline:
                 )
         if isinstance(plan.rule, CoDe) and kind == "ddim" and eta == 0.0:
             raise PipelineError("CoDe with DDIM and eta=0 draws identical candidates; pass eta>0 or use DDPM")
-
-    def _step_callback(self, callback: Callable[..., Any] | None) -> Callable[[StepContext, Tensor], Tensor] | None:
-        """diffusers' callback_on_step_end(pipeline, i, t, {"latents": x}) -> dict as a sampler callback."""
-        if callback is None:
-            return None
-
-        def on_step(ctx: StepContext, x: Tensor) -> Tensor:
-            out = callback(self, ctx.index, torch.tensor(ctx.timestep), {"latents": x}) or {}
-            new = out.get("latents", x)
-            if not isinstance(new, Tensor) or new.shape != x.shape:
-                raise PipelineError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', new)}")
-            if self.interrupt:
-                ctx.stop = True
-            return new
-
-        return on_step
-
-    @property
-    def interrupt(self) -> bool:
-        """Set to True (e.g. from callback_on_step_end) to stop denoising after the current step."""
-        return getattr(self, "_interrupt", False)
-
-    @interrupt.setter
-    def interrupt(self, value: bool) -> None:
-        self._interrupt = bool(value)
 
     # ----- the call ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -1016,23 +1041,9 @@ class MSDDAPixArtPipeline:
         sch.set_timesteps(num_inference_steps)
         return int(sch.timesteps[-1])
 
-    # What the shared objective store (msdda.pipelines.sd._ObjectiveStore: soups, rewards) asks a pipeline.
-    _full_kind = "transformer"
-
-    @property
-    def _base_model(self) -> nn.Module:
-        return self.transformer
-
     @property
     def _adapter_host(self) -> Any:
         return self.host
-
-    @staticmethod
-    def _full_model(obj: Any) -> nn.Module:
-        return obj.transformer
-
-    def _model_denoiser(self, model: nn.Module, **kwargs: Any) -> TransformerDenoiser:
-        return TransformerDenoiser(model, **kwargs)
 
     def _decode_latents(self, latents: Tensor) -> Tensor:
         """latents -> images in [-1, 1] by the VAE (differentiable; the rewards of CoDe / RGG see these)."""
