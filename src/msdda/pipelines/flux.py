@@ -49,9 +49,8 @@ from msdda.pipelines.objectives import (
     _find_lora_file,
     _load_peft_lora,
     check_lora_shapes,
-    check_objective_name,
 )
-from msdda.pipelines.pixart import TransformerObjective, TransformerPipelineMixin, load_full_transformer
+from msdda.pipelines.pixart import TransformerObjective, TransformerPipelineMixin, resolve_transformer_source
 from msdda.pipelines.sd import SOUP_ADAPTER, DiffusersNoise, _ObjectiveStore
 from msdda.sampling import MSDDA, RGG, CoDe, Cost, make_generator, sample
 from msdda.sampling.methods import MethodPlan, plan_method
@@ -276,36 +275,13 @@ def _check_compatible(base: nn.Module, other: nn.Module, objective: str, source:
 
 
 def resolve_flux_objective(transformer: nn.Module, name: str, source: Any) -> TransformerObjective:
-    """One objective source (adapter name, LoRA path, transformer folder / module) as a TransformerObjective;
-    LoRA sources are loaded into `transformer` under the objective's name (left disabled)."""
-    check_objective_name(name)
-    loaded = getattr(transformer, "peft_config", None) or {}
-    if isinstance(source, nn.Module):
-        if source is transformer:
-            raise ObjectiveError(
-                f"objective {name!r} is the base transformer itself; use method='base' or weight 'reference'"
-            )
-        _check_compatible(transformer, source, name, "module")
-        return TransformerObjective(name, "transformer", "module", transformer=source.eval())
-    if isinstance(source, str) and source in loaded:
-        return TransformerObjective(name, "lora", f"adapter:{source}", adapter=source)
-    if not isinstance(source, str | Path):
-        raise ObjectiveError(
-            f"objective {name!r}: source {type(source).__name__} is not supported; pass a path, the name of an "
-            "adapter loaded into the base transformer, or a FluxTransformer2DModel"
-        )
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ObjectiveError(
-            f"objective {name!r}: {source!r} is neither an existing path nor an adapter of the base transformer "
-            f"(adapters: {sorted(loaded)}); check the path"
-        )
-    if _classify(path) in ("transformer", "pipeline"):
-        model = load_full_transformer(transformer, path, name)  # PixArt's loader: safetensors only, base dtype
-        _check_compatible(transformer, model, name, str(path))
-        return TransformerObjective(name, "transformer", str(path), transformer=model)
-    load_flux_lora(transformer, path, name, name)
-    return TransformerObjective(name, "lora", str(path), adapter=name)
+    """A FLUX objective source (see msdda.pipelines.pixart.resolve_transformer_source); LoRAs are loaded into
+    `transformer` (diffusers' own adapter mixin) under the objective's name, left disabled."""
+    return resolve_transformer_source(
+        transformer, name, source, loaded=getattr(transformer, "peft_config", None) or {},
+        load_lora=lambda path, n: load_flux_lora(transformer, path, n, n), classify=_classify,
+        check_compatible=_check_compatible, model_class="FluxTransformer2DModel",
+    )  # fmt: skip
 
 
 # ----- the schedule -------------------------------------------------------------------------------------

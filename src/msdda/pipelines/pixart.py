@@ -453,25 +453,34 @@ def load_full_transformer(base: nn.Module, path: Path, objective: str) -> nn.Mod
     return model.to(base.device).eval()
 
 
-def resolve_transformer_objective(host: PeftHost, name: str, source: Any) -> TransformerObjective:
-    """One objective source (adapter name, LoRA path, transformer folder / module) as a TransformerObjective;
-    LoRA sources are injected into the host's transformer under the objective's name."""
+def resolve_transformer_source(
+    base: nn.Module,
+    name: str,
+    source: Any,
+    *,
+    loaded: set[str] | Mapping[str, Any],
+    load_lora: Callable[[Path, str], None],
+    classify: Callable[[Path], str],
+    check_compatible: Callable[[nn.Module, nn.Module, str, str], None],
+    model_class: str,
+) -> TransformerObjective:
+    """One objective source as a TransformerObjective, for any transformer family: an nn.Module (a full
+    transformer, checked against `base`), the name of an adapter in `loaded`, or a path (a transformer or
+    pipeline folder: loaded in the base's dtype and checked; otherwise a LoRA: `load_lora(path, name)`)."""
     check_objective_name(name)
-    base = host.module
-    loaded = _adapter_names(base)
     if isinstance(source, nn.Module):
         if source is base:
             raise ObjectiveError(
                 f"objective {name!r} is the base transformer itself; use method='base' or weight 'reference'"
             )
-        _check_compatible(base, source, name, "module")
+        check_compatible(base, source, name, "module")
         return TransformerObjective(name, "transformer", "module", transformer=source.eval())
     if isinstance(source, str) and source in loaded:
         return TransformerObjective(name, "lora", f"adapter:{source}", adapter=source)
     if not isinstance(source, str | Path):
         raise ObjectiveError(
             f"objective {name!r}: source {type(source).__name__} is not supported; pass a path, the name of an "
-            "adapter injected into the base transformer, or a PixArtTransformer2DModel"
+            f"adapter of the base transformer, or a {model_class}"
         )
     path = Path(source).expanduser()
     if not path.exists():
@@ -479,16 +488,26 @@ def resolve_transformer_objective(host: PeftHost, name: str, source: Any) -> Tra
             f"objective {name!r}: {source!r} is neither an existing path nor an adapter of the base transformer "
             f"(adapters: {sorted(loaded)}); check the path"
         )
-    kind = _classify(path)
-    if kind in ("transformer", "pipeline"):
-        return TransformerObjective(name, "transformer", str(path), transformer=load_full_transformer(base, path, name))
+    if classify(path) in ("transformer", "pipeline"):
+        model = load_full_transformer(base, path, name)
+        check_compatible(base, model, name, str(path))
+        return TransformerObjective(name, "transformer", str(path), transformer=model)
     if name in loaded:
         raise ObjectiveError(
             f"objective {name!r}: the base transformer already has an adapter named {name!r}; pass that name as the "
             "source to use it, or choose another objective name"
         )
-    load_transformer_lora(host, path, name, name)
+    load_lora(path, name)
     return TransformerObjective(name, "lora", str(path), adapter=name)
+
+
+def resolve_transformer_objective(host: PeftHost, name: str, source: Any) -> TransformerObjective:
+    """A PixArt objective source (see `resolve_transformer_source`); LoRAs are injected through the host."""
+    return resolve_transformer_source(
+        host.module, name, source, loaded=_adapter_names(host.module),
+        load_lora=lambda path, n: load_transformer_lora(host, path, n, n), classify=_classify,
+        check_compatible=_check_compatible, model_class="PixArtTransformer2DModel",
+    )  # fmt: skip
 
 
 # ----- the pipeline ------------------------------------------------------------------------------------
