@@ -10,6 +10,10 @@ This pipeline keeps it: every objective's kernel is the DDPM kernel with its own
 MSDDA's precision-weighted fusion differs from DB-MPA's average of noise predictions here, while on SD 1.5
 (fixed variance) the two are the same sampler.
 
+This module also holds what every transformer family shares (FLUX imports it): `TransformerObjective`,
+`TransformerPipelineMixin` (release guard, device moves, denoisers, callbacks, the shared store's hooks),
+`resolve_transformer_source` and `load_full_transformer`.
+
 The base pipeline (a diffusers PixArtAlphaPipeline or PixArtSigmaPipeline) supplies the T5 text encoder,
 tokenizer, VAE, scheduler config and the base transformer. Each objective is a LoRA adapter injected into
 that transformer with peft (switched per forward pass: memory is one transformer plus the adapters) or a

@@ -1,4 +1,8 @@
-"""Step-level training of a Stable Diffusion LoRA objective (`msdda align --task sd`).
+"""Step-level training of a LoRA objective on a diffusers family (`msdda align --task sd|sdxl|pixart`).
+
+A `LoRAFamily` says what differs between families (pipeline classes, model, adapter injection, per-prompt
+conditioning, the model call, the training kernels, the LoRA file); SD is described below, SDXL and PixArt
+in their family classes.
 
     result = align_sd("sd15", "imagereward=models/ImageReward", prompts, "loras/ir",
                       sd_train_config("step-rl", "imagereward", steps=500), options=SDAlignOptions(dtype="float16"))
