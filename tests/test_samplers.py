@@ -439,8 +439,10 @@ def test_kernel_scheduler_from_diffusers_points_sigma_samplers_to_their_mirror()
         ),
         (lambda: SamplerKernelConfig.from_dict({"bogus": 1}), "unknown SamplerKernelConfig keys \\['bogus'\\]"),
         (
-            lambda: SamplerKernelScheduler().kernel(torch.zeros(SHAPE), torch.tensor([999, 998]), torch.zeros(SHAPE)),
-            "one timestep per call",
+            lambda: SamplerKernelScheduler().kernel(
+                torch.zeros(SHAPE), torch.tensor([999, 998, 997]), torch.zeros(SHAPE)
+            ),
+            "timestep is \\(3,\\) for a batch of 2",
         ),
         (
             lambda: SamplerKernelScheduler().kernel(torch.zeros(SHAPE), 999.5, torch.zeros(SHAPE)),

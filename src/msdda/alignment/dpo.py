@@ -53,6 +53,7 @@ from msdda.alignment.trainer import (
     shard_sizes,
 )
 from msdda.core.kernel import GaussianKernel
+from msdda.core.samplers import SamplerKernelScheduler
 from msdda.core.schedule import KernelScheduler
 from msdda.distributed import DistContext
 
@@ -336,7 +337,7 @@ class DPOTrainer(StepTrainer[DPOConfig, DPOBatch]):
 def train_dpo(
     policy: nn.Module,
     reference: nn.Module,
-    scheduler: KernelScheduler,
+    scheduler: KernelScheduler | SamplerKernelScheduler,
     reward: RewardFn,
     config: DPOConfig,
     *,

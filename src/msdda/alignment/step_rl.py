@@ -47,6 +47,7 @@ from msdda.alignment.trainer import (
 )
 from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import is_differentiable, reward_name
+from msdda.core.samplers import SamplerKernelScheduler
 from msdda.core.schedule import KernelScheduler
 from msdda.distributed import DistContext
 
@@ -232,7 +233,7 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
         self,
         policy: nn.Module,
         reference: nn.Module,
-        scheduler: KernelScheduler,
+        scheduler: KernelScheduler | SamplerKernelScheduler,
         reward: RewardFn | Sequence[RewardFn],
         config: StepRLConfig,
         *,
@@ -355,7 +356,7 @@ class StepRLTrainer(StepTrainer[StepRLConfig, StepRLBatch]):
 def train_step_rl(
     policy: nn.Module,
     reference: nn.Module,
-    scheduler: KernelScheduler,
+    scheduler: KernelScheduler | SamplerKernelScheduler,
     reward: RewardFn | Sequence[RewardFn],
     config: StepRLConfig,
     *,

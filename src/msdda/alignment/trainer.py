@@ -51,6 +51,7 @@ from msdda.atomic import write_text_atomic
 from msdda.config import JSONConfig
 from msdda.core.kernel import GaussianKernel
 from msdda.core.rewards import validate_reward_output
+from msdda.core.samplers import SamplerKernelScheduler
 from msdda.core.schedule import KernelScheduler
 from msdda.distributed import DistContext, get_context
 from msdda.models.checkpoint import Checkpoint, Checkpointer
@@ -191,8 +192,8 @@ class States:
     """States x_t of one data shard with their timesteps and conditions (N = trajectories x states each)."""
 
     x: Tensor  # [N, ...] float64 states x_t
-    t: Tensor  # [N] timesteps
-    prev: Tensor  # [N] previous timesteps
+    t: Tensor  # [N] timesteps (LongTensor; float32 for a schedule with fractional timesteps, e.g. flow matching)
+    prev: Tensor  # [N] previous timesteps, the same dtype
     cond: Any  # [N] conditions (a tensor or a list), or None for an unconditional task
 
     def __len__(self) -> int:
@@ -303,10 +304,57 @@ class _SinglePolicy(StepRuleBase):
         return ctx.kernels[0]
 
 
+def own_training_schedule(
+    scheduler: KernelScheduler | SamplerKernelScheduler, num_inference_steps: int
+) -> KernelScheduler | SamplerKernelScheduler:
+    """The trainer's own copy of `scheduler` with `num_inference_steps` steps (the caller's is never changed).
+
+    DDPM/DDIM: rebuilt from its config and training alphas, as always. A sigma-table sampler (Euler ancestral,
+    SDE-DPM-Solver++, flow_sde) is deep-copied and its tables rebuilt, or kept as mirrored from diffusers when
+    they already have that many steps (dynamic shifting, custom sigmas: set_timesteps cannot rebuild those).
+    AlignmentError for a flow schedule with noise level 0, whose kernels are point masses.
+    """
+    if isinstance(scheduler, KernelScheduler):
+        ks = KernelScheduler(scheduler.config, scheduler.alphas_cumprod)
+        ks.set_timesteps(num_inference_steps)
+        return ks
+    if not isinstance(scheduler, SamplerKernelScheduler):
+        raise AlignmentError(
+            f"scheduler is a {type(scheduler).__name__}; the step trainers take a KernelScheduler (DDPM/DDIM) or a "
+            "SamplerKernelScheduler: mirror a diffusers scheduler with msdda.core.as_kernel_scheduler(scheduler)"
+        )
+    cfg = scheduler.config
+    if cfg.kind == "flow_sde" and cfg.noise_level == 0:
+        raise AlignmentError(
+            "flow_sde with noise level 0 steps by the flow ODE: every kernel is a point mass, so KL(pi || p_ref) is "
+            "infinite for every other kernel and there is no step-level problem: pass eta > 0 (e.g. eta=0.7, "
+            "Flow-GRPO's SDE)"
+        )
+    ks = copy.deepcopy(scheduler)
+    if ks.num_inference_steps != num_inference_steps or cfg.sigma_schedule != "mirrored":
+        if cfg.sigma_schedule == "mirrored":
+            raise AlignmentError(
+                f"the scheduler's mirrored sigma table has {ks.num_inference_steps} steps and the trainer needs "
+                f"num_inference_steps={num_inference_steps}, which set_timesteps cannot rebuild (dynamic shifting or "
+                f"custom sigmas); call set_timesteps({num_inference_steps}) on the diffusers scheduler before "
+                "mirroring it"
+            )
+        ks.set_timesteps(num_inference_steps)
+    return ks
+
+
+def _steps_for(scheduler: Any, num_inference_steps: int) -> int | None:
+    """What sample() gets as num_inference_steps: None for a sigma-table schedule that already has that many
+    steps (its table is used as is, so a mirrored one is never rebuilt), else the count."""
+    if isinstance(scheduler, SamplerKernelScheduler) and scheduler.num_inference_steps == num_inference_steps:
+        return None
+    return num_inference_steps
+
+
 def evaluate_policy(
     policy: nn.Module,
     reference: nn.Module,
-    scheduler: KernelScheduler,
+    scheduler: KernelScheduler | SamplerKernelScheduler,
     reward: RewardFn,
     config: StepTrainerConfig,
     sample_shape: Sequence[int],
@@ -334,7 +382,7 @@ def evaluate_policy(
         shape=(config.eval_samples, *sample_shape),
         cond=cond,
         reference=reference,
-        num_inference_steps=config.num_inference_steps,
+        num_inference_steps=_steps_for(scheduler, config.num_inference_steps),
         guidance_scale=config.guidance_scale if null_cond is not None else None,
         null_cond=null_cond,
         generator=gen,
@@ -411,7 +459,7 @@ class StepTrainer(Generic[C, B]):
         self,
         policy: nn.Module,
         reference: nn.Module,
-        scheduler: KernelScheduler,
+        scheduler: KernelScheduler | SamplerKernelScheduler,
         reward: RewardFn,
         config: C,
         *,
@@ -440,10 +488,13 @@ class StepTrainer(Generic[C, B]):
         self.out = Path(out)
         self.log_path = self.out / LOG_FILE
         self.checkpointer = Checkpointer(self.out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
-        ks = KernelScheduler(scheduler.config, scheduler.alphas_cumprod)  # our own copy, with our timesteps
-        ks.set_timesteps(config.num_inference_steps)
+        ks = own_training_schedule(scheduler, config.num_inference_steps)  # our own copy, with our timesteps
         self.scheduler = ks
-        self.timesteps = [int(t) for t in ks.timesteps]
+        # Integer timesteps stay ints (DDPM/DDIM: LongTensors, as before); fractional ones (flow matching:
+        # 1000 * sigma) stay floats and reach the model as float32, as msdda.sample passes them.
+        fractional = bool(torch.is_floating_point(ks.timesteps) and (ks.timesteps != ks.timesteps.round()).any())
+        self.t_dtype = torch.float32 if fractional else torch.long
+        self.timesteps = [float(t) if fractional else int(t) for t in ks.timesteps]
         self.prev_timesteps = [ks.prev_timestep(t) for t in self.timesteps]
         self.reference = reference.eval().requires_grad_(False)
         for m in (policy, reference):
@@ -524,7 +575,7 @@ class StepTrainer(Generic[C, B]):
                 _SinglePolicy(),
                 shape=(n, *self.sample_shape),
                 cond=select_cond(cond, torch.arange(rows.start, rows.stop)),
-                num_inference_steps=cfg.num_inference_steps,
+                num_inference_steps=_steps_for(self.scheduler, cfg.num_inference_steps),
                 guidance_scale=cfg.guidance_scale if self.null_cond is not None else None,
                 null_cond=self.null_cond,
                 generator=gen,
@@ -540,7 +591,8 @@ class StepTrainer(Generic[C, B]):
         stack = torch.cat(parts, dim=1)  # [steps, n_traj, ...]
         traj_ix = torch.arange(n_traj).repeat_interleave(per)
         x = stack[idx.flatten(), traj_ix].double()  # [N, ...]
-        t_all, p_all = torch.tensor(self.timesteps), torch.tensor(self.prev_timesteps)
+        t_all = torch.tensor(self.timesteps, dtype=self.t_dtype)
+        p_all = torch.tensor(self.prev_timesteps, dtype=self.t_dtype)
         return States(x=x, t=t_all[idx.flatten()], prev=p_all[idx.flatten()], cond=select_cond(cond, traj_ix))
 
     def kernel(self, model: Callable[[Tensor, Tensor, Any], Tensor], states: States) -> GaussianKernel:

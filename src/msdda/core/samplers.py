@@ -356,11 +356,14 @@ class SamplerKernelScheduler:
         """p(x_prev | x_t = sample) for the model output at `timestep` (one of the schedule's timesteps).
 
         model_output, sample: [B, C, ...] (a learned-variance model's [B, 2C, ...] output: the variance half is
-        ignored, as diffusers' DPM-Solver does). prev_timestep: default the schedule's next timestep (-1 after the
-        last); another one steps to its interpolated sigma. eta: flow_sde's noise level for this call (default
-        config.noise_level); refused for the other kinds. Returns a ReverseKernel with the mean in the dtype of
-        `sample`, a 0-dim var (0 where the step lands on sigma 0: the last Euler / DPM step), x0_hat and the noise
-        estimate. One timestep per call (a batch of timesteps raises ScheduleError).
+        ignored, as diffusers' DPM-Solver does). timestep: one schedule timestep, or a tensor [B] of them (one per
+        row, as the step trainers pass; then prev_timestep is None or a tensor [B] too, and the kernel's var is
+        [B, 1, ...] and its timestep / prev_timestep are -2, as KernelScheduler's batched kernels). prev_timestep:
+        default the schedule's next timestep (-1 after the last); another one steps to its interpolated sigma.
+        eta: flow_sde's noise level for this call (default config.noise_level); refused for the other kinds.
+        Returns a ReverseKernel with the mean in the dtype of `sample`, var 0 where the step lands on sigma 0
+        (the last Euler / DPM step), x0_hat and the noise estimate. A batched kernel equals the per-row kernels
+        exactly: every row's scalar coefficients are computed as the single-timestep call computes them.
         """
         cfg = self.config
         if use_clipped_model_output:
@@ -370,6 +373,33 @@ class SamplerKernelScheduler:
                 f"eta applies to DDIM and flow_sde (its noise level) only, not {cfg.kind} (got eta={eta}); pass None"
             )
         out, x = _check_tensors(model_output, sample)
+        a = cfg.noise_level if eta is None else float(eta)
+        if cfg.kind == "flow_sde" and (not math.isfinite(a) or a < 0 or (cfg.sde_type == "cps" and a > 1)):
+            raise ScheduleError(f"eta (the noise level) {eta!r} must be finite, >= 0 (and <= 1 for cps)")
+        batched = isinstance(timestep, Tensor) and timestep.dim() > 0
+        if batched:
+            ts, prevs = _rows(timestep, prev_timestep, x.shape[0])
+            rows = [self._step_coefs(t, p, a) for t, p in zip(ts, prevs, strict=True)]
+            coefs = {k: _per_row([r[1][k] for r in rows], x) for k in rows[0][1]}
+            t_out: float | int = -2
+            prev: float | int = -2
+        else:
+            t_out, (prev, coefs) = None, self._step_coefs(timestep, prev_timestep, a)
+        mean, var, x0, eps = self._apply(out, x, coefs)
+        dt = sample.dtype
+        if not isinstance(var, Tensor):
+            var = torch.tensor(var, dtype=dt, device=sample.device)
+        return ReverseKernel(
+            mean=mean.to(dt),
+            var=var.to(dt),
+            pred_original_sample=x0.to(dt),
+            pred_epsilon=eps.to(dt),
+            timestep=_plain(float(self.timesteps[self._require_index(timestep)])) if t_out is None else t_out,
+            prev_timestep=prev,
+        )
+
+    def _step_coefs(self, timestep: Any, prev_timestep: Any, a: float) -> tuple[float | int, dict[str, float]]:
+        """One step's prev timestep and scalar coefficients (python floats, float64) for `_apply`."""
         i = self._require_index(timestep)
         s_from = float(self.sigmas[i])
         if prev_timestep is None:
@@ -383,88 +413,112 @@ class SamplerKernelScheduler:
             )
         if s_to > s_from:
             raise ScheduleError(f"prev_timestep {prev} is noisier (sigma {s_to:.6g}) than timestep's ({s_from:.6g})")
-        if cfg.kind == "euler_ancestral":
-            mean, var, x0, eps = self._euler(out, x, s_from, s_to)
-        elif cfg.kind == "sde-dpmsolver++":
-            mean, var, x0, eps = self._dpm(out, x, s_from, s_to)
-        else:
-            a = cfg.noise_level if eta is None else float(eta)
-            if not math.isfinite(a) or a < 0 or (cfg.sde_type == "cps" and a > 1):
-                raise ScheduleError(f"eta (the noise level) {eta!r} must be finite, >= 0 (and <= 1 for cps)")
-            mean, var, x0, eps = self._flow(out, x, s_from, s_to, a)
-        dt = sample.dtype
-        return ReverseKernel(
-            mean=mean.to(dt),
-            var=torch.tensor(var, dtype=dt, device=sample.device),
-            pred_original_sample=x0.to(dt),
-            pred_epsilon=eps.to(dt),
-            timestep=_plain(float(self.timesteps[i])),
-            prev_timestep=prev,
-        )
+        kind = self.config.kind
+        if kind == "euler_ancestral":
+            return prev, self._euler_coefs(s_from, s_to)
+        if kind == "sde-dpmsolver++":
+            return prev, self._dpm_coefs(s_from, s_to)
+        return prev, self._flow_coefs(s_from, s_to, a)
+
+    def _apply(self, out: Tensor, x: Tensor, c: dict[str, Any]) -> tuple[Tensor, Any, Tensor, Tensor]:
+        """mean, var, x0_hat, noise estimate from the coefficients (floats, or [N, 1, ...] tensors per row: the
+        same operations in the same order either way, so both give the same values)."""
+        kind = self.config.kind
+        if kind == "euler_ancestral":
+            xs = x * c["c_in"] if self.config.space == "model_input" else x  # step()'s latents
+            x0 = self._euler_x0(out, xs, c)
+            eps = (xs - x0) / c["s"]  # the ODE derivative
+            mean = xs + eps * c["step"]
+            var = c["var"]
+            if self.config.space == "model_input":  # back to x_prev / sqrt(1 + sigma_to^2): the model's next input
+                mean, var = mean / c["c_out"], var / c["c_out2"]
+            return mean, var, x0, eps
+        if kind == "sde-dpmsolver++":
+            x0 = _vp_x0(out, x, c, self.config.prediction_type)
+            if self.config.thresholding:
+                x0 = _threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            mean = c["cx"] * x + c["cx0"] * x0
+            eps = (x - c["a"] * x0) / c["sd"]
+            return mean, c["var"], x0, eps
+        x0 = x - c["s"] * out
+        x1 = x + c["one_minus_s"] * out  # the noise estimate
+        if self.config.sde_type == "cps":
+            return c["cx0"] * x0 + c["cx1"] * x1, c["var"], x0, x1
+        return x * c["cx"] + out * c["cv"], c["var"], x0, x1
 
     def predict_x0(self, model_output: Tensor, timestep: Any, sample: Tensor) -> Tensor:
-        """Tweedie's x0_hat at `timestep` (before thresholding), shape and dtype of `sample`."""
+        """Tweedie's x0_hat at `timestep` (one, or a tensor [B]: one per row), before thresholding; shape and
+        dtype of `sample`."""
         out, x = _check_tensors(model_output, sample)
-        s = self.sigma_at(timestep)
+        if isinstance(timestep, Tensor) and timestep.dim() > 0:
+            ts, _ = _rows(timestep, None, x.shape[0])
+            rows = [self._x0_coefs(self.sigma_at(t)) for t in ts]
+            c = {k: _per_row([r[k] for r in rows], x) for k in rows[0]}
+        else:
+            c = self._x0_coefs(self.sigma_at(timestep))
         kind = self.config.kind
         if kind == "flow_sde":
-            return (x - s * out).to(sample.dtype)
+            return (x - c["s"] * out).to(sample.dtype)
         if kind == "euler_ancestral":
-            c_in = 1.0 if self.config.space == "sample" else math.sqrt(1 + s * s)
-            return self._euler_x0(out, x * c_in, s).to(sample.dtype)
-        return _vp_x0(out, x, s, self.config.prediction_type).to(sample.dtype)
+            xs = x * c["c_in"] if self.config.space == "model_input" else x
+            return self._euler_x0(out, xs, c).to(sample.dtype)
+        return _vp_x0(out, x, c, self.config.prediction_type).to(sample.dtype)
 
-    def _euler_x0(self, out: Tensor, x: Tensor, s: float) -> Tensor:
+    def _x0_coefs(self, s: float) -> dict[str, float]:
+        kind = self.config.kind
+        if kind == "flow_sde":
+            return {"s": s}
+        if kind == "euler_ancestral":
+            return {"s": s, "c_in": math.sqrt(1 + s * s), **_euler_x0_coefs(s)}
+        return _vp_coefs(s)
+
+    def _euler_x0(self, out: Tensor, x: Tensor, c: dict[str, Any]) -> Tensor:
         """x0_hat from the output, with x in step()'s space (x = x0 + sigma * eps), in diffusers' formulas."""
         pt = self.config.prediction_type
         if pt == "epsilon":
-            return x - s * out
+            return x - c["s"] * out
         if pt == "v_prediction":
-            return out * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+            return out * c["v_out"] + x / c["v_x"]
         return out  # "sample": x0 directly (diffusers' Euler ancestral step() raises NotImplementedError for it)
 
-    def _euler(self, out: Tensor, x: Tensor, s_from: float, s_to: float) -> tuple[Tensor, float, Tensor, Tensor]:
-        model_space = self.config.space == "model_input"
-        xs = x * math.sqrt(1 + s_from**2) if model_space else x  # step()'s latents
-        x0 = self._euler_x0(out, xs, s_from)
+    def _euler_coefs(self, s_from: float, s_to: float) -> dict[str, float]:
         s_up = math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
         s_down = math.sqrt(max(s_to**2 - s_up**2, 0.0))
-        eps = (xs - x0) / s_from  # the ODE derivative
-        mean = xs + eps * (s_down - s_from)
-        var = s_up**2
-        if model_space:  # back to x_prev / sqrt(1 + sigma_to^2): what the model sees at the next step
-            c = math.sqrt(1 + s_to**2)
-            mean, var = mean / c, var / c**2
-        return mean, var, x0, eps
+        c = math.sqrt(1 + s_to**2)
+        return {
+            "s": s_from,
+            "c_in": math.sqrt(1 + s_from**2),
+            "step": s_down - s_from,
+            "var": s_up**2,
+            "c_out": c,
+            "c_out2": c**2,
+            **_euler_x0_coefs(s_from),
+        }
 
-    def _dpm(self, out: Tensor, x: Tensor, s_from: float, s_to: float) -> tuple[Tensor, float, Tensor, Tensor]:
-        cfg = self.config
+    def _dpm_coefs(self, s_from: float, s_to: float) -> dict[str, float]:
         a_s, a_t = 1 / math.sqrt(1 + s_from**2), 1 / math.sqrt(1 + s_to**2)
         sd_s, sd_t = s_from * a_s, s_to * a_t  # the VP noise std at both ends
-        x0 = _vp_x0(out, x, s_from, cfg.prediction_type)
-        if cfg.thresholding:
-            x0 = _threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
         r = s_to / s_from  # e^{-h}: h = lambda_t - lambda_s with lambda = -log sigma
-        mean = (sd_t / sd_s * r) * x + (a_t * (1 - r * r)) * x0
-        var = sd_t**2 * (1 - r * r)
-        eps = (x - a_s * x0) / sd_s
-        return mean, var, x0, eps
+        return {**_vp_coefs(s_from), "cx": sd_t / sd_s * r, "cx0": a_t * (1 - r * r), "var": sd_t**2 * (1 - r * r)}
 
-    def _flow(self, v: Tensor, x: Tensor, s: float, s_next: float, a: float) -> tuple[Tensor, float, Tensor, Tensor]:
-        x0 = x - s * v
-        x1 = x + (1 - s) * v  # the noise estimate
+    def _flow_coefs(self, s: float, s_next: float, a: float) -> dict[str, float]:
         if self.config.sde_type == "cps":
             std = s_next * math.sin(a * math.pi / 2)
-            mean = (1 - s_next) * x0 + math.sqrt(max(s_next**2 - std**2, 0.0)) * x1
-            return mean, std**2, x0, x1
+            k = math.sqrt(max(s_next**2 - std**2, 0.0))
+            return {"s": s, "one_minus_s": 1 - s, "cx0": 1 - s_next, "cx1": k, "var": std**2}
         dt = s_next - s
         # Flow-GRPO guards sigma = 1 (pure noise) with the schedule's second sigma in the denominator
         denom = 1 - (float(self.sigmas[1]) if s == 1.0 and self.sigmas.numel() > 1 else s)
         std_dev = a * math.sqrt(s / denom) if denom > 0 else math.inf
         if not math.isfinite(std_dev):
             raise ScheduleError(f"flow SDE std is infinite at sigma={s} (sigma table {self.sigmas[:2].tolist()})")
-        mean = x * (1 + std_dev**2 / (2 * s) * dt) + v * ((1 + std_dev**2 * (1 - s) / (2 * s)) * dt)
-        return mean, std_dev**2 * (-dt), x0, x1
+        return {
+            "s": s,
+            "one_minus_s": 1 - s,
+            "cx": 1 + std_dev**2 / (2 * s) * dt,
+            "cv": (1 + std_dev**2 * (1 - s) / (2 * s)) * dt,
+            "var": std_dev**2 * (-dt),
+        }
 
     # ----- conversion ------------------------------------------------------------------------------
     def with_options(self, *, eta: float | None = None, space: str | None = None) -> SamplerKernelScheduler:
@@ -599,14 +653,23 @@ def _check_dpm(sc: Any) -> None:
         raise UnsupportedSchedulerError(f"variance_type={sc.get('variance_type')!r} is not mirrored")
 
 
-def _vp_x0(out: Tensor, x: Tensor, s: float, prediction_type: str) -> Tensor:
-    """x0_hat over the VP x_t with noise level sigma (alpha = 1 / sqrt(1 + sigma^2)), as diffusers' DPM-Solver."""
+def _vp_coefs(s: float) -> dict[str, float]:
+    """alpha = 1 / sqrt(1 + sigma^2) and the VP noise std sigma * alpha at noise level sigma."""
     a = 1 / math.sqrt(1 + s * s)
-    sd = s * a
+    return {"a": a, "sd": s * a}
+
+
+def _euler_x0_coefs(s: float) -> dict[str, float]:
+    """diffusers' v_prediction x0_hat in Euler's space, out * (-s / sqrt(s^2 + 1)) + x / (s^2 + 1): its factors."""
+    return {"v_out": -s / math.sqrt(s * s + 1), "v_x": s * s + 1}
+
+
+def _vp_x0(out: Tensor, x: Tensor, c: dict[str, Any], prediction_type: str) -> Tensor:
+    """x0_hat over the VP x_t (coefficients `_vp_coefs`: floats or per-row tensors), as diffusers' DPM-Solver."""
     if prediction_type == "epsilon":
-        return (x - sd * out) / a
+        return (x - c["sd"] * out) / c["a"]
     if prediction_type == "v_prediction":
-        return a * x - sd * out
+        return c["a"] * x - c["sd"] * out
     return out
 
 
@@ -649,8 +712,8 @@ def _scalar(timestep: Any, what: str) -> float:
     if isinstance(timestep, Tensor):
         if timestep.numel() != 1:
             raise ScheduleError(
-                f"{what} is a tensor of {timestep.numel()} values; these samplers take one timestep per call "
-                "(batched timesteps are supported by KernelScheduler's DDPM/DDIM kernels only)"
+                f"{what} is a tensor of {timestep.numel()} values where one timestep is expected; pass one value "
+                "(or, to kernel / predict_x0, a tensor [B] of timesteps with one per row)"
             )
         if timestep.is_complex() or timestep.dtype == torch.bool:
             raise ScheduleError(f"{what} has dtype {timestep.dtype}; pass a real timestep")
@@ -658,6 +721,30 @@ def _scalar(timestep: Any, what: str) -> float:
     if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real) or not math.isfinite(float(timestep)):
         raise ScheduleError(f"{what} is {timestep!r:.60} ({type(timestep).__name__}); pass a real, finite timestep")
     return float(timestep)
+
+
+def _rows(timestep: Tensor, prev_timestep: Any, n: int) -> tuple[list[float], list[Any]]:
+    """The per-row timesteps (and prev timesteps, None for the defaults) of a batched call; ScheduleError if a
+    tensor does not have one value per row of the batch."""
+    for what, value in (("timestep", timestep), ("prev_timestep", prev_timestep)):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dim() != 1 or value.numel() != n:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ScheduleError(
+                f"{what} is {shape} for a batch of {n}; batched timesteps need one per row, a tensor [{n}] "
+                "(with timestep and prev_timestep both batched)"
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ScheduleError(f"{what} has dtype {value.dtype}; pass real timesteps")
+    ts = [float(v) for v in timestep.tolist()]
+    prevs = [None] * n if prev_timestep is None else [float(v) for v in prev_timestep.tolist()]
+    return ts, prevs
+
+
+def _per_row(values: list[float], like: Tensor) -> Tensor:
+    """Per-row scalars as a [N, 1, ...] tensor in `like`'s dtype and device, broadcasting over a row."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _plain(t: float) -> float | int:
