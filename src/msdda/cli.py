@@ -275,7 +275,7 @@ def align(
     task: str = typer.Option(
         "digits",
         help="digits (the shipped base), gaussian (a policy on the exact oracle), sd (a LoRA on a Stable "
-        "Diffusion folder: needs --base and --prompt-file), sdxl or pixart (the same on an SDXL or PixArt folder).",
+        "Diffusion folder: needs --base and --prompt-file), sdxl, sd3 or pixart (the same on those folders).",
     ),
     reward: list[str] = typer.Option(
         ...,
@@ -343,8 +343,12 @@ def align(
     ),
     num_inference_steps: int = typer.Option(None, min=2, help="sd: sampling steps of the training trajectories (50)."),
     guidance_scale: float = typer.Option(None, help="sd: CFG scale of policy and reference (7.5)."),
-    scheduler: str = typer.Option(None, help="sd: ddim (default, with --eta) or ddpm."),
-    eta: float = typer.Option(None, help="sd: DDIM eta of the training kernels, in (0, 1] (1)."),
+    scheduler: str = typer.Option(
+        None, help="sd / sdxl: ddim (default, with --eta) or ddpm; pixart: ddpm (default) or ddim; sd3: flow."
+    ),
+    eta: float = typer.Option(
+        None, help="DDIM eta of the training kernels, or sd3's flow SDE noise level; in (0, 1] (default 1)."
+    ),
     height: int = typer.Option(None, help="sd: training height in pixels (the UNet's sample size)."),
     width: int = typer.Option(None, help="sd: training width in pixels (the UNet's sample size)."),
     reward_batch: int = typer.Option(None, min=1, help="sd: candidates decoded and scored per chunk (8)."),
@@ -386,7 +390,7 @@ def align(
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
     rewards = list(reward)
-    image_task = task in ("sd", "sdxl", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    image_task = task in ("sd", "sdxl", "sd3", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
     if not image_task and (len(rewards) != 1 or reward_weights is not None):
         raise typer.BadParameter(
             f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
@@ -512,7 +516,7 @@ def align(
         return
     if task != "digits":
         raise typer.BadParameter(
-            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl or pixart"
+            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl, sd3 or pixart"
         )
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward
@@ -602,7 +606,7 @@ def _align_sd(
         options = SDAlignOptions(**{k: v for k, v in sd_options.items() if v is not None and v is not False})
         if options.scheduler is None:  # the family's kernels, checked with eta now
             options = SDAlignOptions(**{**options.to_dict(), "scheduler": family.default_scheduler})
-        if sd_options.get("eta") is not None and options.scheduler != "ddim":
+        if sd_options.get("eta") is not None and options.scheduler not in ("ddim", "flow"):
             raise SDAlignError(
                 f"--eta sets DDIM's noise; the {options.scheduler} kernels take none (or pass --scheduler ddim)"
             )

@@ -31,6 +31,7 @@ process runs this function; rank 0 alone writes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -59,7 +60,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "align_config.json"
 SD_TRAINERS: tuple[str, ...] = ("step-rl", "bt", "listwise", "hard")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-SCHEDULERS: tuple[str, ...] = ("ddim", "ddpm")
+SCHEDULERS: tuple[str, ...] = ("ddim", "ddpm", "flow")  # flow: flow matching's SDE at noise level eta (SD3)
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 # The trainer defaults on SD: LoRA on the attention projections, few trajectories per step (each is a full
@@ -126,10 +127,12 @@ class SDAlignOptions(JSONConfig):
         eta = self.eta
         if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta):
             raise SDAlignError(f"eta={eta!r} must be a number in (0, 1]")
-        if self.scheduler == "ddim" and not 0.0 < float(eta) <= 1.0:
+        if self.scheduler in ("ddim", "flow") and not 0.0 < float(eta) <= 1.0:
+            what = "DDIM" if self.scheduler == "ddim" else "flow-matching (the SDE's noise level)"
             raise SDAlignError(
-                f"eta={eta!r}: DDIM training needs eta in (0, 1] (at eta 0 every kernel is a point mass and there is "
-                "no step-level problem to solve); pass --eta 1, or --scheduler ddpm"
+                f"eta={eta!r}: {what} training needs eta in (0, 1] (at eta 0 every kernel is a point mass and there "
+                "is no step-level problem to solve); pass --eta 1"
+                + (", or --scheduler ddpm" if self.scheduler == "ddim" else "")
             )
         for name in ("height", "width"):
             v = getattr(self, name)
@@ -199,8 +202,12 @@ def check_base_folder(base: Any, family: LoRAFamily | None = None) -> Path:
     except (OSError, ValueError) as exc:
         raise SDAlignError(f"--base {path}: cannot read model_index.json ({exc})") from None
     if cls_name not in family.pipeline_classes:
-        hint = {"sd": "SD 1.x / 2.x (StableDiffusionPipeline)", "sdxl": "SDXL (StableDiffusionXLPipeline)",
-                "pixart": "PixArt-alpha / Sigma"}[family.task]  # fmt: skip
+        hint = {
+            "sd": "SD 1.x / 2.x (StableDiffusionPipeline)",
+            "sdxl": "SDXL (StableDiffusionXLPipeline)",
+            "sd3": "SD3 / SD3.5 (StableDiffusion3Pipeline)",
+            "pixart": "PixArt-alpha / Sigma",
+        }[family.task]
         other = [f.task for f in FAMILIES.values() if cls_name in f.pipeline_classes]
         fix = f"; use --task {other[0]}" if other else ""
         raise SDAlignError(
@@ -246,6 +253,7 @@ class LoRAFamily:
     task = "sd"
     pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
     default_scheduler = "ddim"
+    schedulers: tuple[str, ...] = ("ddim", "ddpm")  # the training kernels this family takes
 
     def model(self, pipe: Any) -> nn.Module:
         return pipe.unet
@@ -261,7 +269,7 @@ class LoRAFamily:
     def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
         return model(x_t, t, encoder_hidden_states=rows["embeds"], return_dict=False)[0]
 
-    def scheduler(self, pipe: Any, options: SDAlignOptions) -> Any:
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
         from msdda.core.schedule import KernelScheduler
         from msdda.pipelines.sd import own_scheduler
 
@@ -316,7 +324,7 @@ class PixArtFamily(LoRAFamily):
             added_cond_kwargs=added, return_dict=False,
         )[0]  # fmt: skip
 
-    def scheduler(self, pipe: Any, options: SDAlignOptions) -> Any:
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
         from msdda.core.schedule import KernelScheduler
         from msdda.pipelines.pixart import pixart_scheduler
 
@@ -376,10 +384,51 @@ class SDXLFamily(LoRAFamily):
         )
 
 
+class SD3Family(LoRAFamily):
+    """SD3 / SD3.5: a joint-attention transformer (diffusers' adapter mixin) conditioned on the three text
+    encoders' prompt embeddings and the pooled projections, trained on flow matching's SDE kernels at noise
+    level eta (> 0: the ODE's kernels are point masses) from the folder's FlowMatchEulerDiscreteScheduler."""
+
+    task = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    default_scheduler = "flow"
+    schedulers = ("flow",)
+
+    def model(self, pipe: Any) -> nn.Module:
+        return pipe.transformer
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(texts, None, None, device=pipe.device,
+                                                             do_classifier_free_guidance=True)  # fmt: skip
+        dtype = self.model(pipe).dtype
+        return {
+            "embeds": torch.cat([embeds, neg[:1]]).to(dtype),
+            "pooled": torch.cat([pooled, neg_pooled[:1]]).to(dtype),
+        }
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        return model(hidden_states=x_t, timestep=t, encoder_hidden_states=rows["embeds"],
+                     pooled_projections=rows["pooled"], return_dict=False)[0]  # fmt: skip
+
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
+        from msdda.core.schedule import as_kernel_scheduler
+
+        own = copy.deepcopy(pipe.scheduler)  # the folder's flow schedule (its shift), with the training steps
+        own.set_timesteps(steps)
+        return as_kernel_scheduler(own, eta=float(options.eta))
+
+    def save_lora(self, folder: Path, state: dict[str, Tensor], lora_config: Any) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state,
+                                                   transformer_lora_adapter_metadata=lora_config.to_dict())  # fmt: skip
+
+
 SD_FAMILY = LoRAFamily()
 SDXL_FAMILY = SDXLFamily()
+SD3_FAMILY = SD3Family()
 PIXART_FAMILY = PixArtFamily()
-FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, PIXART_FAMILY)}
+FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY, PIXART_FAMILY)}
 
 
 # ----- the denoisers and the reward the trainers see ---------------------------------------------------------
@@ -491,7 +540,8 @@ class DecodedImageReward:
 
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX latents are shifted, SD's are not
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
@@ -645,6 +695,26 @@ def align_sdxl(
                        options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
 
 
+def align_sd3(
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None = None,
+    options: SDAlignOptions | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    throttle: float = 0.0,
+) -> SDAlignResult:
+    """`align_sd` for an SD3 / SD3.5 folder: a LoRA on the transformer, trained on flow matching's SDE kernels
+    at noise level `options.eta` (> 0); the file is diffusers' SD3 LoRA layout (`load_lora_weights`,
+    `MSDDASD3Pipeline`)."""
+    return _align_lora(SD3_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
+                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
 ALIGNERS: dict[str, Any] = {}  # task -> align function, filled below
 
 
@@ -690,6 +760,11 @@ def _align_lora(
         options = dataclasses.replace(options, scheduler=family.default_scheduler)
     options.validate()
     config.validate()
+    if options.scheduler not in family.schedulers:
+        raise SDAlignError(
+            f"scheduler={options.scheduler!r}: --task {family.task} trains on {' or '.join(family.schedulers)} kernels "
+            f"(--scheduler {family.schedulers[0]})"
+        )
     if options.variance_head and family is not SD_FAMILY:
         raise SDAlignError(
             f"--variance-head is for fixed-variance models (SD); {family.task} predicts its own variance already"
@@ -738,7 +813,7 @@ def _align_lora(
         ).to(pipe.device)
     policy = PromptIndexDenoiser(unet, table, adapters=True, variance_head=head, family=family)
     reference = PromptIndexDenoiser(unet, table, adapters=False, family=family)
-    scheduler = family.scheduler(pipe, options)
+    scheduler = family.scheduler(pipe, options, int(config.num_inference_steps))
     sample_shape = (unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     label = (
         resolved[0][0]
@@ -831,6 +906,7 @@ __all__ = [
     "ALIGNERS",
     "align_pixart",
     "align_sd",
+    "align_sd3",
     "align_sdxl",
     "check_prompts",
     "check_reward_weights",
@@ -839,4 +915,4 @@ __all__ = [
 ]
 
 
-ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "pixart": align_pixart})
+ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "pixart": align_pixart})
