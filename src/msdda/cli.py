@@ -275,7 +275,7 @@ def align(
     task: str = typer.Option(
         "digits",
         help="digits (the shipped base), gaussian (a policy on the exact oracle), sd (a LoRA on a Stable "
-        "Diffusion folder: needs --base and --prompt-file), sdxl, sd3 or pixart (the same on those folders).",
+        "Diffusion folder: needs --base and --prompt-file), sdxl, sd3, flux or pixart (the same on those folders).",
     ),
     reward: list[str] = typer.Option(
         ...,
@@ -344,10 +344,10 @@ def align(
     num_inference_steps: int = typer.Option(None, min=2, help="sd: sampling steps of the training trajectories (50)."),
     guidance_scale: float = typer.Option(None, help="sd: CFG scale of policy and reference (7.5)."),
     scheduler: str = typer.Option(
-        None, help="sd / sdxl: ddim (default, with --eta) or ddpm; pixart: ddpm (default) or ddim; sd3: flow."
+        None, help="sd / sdxl: ddim (default, with --eta) or ddpm; pixart: ddpm (default) or ddim; sd3 / flux: flow."
     ),
     eta: float = typer.Option(
-        None, help="DDIM eta of the training kernels, or sd3's flow SDE noise level; in (0, 1] (default 1)."
+        None, help="DDIM eta of the training kernels, or the flow SDE's noise level (sd3, flux); in (0, 1] (default 1)."
     ),
     height: int = typer.Option(None, help="sd: training height in pixels (the UNet's sample size)."),
     width: int = typer.Option(None, help="sd: training width in pixels (the UNet's sample size)."),
@@ -390,7 +390,13 @@ def align(
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
     rewards = list(reward)
-    image_task = task in ("sd", "sdxl", "sd3", "pixart")  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    image_task = task in (
+        "sd",
+        "sdxl",
+        "sd3",
+        "flux",
+        "pixart",
+    )  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
     if not image_task and (len(rewards) != 1 or reward_weights is not None):
         raise typer.BadParameter(
             f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
@@ -475,7 +481,8 @@ def align(
                     lora_alpha=lora_alpha,
                     lora_targets=_split(lora_targets),
                     num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
+                    # FLUX.1-dev's embedded guidance defaults to diffusers' 3.5 (the others: CFG at 7.5)
+                    guidance_scale=3.5 if guidance_scale is None and task == "flux" else guidance_scale,
                 ).items()
                 if v is not None
             }
@@ -516,7 +523,7 @@ def align(
         return
     if task != "digits":
         raise typer.BadParameter(
-            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl, sd3 or pixart"
+            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl, sd3, flux or pixart"
         )
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward

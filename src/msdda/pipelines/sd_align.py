@@ -206,6 +206,7 @@ def check_base_folder(base: Any, family: LoRAFamily | None = None) -> Path:
             "sd": "SD 1.x / 2.x (StableDiffusionPipeline)",
             "sdxl": "SDXL (StableDiffusionXLPipeline)",
             "sd3": "SD3 / SD3.5 (StableDiffusion3Pipeline)",
+            "flux": "FLUX.1 (FluxPipeline)",
             "pixart": "PixArt-alpha / Sigma",
         }[family.task]
         other = [f.task for f in FAMILIES.values() if cls_name in f.pipeline_classes]
@@ -255,13 +256,27 @@ class LoRAFamily:
     default_scheduler = "ddim"
     schedulers: tuple[str, ...] = ("ddim", "ddpm")  # the training kernels this family takes
 
+    uses_cfg = True  # classifier-free guidance with the empty prompt (FLUX.1: a guidance embedding instead)
+
     def model(self, pipe: Any) -> nn.Module:
         return pipe.unet
 
     def inject(self, model: nn.Module, lora_config: Any) -> None:
         model.add_adapter(lora_config, adapter_name=ADAPTER)  # diffusers' PeftAdapterMixin
 
-    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+    def default_size(self, pipe: Any) -> int:
+        """The training resolution's default (pixels, square): the model's sample size."""
+        return int(self.model(pipe).config.sample_size * pipe.vae_scale_factor)
+
+    def sample_shape(self, pipe: Any, height: int, width: int) -> tuple[int, ...]:
+        f = pipe.vae_scale_factor
+        return (int(self.model(pipe).config.in_channels), height // f, width // f)
+
+    def unpack(self, pipe: Any, height: int, width: int) -> Callable[[Tensor], Tensor] | None:
+        """Samples -> the VAE's latent layout before decoding (None: they are in it already)."""
+        return None
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
         """{name: [P + 1, ...]}: row p the prompt texts[p]'s conditioning, row P the empty prompt's."""
         cond, null = pipe.encode_prompt(texts, pipe.device, 1, True, None)
         return {"embeds": torch.cat([cond, null[:1]]).to(self.model(pipe).dtype)}
@@ -269,7 +284,7 @@ class LoRAFamily:
     def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
         return model(x_t, t, encoder_hidden_states=rows["embeds"], return_dict=False)[0]
 
-    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int, shape: tuple[int, ...]) -> Any:
         from msdda.core.schedule import KernelScheduler
         from msdda.pipelines.sd import own_scheduler
 
@@ -303,7 +318,7 @@ class PixArtFamily(LoRAFamily):
 
         PeftHost(model).add_adapter(lora_config, ADAPTER)  # the transformer has no PeftAdapterMixin
 
-    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
         sigma = type(pipe).__name__ == "PixArtSigmaPipeline"
         embeds, mask, neg, neg_mask = pipe.encode_prompt(
             texts, True, negative_prompt="", device=pipe.device, clean_caption=False,
@@ -324,7 +339,7 @@ class PixArtFamily(LoRAFamily):
             added_cond_kwargs=added, return_dict=False,
         )[0]  # fmt: skip
 
-    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int, shape: tuple[int, ...]) -> Any:
         from msdda.core.schedule import KernelScheduler
         from msdda.pipelines.pixart import pixart_scheduler
 
@@ -359,7 +374,7 @@ class SDXLFamily(LoRAFamily):
         pooled = int(cfg.projection_class_embeddings_input_dim) - time_ids * int(cfg.addition_time_embed_dim)
         return AddedConditions(text_embeds_dim=pooled, time_ids_dim=time_ids)
 
-    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
         from msdda.pipelines.sdxl import _xl_conditions
 
         packing = _xl_conditions(pipe)  # refuses a UNet that is not an SDXL text-to-image one
@@ -397,7 +412,7 @@ class SD3Family(LoRAFamily):
     def model(self, pipe: Any) -> nn.Module:
         return pipe.transformer
 
-    def encode(self, pipe: Any, texts: list[str], height: int, width: int) -> dict[str, Tensor]:
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(texts, None, None, device=pipe.device,
                                                              do_classifier_free_guidance=True)  # fmt: skip
         dtype = self.model(pipe).dtype
@@ -410,7 +425,7 @@ class SD3Family(LoRAFamily):
         return model(hidden_states=x_t, timestep=t, encoder_hidden_states=rows["embeds"],
                      pooled_projections=rows["pooled"], return_dict=False)[0]  # fmt: skip
 
-    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int) -> Any:
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int, shape: tuple[int, ...]) -> Any:
         from msdda.core.schedule import as_kernel_scheduler
 
         own = copy.deepcopy(pipe.scheduler)  # the folder's flow schedule (its shift), with the training steps
@@ -424,11 +439,71 @@ class SD3Family(LoRAFamily):
                                                    transformer_lora_adapter_metadata=lora_config.to_dict())  # fmt: skip
 
 
+class FluxFamily(LoRAFamily):
+    """FLUX.1 dev / schnell: a transformer on packed latents [B, S, 4C] with T5 and pooled CLIP conditioning,
+    rotary ids of the text and image tokens and (dev) a guidance embedding instead of classifier-free guidance
+    (the trainer's --guidance-scale is that embedded value). Trained on flow matching's SDE kernels at noise
+    level eta, on the folder's schedule with diffusers' dynamic shift for the training resolution."""
+
+    task = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    default_scheduler = "flow"
+    schedulers = ("flow",)
+    uses_cfg = False
+
+    def model(self, pipe: Any) -> nn.Module:
+        return pipe.transformer
+
+    def default_size(self, pipe: Any) -> int:
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+
+    def sample_shape(self, pipe: Any, height: int, width: int) -> tuple[int, ...]:
+        f = 2 * pipe.vae_scale_factor  # diffusers packs 2 x 2 latent patches into one token
+        return ((height // f) * (width // f), int(self.model(pipe).config.in_channels))
+
+    def unpack(self, pipe: Any, height: int, width: int) -> Callable[[Tensor], Tensor] | None:
+        return lambda latents: pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
+        embeds, pooled, text_ids = pipe.encode_prompt(texts, None, device=pipe.device, num_images_per_prompt=1)
+        f = 2 * pipe.vae_scale_factor
+        image_ids = pipe._prepare_latent_image_ids(1, height // f, width // f, pipe.device, embeds.dtype)
+        n, dtype = len(texts), self.model(pipe).dtype
+        table = {  # the ids are shared by every row; kept per row so a row lookup carries them
+            "embeds": embeds.to(dtype), "pooled": pooled.to(dtype),
+            "text_ids": text_ids.expand(n, *text_ids.shape), "image_ids": image_ids.expand(n, *image_ids.shape),
+        }  # fmt: skip
+        if self.model(pipe).config.guidance_embeds:
+            table["guidance"] = torch.full((n,), float(guidance), device=pipe.device)
+        return table
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        return model(
+            hidden_states=x_t, timestep=t.to(x_t.dtype) / 1000, guidance=rows.get("guidance"),
+            pooled_projections=rows["pooled"], encoder_hidden_states=rows["embeds"], txt_ids=rows["text_ids"][0],
+            img_ids=rows["image_ids"][0], return_dict=False,
+        )[0]  # fmt: skip
+
+    def scheduler(self, pipe: Any, options: SDAlignOptions, steps: int, shape: tuple[int, ...]) -> Any:
+        from msdda.core.schedule import as_kernel_scheduler
+        from msdda.pipelines.flux import flux_timesteps
+
+        own, _ = flux_timesteps(pipe.scheduler, steps, image_seq_len=int(shape[0]))  # diffusers' dynamic shift
+        return as_kernel_scheduler(own, eta=float(options.eta))
+
+    def save_lora(self, folder: Path, state: dict[str, Tensor], lora_config: Any) -> None:
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=state,
+                                       transformer_lora_adapter_metadata=lora_config.to_dict())  # fmt: skip
+
+
 SD_FAMILY = LoRAFamily()
 SDXL_FAMILY = SDXLFamily()
 SD3_FAMILY = SD3Family()
+FLUX_FAMILY = FluxFamily()
 PIXART_FAMILY = PixArtFamily()
-FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY, PIXART_FAMILY)}
+FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY, FLUX_FAMILY, PIXART_FAMILY)}
 
 
 # ----- the denoisers and the reward the trainers see ---------------------------------------------------------
@@ -528,7 +603,10 @@ class DecodedImageReward:
         vae: nn.Module,
         prompts: Sequence[str],
         weights: Sequence[float] | None = None,
+        *,
+        unpack: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        self.unpack = unpack  # FLUX: packed latents -> the VAE's layout
         self.fns = [fn] if callable(fn) else list(fn)
         self.weights = [1.0] if weights is None and callable(fn) else [float(w) for w in (weights or [])]
         if len(self.weights) != len(self.fns):
@@ -540,6 +618,8 @@ class DecodedImageReward:
 
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.vae
+        if self.unpack is not None:
+            latents = self.unpack(latents)
         shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX latents are shifted, SD's are not
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -715,6 +795,27 @@ def align_sd3(
                        options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
 
 
+def align_flux(
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None = None,
+    options: SDAlignOptions | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    throttle: float = 0.0,
+) -> SDAlignResult:
+    """`align_sd` for a FLUX.1 folder: a LoRA on the transformer, trained on flow matching's SDE kernels at
+    noise level `options.eta` (> 0) on packed latents; `config.guidance_scale` is FLUX.1-dev's embedded guidance
+    (no classifier-free guidance); the file is diffusers' FLUX LoRA layout (`load_lora_weights`,
+    `MSDDAFluxPipeline`)."""
+    return _align_lora(FLUX_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
+                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
 ALIGNERS: dict[str, Any] = {}  # task -> align function, filled below
 
 
@@ -801,10 +902,11 @@ def _align_lora(
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    height = options.height or unet.config.sample_size * pipe.vae_scale_factor
-    width = options.width or unet.config.sample_size * pipe.vae_scale_factor
+    height = options.height or family.default_size(pipe)
+    width = options.width or family.default_size(pipe)
+    sample_shape = family.sample_shape(pipe, height, width)
     with torch.no_grad():
-        table = family.encode(pipe, texts, height, width)
+        table = family.encode(pipe, texts, height, width, float(config.guidance_scale))
     head = None
     if options.variance_head:
         torch.manual_seed(int(config.seed))
@@ -813,15 +915,14 @@ def _align_lora(
         ).to(pipe.device)
     policy = PromptIndexDenoiser(unet, table, adapters=True, variance_head=head, family=family)
     reference = PromptIndexDenoiser(unet, table, adapters=False, family=family)
-    scheduler = family.scheduler(pipe, options, int(config.num_inference_steps))
-    sample_shape = (unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    scheduler = family.scheduler(pipe, options, int(config.num_inference_steps), sample_shape)
     label = (
         resolved[0][0]
         if weights is None
         else "+".join(f"{w:g}*{n}" for (n, _), w in zip(resolved, weights, strict=True))
     )
     fns = resolved[0][1] if weights is None else [f for _, f in resolved]
-    image_reward = DecodedImageReward(fns, label, pipe.vae, texts, weights)
+    image_reward = DecodedImageReward(fns, label, pipe.vae, texts, weights, unpack=family.unpack(pipe, height, width))
     n_prompts = len(texts)
 
     def cond_sampler(n: int, generator: torch.Generator | None) -> Tensor:
@@ -836,7 +937,7 @@ def _align_lora(
         out=out,
         sample_shape=sample_shape,
         cond_sampler=cond_sampler,
-        null_cond=torch.tensor([n_prompts]),
+        null_cond=torch.tensor([n_prompts]) if family.uses_cfg else None,
         context=ctx,
         clip_samples=False,  # latents are not bounded; the reward decodes them
         reward_batch=options.reward_batch,
@@ -904,6 +1005,7 @@ __all__ = [
     "FAMILIES",
     "LoRAFamily",
     "ALIGNERS",
+    "align_flux",
     "align_pixart",
     "align_sd",
     "align_sd3",
@@ -915,4 +1017,4 @@ __all__ = [
 ]
 
 
-ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "pixart": align_pixart})
+ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "flux": align_flux, "pixart": align_pixart})
