@@ -121,6 +121,14 @@ class TextCondition:
     resolution: Tensor | None = None
     aspect_ratio: Tensor | None = None
 
+    def repeat(self, n: int) -> TextCondition:
+        """Every field's rows repeated n times (a one-row condition broadcast over a batch)."""
+
+        def rows(a: Tensor | None) -> Tensor | None:
+            return None if a is None else a.repeat(n, *([1] * (a.dim() - 1)))
+
+        return TextCondition(rows(self.embeds), rows(self.mask), rows(self.resolution), rows(self.aspect_ratio))
+
     def cat(self, other: TextCondition) -> TextCondition:
         """[self; other] along the batch, as diffusers batches [negative; positive] for guidance."""
 
@@ -165,6 +173,8 @@ class TransformerDenoiser:
                 f"got {type(cond).__name__}"
             )
         self.forwards += x_t.shape[0]
+        if cond.embeds.shape[0] == 1 and x_t.shape[0] > 1:  # one condition for the batch (a sweep's null prompt)
+            cond = cond.repeat(x_t.shape[0])
         kwargs = {
             "encoder_hidden_states": cond.embeds,
             "encoder_attention_mask": cond.mask,

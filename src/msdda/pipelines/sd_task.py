@@ -48,7 +48,8 @@ OPTIONS = (
     "width",
     "policies",
 )
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the base folders the task takes
+# the base folders the task takes: SD 1.x / 2.x, SDXL and the learned-variance PixArt family
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
 WEIGHT_TOLERANCE = 1e-9  # a trained step-RL policy serves a weight vector equal to its own to this tolerance
 
 
@@ -117,8 +118,8 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     cls_name = json.loads(index.read_text()).get("_class_name", "")
     if cls_name not in PIPELINES:
         raise SDTaskError(
-            f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task takes SD 1.x / 2.x or SDXL "
-            f"({', '.join(PIPELINES)})"
+            f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task takes SD 1.x / 2.x, SDXL or "
+            f"PixArt ({', '.join(PIPELINES)})"
         )
     objectives = o.get("objectives") or {}
     if not isinstance(objectives, Mapping) or len(objectives) < 2:
@@ -149,7 +150,8 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     dtype = o.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise SDTaskError(f"dtype={dtype!r}; choose one of {DTYPES}")
-    scheduler = o.get("scheduler") or "ddim"
+    # PixArt's default keeps the transformer's learned variance (DDPM learned_range); SD's is DDIM
+    scheduler = o.get("scheduler") or ("ddpm" if cls_name.startswith("PixArt") else "ddim")
     if scheduler not in SCHEDULERS:
         raise SDTaskError(f"scheduler={scheduler!r}; choose one of {SCHEDULERS}")
     for key, default in (("guidance_scale", 7.5), ("eta", 0.0)):
@@ -227,6 +229,17 @@ def _policy_record(path: str) -> tuple[float, float | None, str] | None:
         return None
 
 
+def _repeat_rows(cond: Any, batch: int) -> Any:
+    """A one-row condition repeated to `batch` rows: a tensor, or each tensor field of a dataclass (PixArt's
+    TextCondition)."""
+    if isinstance(cond, Tensor):
+        return cond.repeat(batch, *([1] * (cond.dim() - 1)))
+    import dataclasses
+
+    fields = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
+    return type(cond)(**{k: None if v is None else _repeat_rows(v, batch) for k, v in fields.items()})
+
+
 class _Prompts:
     """Text conditions: each prompt encoded once, by the pipeline's own family hook (`MSDDAPipeline._encode`:
     SD's prompt embeddings, SDXL's with the pooled embeddings and time ids packed in); remembers which texts
@@ -241,23 +254,43 @@ class _Prompts:
         self.null: Tensor | None = None
         self._last: tuple[Tensor, list[str]] | None = None
 
-    def _encode(self, prompt: str) -> Tensor:
+    def _encode(self, prompt: str) -> Any:
         if prompt not in self.cache:
             with torch.no_grad():
-                encoded = self.pipe._encode(
-                    prompt, self.device, 1, self.do_cfg, None, prompt_embeds=None, negative_prompt_embeds=None,
-                    lora_scale=None, clip_skip=None, height=self.height, width=self.width, family_kwargs={},
-                )  # fmt: skip
-            embeds, negative = encoded.cond, encoded.null_cond
+                if hasattr(self.pipe, "_encode"):  # the SD pipelines' family hook
+                    encoded = self.pipe._encode(
+                        prompt, self.device, 1, self.do_cfg, None, prompt_embeds=None, negative_prompt_embeds=None,
+                        lora_scale=None, clip_skip=None, height=self.height, width=self.width, family_kwargs={},
+                    )  # fmt: skip
+                    embeds, negative = encoded.cond, encoded.null_cond
+                else:
+                    embeds, negative = self._text_condition(prompt)
             self.cache[prompt] = embeds
             if self.null is None and negative is not None:
                 self.null = negative
         return self.cache[prompt]
 
-    def make_cond(self, prompt: Any, batch: int) -> Tensor:
+    def _text_condition(self, prompt: str) -> tuple[Any, Any]:
+        """PixArt: T5 embeddings and mask (and alpha's micro-conditions), as MSDDAPixArtPipeline builds them."""
+        from msdda.pipelines.pixart import TextCondition
+
+        base = self.pipe.base
+        sigma = type(base).__name__ == "PixArtSigmaPipeline"
+        embeds, mask, neg, neg_mask = base.encode_prompt(
+            prompt, self.do_cfg, negative_prompt="", device=self.device, clean_caption=False,
+            max_sequence_length=300 if sigma else 120,
+        )  # fmt: skip
+        res = aspect = None
+        if getattr(self.pipe.transformer, "use_additional_conditions", False):
+            res = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=self.device)
+            aspect = torch.tensor([[self.height / self.width]], dtype=embeds.dtype, device=self.device)
+        null = TextCondition(neg, neg_mask, res, aspect) if self.do_cfg else None
+        return TextCondition(embeds, mask, res, aspect), null
+
+    def make_cond(self, prompt: Any, batch: int) -> Any:
         if not isinstance(prompt, str):
             raise SDTaskError(f"sd prompts are texts; got {prompt!r:.60} ({type(prompt).__name__})")
-        cond = self._encode(prompt).repeat(batch, 1, 1)
+        cond = _repeat_rows(self._encode(prompt), batch)
         self._last = (cond, [prompt] * batch)
         return cond
 
@@ -298,17 +331,25 @@ def sd_bundle(**options: Any) -> Any:
     from msdda.distributed import local_device
 
     device_name = local_device(o["device"])  # "cuda" under torchrun / accelerate launch: this process's own GPU
-    is_xl = json.loads((Path(o["base"]) / "model_index.json").read_text()).get("_class_name") == PIPELINES[1]
-    pipe = (MSDDAXLPipeline if is_xl else MSDDAPipeline).from_pretrained(
-        o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name, safety_checker=None
-    )
+    cls_name = json.loads((Path(o["base"]) / "model_index.json").read_text()).get("_class_name")
+    if cls_name.startswith("PixArt"):
+        from msdda.pipelines.pixart import MSDDAPixArtPipeline
+
+        pipe = MSDDAPixArtPipeline.from_pretrained(
+            o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name
+        )
+    else:
+        pipe = (MSDDAXLPipeline if cls_name == PIPELINES[1] else MSDDAPipeline).from_pretrained(
+            o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name, safety_checker=None
+        )
     pipe.set_progress_bar_config(disable=True)
     base = pipe.base
     device = base._execution_device
     vae = base.vae
     do_cfg = o["guidance_scale"] > 1.0
-    height = o.get("height") or base.unet.config.sample_size * base.vae_scale_factor
-    width = o.get("width") or base.unet.config.sample_size * base.vae_scale_factor
+    network = pipe._base_model  # the UNet, or PixArt's transformer
+    height = o.get("height") or network.config.sample_size * base.vae_scale_factor
+    width = o.get("width") or network.config.sample_size * base.vae_scale_factor
     prompts = _Prompts(pipe, device, do_cfg, height, width)
 
     last: list[Any] = [None, None, None]  # (latents, their version, images) of the last no-grad decode
@@ -337,7 +378,7 @@ def sd_bundle(**options: Any) -> Any:
         store.release()  # one soup adapter at a time: the previous weight vector's is removed first
         return store.soup(weights, average=average)
 
-    channels = base.unet.config.in_channels
+    channels = network.config.in_channels
     prompts.make_cond(o["prompts"][0] if o["prompts"] else "", 1)  # the null condition: the empty prompt's
     if do_cfg and prompts.null is None:
         raise SDTaskError("encode_prompt returned no negative embeddings for classifier-free guidance")
@@ -355,7 +396,7 @@ def sd_bundle(**options: Any) -> Any:
         guidance_scale=o["guidance_scale"] if do_cfg else None,
         null_cond=prompts.null if do_cfg else None,
         soup=soup,
-        dtype=base.unet.dtype,
+        dtype=network.dtype,
         prompt_label=str,
         rgg_scale=1.0,
         device=device,
