@@ -1,11 +1,12 @@
-"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL, SD3), PixArt and FLUX through diffusers, with LoRA adapters or
-full models as objectives.
+"""Layer 7 ("faces"): Stable Diffusion (1.x / 2.x, SDXL, SD3), PixArt, DiT and FLUX through diffusers, with LoRA
+adapters or full models as objectives.
 
 Importing this package needs only torch; diffusers, peft and transformers are imported when a pipeline or
 reward model is built, and their absence raises `MissingDependencyError` naming the install line.
 See docs/stable_diffusion.md.
 """
 
+from msdda.pipelines.dit import MSDDADiTPipeline
 from msdda.pipelines.errors import (
     AdapterError,
     MissingDependencyError,
@@ -22,6 +23,7 @@ from msdda.pipelines.sdxl import MSDDAXLPipeline
 
 __all__ = [
     "METHODS",
+    "MSDDADiTPipeline",
     "MSDDAFluxPipeline",
     "AdapterError",
     "AdapterSwitch",

@@ -21,11 +21,7 @@ full transformer. A call encodes the prompt, draws the latents and decodes exact
 between it runs `msdda.sampling.sample` with the planned step rule over denoisers that carry the T5
 embeddings, their attention mask and PixArt-alpha's micro-conditions (`TextCondition`).
 
-DiTPipeline is not served: it is class-conditional (no text encoder or negative prompt), and its guided loop
-steps a doubled batch of latents (both CFG halves, noise drawn for 2B rows), so matching it draw for draw
-needs a different latent layout and noise source than the text-to-image pipelines share. Its transformer
-fits `TransformerDenoiser`'s design (a class-label tensor as the condition), so a DiT face would be a small
-sibling of this class.
+DiT (class-conditional, also learned-variance) has its own face on the same mixin: msdda.pipelines.dit.
 """
 
 from __future__ import annotations
