@@ -275,7 +275,8 @@ def align(
     task: str = typer.Option(
         "digits",
         help="digits (the shipped base), gaussian (a policy on the exact oracle), sd (a LoRA on a Stable "
-        "Diffusion folder: needs --base and --prompt-file), sdxl, sd3, flux or pixart (the same on those folders).",
+        "Diffusion folder: needs --base and --prompt-file), sdxl, sd3, flux, pixart or dit (the same on those folders; "
+        "dit's prompt file holds class names).",
     ),
     reward: list[str] = typer.Option(
         ...,
@@ -390,13 +391,8 @@ def align(
     if trainer not in TRAINERS:
         raise typer.BadParameter(f"--trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
     rewards = list(reward)
-    image_task = task in (
-        "sd",
-        "sdxl",
-        "sd3",
-        "flux",
-        "pixart",
-    )  # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    # a LoRA on a diffusers folder (msdda.pipelines.sd_align)
+    image_task = task in ("sd", "sdxl", "sd3", "flux", "pixart", "dit")
     if not image_task and (len(rewards) != 1 or reward_weights is not None):
         raise typer.BadParameter(
             f"--task {task} trains on one --reward and no --reward-weights (got {len(rewards)} rewards); several "
@@ -523,7 +519,8 @@ def align(
         return
     if task != "digits":
         raise typer.BadParameter(
-            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl, sd3, flux or pixart"
+            f"task {task!r} is not available for training; use --task digits, gaussian, sd, sdxl, sd3, flux, pixart "
+            "or dit"
         )
     from msdda.tasks.digits.training import align_digits, digits_train_config
     from msdda.tasks.rewards import get_reward

@@ -208,6 +208,7 @@ def check_base_folder(base: Any, family: LoRAFamily | None = None) -> Path:
             "sd3": "SD3 / SD3.5 (StableDiffusion3Pipeline)",
             "flux": "FLUX.1 (FluxPipeline)",
             "pixart": "PixArt-alpha / Sigma",
+            "dit": "DiT (DiTPipeline)",
         }[family.task]
         other = [f.task for f in FAMILIES.values() if cls_name in f.pipeline_classes]
         fix = f"; use --task {other[0]}" if other else ""
@@ -498,12 +499,57 @@ class FluxFamily(LoRAFamily):
                                        transformer_lora_adapter_metadata=lora_config.to_dict())  # fmt: skip
 
 
+class DiTFamily(PixArtFamily):
+    """DiT: PixArt's learned-variance transformer family conditioned on a class label instead of text. The
+    prompt file holds class names (the folder's id2label, as diffusers' DiTPipeline.get_label_ids reads them);
+    the null class (num_embeds_ada_norm) is the unconditional one of classifier-free guidance."""
+
+    task = "dit"
+    pipeline_classes = ("DiTPipeline",)
+
+    def default_size(self, pipe: Any) -> int:
+        return int(self.model(pipe).config.sample_size * _vae_factor(pipe))
+
+    def sample_shape(self, pipe: Any, height: int, width: int) -> tuple[int, ...]:
+        f = _vae_factor(pipe)
+        return (int(self.model(pipe).config.in_channels), height // f, width // f)
+
+    def encode(self, pipe: Any, texts: list[str], height: int, width: int, guidance: float) -> dict[str, Tensor]:
+        null = int(self.model(pipe).config.num_embeds_ada_norm)
+
+        def class_id(text: str) -> int | None:  # a name of the folder's id2label, or an integer id
+            if text in pipe.labels:
+                return int(pipe.labels[text])
+            return int(text) if text.isdigit() and int(text) < null else None
+
+        unknown = [t for t in texts if class_id(t) is None]
+        if unknown:
+            raise SDAlignError(
+                f"class names {unknown[:3]} are not in the folder's id2label ({len(pipe.labels)} names, e.g. "
+                f"{sorted(pipe.labels)[:3]}) nor class ids below {null}; the prompt file of --task dit holds class "
+                "names or ids"
+            )
+        return {"labels": torch.tensor([class_id(t) for t in texts] + [null], device=pipe.device)}
+
+    def call(self, model: nn.Module, x_t: Tensor, t: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        return model(x_t, timestep=t, class_labels=rows["labels"], return_dict=False)[0]
+
+
+def _vae_factor(pipe: Any) -> int:
+    """The VAE's downsampling factor (DiTPipeline has no vae_scale_factor attribute)."""
+    f = getattr(pipe, "vae_scale_factor", None)
+    return int(f) if f else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 SD_FAMILY = LoRAFamily()
 SDXL_FAMILY = SDXLFamily()
 SD3_FAMILY = SD3Family()
 FLUX_FAMILY = FluxFamily()
 PIXART_FAMILY = PixArtFamily()
-FAMILIES: dict[str, LoRAFamily] = {f.task: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY, FLUX_FAMILY, PIXART_FAMILY)}
+DIT_FAMILY = DiTFamily()
+FAMILIES: dict[str, LoRAFamily] = {
+    f.task: f for f in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY, FLUX_FAMILY, PIXART_FAMILY, DIT_FAMILY)
+}
 
 
 # ----- the denoisers and the reward the trainers see ---------------------------------------------------------
@@ -816,6 +862,25 @@ def align_flux(
                        options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
 
 
+def align_dit(
+    base: str | Path,
+    reward: str | Sequence[str],
+    prompts: Sequence[str],
+    out: str | Path,
+    config: StepTrainerConfig,
+    *,
+    reward_weights: Sequence[float] | None = None,
+    options: SDAlignOptions | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    throttle: float = 0.0,
+) -> SDAlignResult:
+    """`align_pixart` for a DiT folder: `prompts` are class names (the folder's id2label); the LoRA trains on
+    DDPM kernels with the transformer's learned variance and loads in `MSDDADiTPipeline`."""
+    return _align_lora(DIT_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
+                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+
 ALIGNERS: dict[str, Any] = {}  # task -> align function, filled below
 
 
@@ -866,10 +931,13 @@ def _align_lora(
             f"scheduler={options.scheduler!r}: --task {family.task} trains on {' or '.join(family.schedulers)} kernels "
             f"(--scheduler {family.schedulers[0]})"
         )
-    if options.variance_head and family is not SD_FAMILY:
-        raise SDAlignError(
-            f"--variance-head is for fixed-variance models (SD); {family.task} predicts its own variance already"
+    if options.variance_head and family not in (SD_FAMILY, SDXL_FAMILY):
+        why = (
+            "predicts its own variance already"
+            if family in (PIXART_FAMILY, DIT_FAMILY)
+            else "samples with flow kernels"
         )
+        raise SDAlignError(f"--variance-head is for the fixed-variance UNet families (sd, sdxl); {family.task} {why}")
     if not config.lora:
         raise SDAlignError("SD training trains LoRA adapters only: pass a config with lora=True (sd_train_config)")
     texts = check_prompts(prompts)
@@ -1005,6 +1073,7 @@ __all__ = [
     "FAMILIES",
     "LoRAFamily",
     "ALIGNERS",
+    "align_dit",
     "align_flux",
     "align_pixart",
     "align_sd",
@@ -1017,4 +1086,6 @@ __all__ = [
 ]
 
 
-ALIGNERS.update({"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "flux": align_flux, "pixart": align_pixart})
+ALIGNERS.update(
+    {"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "flux": align_flux, "pixart": align_pixart, "dit": align_dit}
+)
