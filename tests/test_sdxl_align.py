@@ -79,3 +79,25 @@ def test_the_file_reproduces_the_trained_unet(tmp_path):
         ours = result.train.model(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         loaded = fresh.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     assert float((loaded - ours).abs().max()) < 1e-6
+
+
+def test_sdxl_variance_heads_make_msdda_differ_from_dbmpa(tmp_path):
+    from msdda.models.variance_head import VARIANCE_HEAD_FILE
+    from msdda.pipelines.sd_align import SDAlignOptions, align_sdxl, sd_train_config
+    from msdda.pipelines.sdxl import MSDDAXLPipeline
+
+    tiny = TinyXL(tmp_path)
+    tiny.base("ddim").save_pretrained(tmp_path / "base")
+    dirs = {}
+    for name, reward, seed in (("a", "brightness", 0), ("b", "jpeg-compressibility", 1)):
+        cfg = sd_train_config("step-rl", reward, steps=2, num_inference_steps=3, trajectories=2, states_per_trajectory=1,
+                              samples=2, eval_samples=1, lr=5e-2, seed=seed)  # fmt: skip
+        align_sdxl(tmp_path / "base", reward, ["a red cube"], tmp_path / name, cfg,
+                   options=SDAlignOptions(variance_head=True), progress=False)  # fmt: skip
+        assert (tmp_path / name / VARIANCE_HEAD_FILE).is_file()
+        dirs[name] = str(tmp_path / name)
+    with MSDDAXLPipeline.from_pretrained(tmp_path / "base", dirs, scheduler="ddim") as pipe:
+        kw = dict(num_inference_steps=3, eta=1.0, guidance_scale=5.0, output_type="latent", progress=False)
+        a = pipe("a red cube", {"a": 0.5, "b": 0.5}, method="msdda", generator=torch.Generator().manual_seed(0), **kw)
+        b = pipe("a red cube", {"a": 0.5, "b": 0.5}, method="db-mpa", generator=torch.Generator().manual_seed(0), **kw)
+    assert float((a.images - b.images).abs().max()) > 1e-4  # the heads give each objective its own variance
