@@ -90,3 +90,37 @@ def test_eta_zero_and_wrong_scheduler_are_refused(base_dir, tmp_path, capsys, mo
         text = capsys.readouterr().err
         assert code == 2 and message in text, text
         assert not out.exists()
+
+
+def test_sd3_variance_heads_on_flow_kernels_make_msdda_differ(base_dir, tmp_path):
+    """A variance head on SD3 (flow SDE kernels): the kernel is the flow step's with var * exp(var * d_logvar),
+    so two heads give MSDDA's precision weighting something to weigh; DB-MPA's average does not see it."""
+    from msdda.core.kernel import apply_kernel_offsets
+    from msdda.core.schedule import as_kernel_scheduler
+    from msdda.models.variance_head import VARIANCE_HEAD_FILE, with_variance_offsets
+    from msdda.pipelines.sd3 import MSDDASD3Pipeline
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    ks = as_kernel_scheduler(sched, eta=0.7)
+    g = torch.Generator().manual_seed(0)
+    x, v, d = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, generator=g)
+    t = float(ks.timesteps[1])
+    plain, headed = ks.kernel(v, t, x), ks.kernel(with_variance_offsets(v, d), t, x)
+    want_mean, want_var = apply_kernel_offsets(plain.mean, plain.var, with_variance_offsets(v, d)[:, 4:])
+    torch.testing.assert_close(headed.mean, want_mean)
+    torch.testing.assert_close(headed.var, want_var)
+
+    dirs = {}
+    for name, reward, seed in (("a", "brightness", 0), ("b", "jpeg-compressibility", 1)):
+        cfg = sd_train_config("step-rl", reward, steps=2, num_inference_steps=3, trajectories=2,
+                              states_per_trajectory=1, samples=2, eval_samples=1, lr=5e-2, seed=seed)  # fmt: skip
+        align_sd3(base_dir, reward, ["a red cube"], tmp_path / name, cfg,
+                  options=SDAlignOptions(eta=0.7, variance_head=True), progress=False)  # fmt: skip
+        assert (tmp_path / name / VARIANCE_HEAD_FILE).is_file()
+        dirs[name] = str(tmp_path / name)
+    with MSDDASD3Pipeline.from_pretrained(base_dir, dirs) as pipe:
+        kw = dict(num_inference_steps=3, eta=0.7, output_type="latent", progress=False)
+        a = pipe("a red cube", {"a": 0.5, "b": 0.5}, method="msdda", generator=torch.Generator().manual_seed(0), **kw)
+        b = pipe("a red cube", {"a": 0.5, "b": 0.5}, method="db-mpa", generator=torch.Generator().manual_seed(0), **kw)
+    assert float((a.images - b.images).abs().max()) > 1e-4

@@ -42,8 +42,9 @@ def test_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "bad" / "variance_head.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(VarianceHeadError, match="is not a variance head file"):
         load_variance_head(tmp_path / "bad")
+    assert torch.equal(head(torch.tensor([1000.0])), head(torch.tensor([999])))  # flow's sigma = 1: the last bucket
     with pytest.raises(VarianceHeadError, match="outside"):
-        head(torch.tensor([1000]))
+        head(torch.tensor([1000.5]))
     with pytest.raises(VarianceHeadError, match="buckets=2000 exceeds"):
         TimestepVarianceHead(1000, 4, buckets=2000)
     with pytest.raises(VarianceHeadError, match="must be"):

@@ -92,3 +92,23 @@ class ReverseKernel(GaussianKernel):
     pred_epsilon: Tensor | None = None
     timestep: int = 0
     prev_timestep: int = -1
+
+
+def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel-offset parametrisation of aligned models: mean + var * d_mean, var * exp(var * d_logvar).
+
+    offsets: [B, 2C, ...] = (d_mean, d_logvar); mean, var: the scheduler's kernel before the offsets. Both
+    offsets are scaled by the kernel's own variance because the step optimum is: for a step reward with gradient
+    g and curvature -h, p* = p_ref * exp(r / beta) / Z has mean shift var * g / beta and log-variance change
+    -log(1 + var * h / beta) ~ -var * h / beta. So d_mean ~ g / beta and d_logvar ~ -h / beta are of the
+    same size at every timestep, while the shifts themselves span three decades from t = 1000 to t = 0 (a
+    network whose offsets barely depend on t, as a fresh head's do, then is right everywhere, not at one t).
+    Both are 0 for a fresh copy of the reference (zero-initialised head), which then has the reference's kernel
+    exactly; a deterministic kernel (variance 0, DDIM with eta = 0) is left as it is. Unlike the scheduler's own
+    parametrisation, this reaches any Gaussian kernel of positive variance: the mean is not capped by x0
+    clipping and the variance is not confined to [beta_tilde_t, beta_t].
+    """
+    c = offsets.shape[1] // 2
+    d_mean, d_logvar = offsets[:, :c], offsets[:, c:]
+    var = torch.broadcast_to(var, mean.shape)
+    return mean + var * d_mean, var * torch.exp(var * d_logvar)

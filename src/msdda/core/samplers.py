@@ -60,7 +60,7 @@ from torch import Tensor
 from msdda.config import JSONConfig
 from msdda.core.betas import make_betas
 from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
-from msdda.core.kernel import ReverseKernel, compute_dtype
+from msdda.core.kernel import ReverseKernel, apply_kernel_offsets, compute_dtype
 
 SAMPLER_KINDS = ("euler_ancestral", "sde-dpmsolver++", "flow_sde")
 SPACES = ("sample", "model_input")
@@ -372,6 +372,7 @@ class SamplerKernelScheduler:
             raise ScheduleError(
                 f"eta applies to DDIM and flow_sde (its noise level) only, not {cfg.kind} (got eta={eta}); pass None"
             )
+        model_output, offsets = _split_offsets(model_output, sample)
         out, x = _check_tensors(model_output, sample)
         a = cfg.noise_level if eta is None else float(eta)
         if cfg.kind == "flow_sde" and (not math.isfinite(a) or a < 0 or (cfg.sde_type == "cps" and a > 1)):
@@ -388,7 +389,9 @@ class SamplerKernelScheduler:
         mean, var, x0, eps = self._apply(out, x, coefs)
         dt = sample.dtype
         if not isinstance(var, Tensor):
-            var = torch.tensor(var, dtype=dt, device=sample.device)
+            var = torch.tensor(var, dtype=x.dtype, device=sample.device)
+        if offsets is not None:  # a per-objective variance head (or kernel-offset head), as for DDPM/DDIM
+            mean, var = apply_kernel_offsets(mean, var, offsets.to(x.dtype))
         return ReverseKernel(
             mean=mean.to(dt),
             var=var.to(dt),
@@ -679,6 +682,17 @@ def _threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     flat = x0.reshape(b, -1)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape)
+
+
+def _split_offsets(model_output: Any, sample: Any) -> tuple[Any, Tensor | None]:
+    """(the prediction part, the kernel offsets or None): an output with 2C channels more than its prediction
+    ([B, 3C] or [B, 4C]) carries kernel offsets (d_mean, d_logvar), as `KernelScheduler.kernel` reads them."""
+    if isinstance(model_output, Tensor) and isinstance(sample, Tensor) and sample.dim() >= 2:
+        c = sample.shape[1]
+        if model_output.dim() == sample.dim() and model_output.shape[1] in (3 * c, 4 * c):
+            split = model_output.shape[1] - 2 * c
+            return model_output[:, :split], model_output[:, split:]
+    return model_output, None
 
 
 def _check_tensors(model_output: Any, sample: Any) -> tuple[Tensor, Tensor]:

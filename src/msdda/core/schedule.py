@@ -28,7 +28,7 @@ from torch import Tensor
 from msdda.config import JSONConfig
 from msdda.core.betas import BETA_SCHEDULES, make_betas  # noqa: F401  (re-exported: msdda.core.schedule.make_betas)
 from msdda.core.errors import ScheduleError, UnsupportedSchedulerError
-from msdda.core.kernel import ReverseKernel, compute_dtype
+from msdda.core.kernel import ReverseKernel, apply_kernel_offsets, compute_dtype
 from msdda.core.samplers import MIRRORED, SamplerKernelScheduler, unsupported_message
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
@@ -206,9 +206,7 @@ class KernelScheduler:
         a_t = _bc(self.alpha_bar(timestep), x_t)
         a_p = _bc(self.alpha_bar(prev_timestep), x_t)
         beta_t = 1 - a_t / a_p
-        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * _hi(x0) + (
-            (a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)
-        ) * _hi(x_t)
+        mean = (a_p.sqrt() * beta_t / (1 - a_t)) * _hi(x0) + ((a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)) * _hi(x_t)
         var = ((1 - a_p) / (1 - a_t) * beta_t).clamp_min(_VARIANCE_FLOOR)
         return mean.to(x_t.dtype), var.to(x_t.dtype)
 
@@ -467,26 +465,6 @@ def _check_timestep(timestep: Any, num_train_timesteps: int, what: str = "timest
         )
 
 
-def apply_kernel_offsets(mean: Tensor, var: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The kernel-offset parametrisation of aligned models: mean + var * d_mean, var * exp(var * d_logvar).
-
-    offsets: [B, 2C, ...] = (d_mean, d_logvar); mean, var: the scheduler's kernel before the offsets. Both
-    offsets are scaled by the kernel's own variance because the step optimum is: for a step reward with gradient
-    g and curvature -h, p* = p_ref * exp(r / beta) / Z has mean shift var * g / beta and log-variance change
-    -log(1 + var * h / beta) ~ -var * h / beta. So d_mean ~ g / beta and d_logvar ~ -h / beta are of the
-    same size at every timestep, while the shifts themselves span three decades from t = 1000 to t = 0 (a
-    network whose offsets barely depend on t, as a fresh head's do, then is right everywhere, not at one t).
-    Both are 0 for a fresh copy of the reference (zero-initialised head), which then has the reference's kernel
-    exactly; a deterministic kernel (variance 0, DDIM with eta = 0) is left as it is. Unlike the scheduler's own
-    parametrisation, this reaches any Gaussian kernel of positive variance: the mean is not capped by x0
-    clipping and the variance is not confined to [beta_tilde_t, beta_t].
-    """
-    c = offsets.shape[1] // 2
-    d_mean, d_logvar = offsets[:, :c], offsets[:, c:]
-    var = torch.broadcast_to(var, mean.shape)
-    return mean + var * d_mean, var * torch.exp(var * d_logvar)
-
-
 def _hi(x: Tensor) -> Tensor:
     """`x` in the kernel math's dtype on its device: float64, or float32 on MPS (`compute_dtype`)."""
     return x.to(compute_dtype(x.device))
@@ -502,9 +480,7 @@ def _bc(value: Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _x0_eps(
-    out: Tensor, x: Tensor, sqrt_a: Tensor, sqrt_1ma: Tensor, prediction_type: str
-) -> tuple[Tensor, Tensor]:
+def _x0_eps(out: Tensor, x: Tensor, sqrt_a: Tensor, sqrt_1ma: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """x0_hat and eps_hat from a model output, in diffusers' operation order; sqrt(a_t), sqrt(1 - a_t) as `_bc`
     gives them (0-dim, or shaped to broadcast against [B, ...])."""
     if prediction_type == "epsilon":

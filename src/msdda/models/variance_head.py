@@ -33,7 +33,8 @@ class VarianceHeadError(MSDDAError):
 
 
 class TimestepVarianceHead(nn.Module):
-    """d_logvar(t) [B, C]: a zero-initialised table [buckets, C], bucket = t * buckets // num_train_timesteps.
+    """d_logvar(t) [B, C]: a zero-initialised table [buckets, C], bucket = floor(t * buckets / num_train_timesteps)
+    (t = num_train_timesteps, flow matching's sigma = 1, falls in the last bucket).
 
     Per channel and per timestep bucket only (no dependence on x_t or the prompt): the smallest head that lets
     an objective's kernel variance differ from another's at a step, cheap enough to train beside a LoRA.
@@ -58,13 +59,15 @@ class TimestepVarianceHead(nn.Module):
         return {"num_train_timesteps": self.num_train_timesteps, "channels": self.channels, "buckets": self.buckets}
 
     def forward(self, t: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=self.log_var.device).long().reshape(-1)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
+        t = torch.as_tensor(t, device=self.log_var.device).double().reshape(-1)
+        # DDPM/DDIM timesteps are integers in [0, T); flow matching's are 1000 sigma in (0, T], T itself included
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > self.num_train_timesteps):
             raise VarianceHeadError(
-                f"timesteps {t.tolist()[:8]} outside [0, {self.num_train_timesteps}); the head was built for "
+                f"timesteps {t.tolist()[:8]} outside [0, {self.num_train_timesteps}]; the head was built for "
                 f"num_train_timesteps={self.num_train_timesteps}"
             )
-        return self.log_var[t * self.buckets // self.num_train_timesteps]
+        bucket = (t * self.buckets / self.num_train_timesteps).floor().long().clamp(max=self.buckets - 1)
+        return self.log_var[bucket]
 
 
 def with_variance_offsets(prediction: Tensor, d_logvar: Tensor) -> Tensor:

@@ -931,13 +931,13 @@ def _align_lora(
             f"scheduler={options.scheduler!r}: --task {family.task} trains on {' or '.join(family.schedulers)} kernels "
             f"(--scheduler {family.schedulers[0]})"
         )
-    if options.variance_head and family not in (SD_FAMILY, SDXL_FAMILY):
+    if options.variance_head and family not in (SD_FAMILY, SDXL_FAMILY, SD3_FAMILY):
         why = (
             "predicts its own variance already"
             if family in (PIXART_FAMILY, DIT_FAMILY)
-            else "samples with flow kernels"
+            else "packs its latents into tokens (a per-channel head does not apply)"
         )
-        raise SDAlignError(f"--variance-head is for the fixed-variance UNet families (sd, sdxl); {family.task} {why}")
+        raise SDAlignError(f"--variance-head is for the fixed-variance families (sd, sdxl, sd3); {family.task} {why}")
     if not config.lora:
         raise SDAlignError("SD training trains LoRA adapters only: pass a config with lora=True (sd_train_config)")
     texts = check_prompts(prompts)
