@@ -536,9 +536,9 @@ class DiTFamily(PixArtFamily):
 
 
 def _vae_factor(pipe: Any) -> int:
-    """The VAE's downsampling factor (DiTPipeline has no vae_scale_factor attribute)."""
-    f = getattr(pipe, "vae_scale_factor", None)
-    return int(f) if f else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    from msdda.pipelines.sd_task import vae_factor
+
+    return vae_factor(pipe)
 
 
 SD_FAMILY = LoRAFamily()

@@ -49,7 +49,13 @@ OPTIONS = (
     "policies",
 )
 # the base folders the task takes: SD 1.x / 2.x, SDXL and the learned-variance PixArt family
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "PixArtAlphaPipeline",
+    "PixArtSigmaPipeline",
+    "DiTPipeline",  # class-conditional: its "prompts" are class names (or ids) of the folder's id2label
+)
 WEIGHT_TOLERANCE = 1e-9  # a trained step-RL policy serves a weight vector equal to its own to this tolerance
 
 
@@ -118,8 +124,8 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     cls_name = json.loads(index.read_text()).get("_class_name", "")
     if cls_name not in PIPELINES:
         raise SDTaskError(
-            f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task takes SD 1.x / 2.x, SDXL or "
-            f"PixArt ({', '.join(PIPELINES)})"
+            f"base {base_path} holds a {cls_name or 'unknown'} pipeline; the sd task takes SD 1.x / 2.x, SDXL, "
+            f"PixArt or DiT ({', '.join(PIPELINES)})"
         )
     objectives = o.get("objectives") or {}
     if not isinstance(objectives, Mapping) or len(objectives) < 2:
@@ -151,7 +157,8 @@ def check_sd_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if dtype not in DTYPES:
         raise SDTaskError(f"dtype={dtype!r}; choose one of {DTYPES}")
     # PixArt's default keeps the transformer's learned variance (DDPM learned_range); SD's is DDIM
-    scheduler = o.get("scheduler") or ("ddpm" if cls_name.startswith("PixArt") else "ddim")
+    learned = cls_name.startswith("PixArt") or cls_name == "DiTPipeline"
+    scheduler = o.get("scheduler") or ("ddpm" if learned else "ddim")
     if scheduler not in SCHEDULERS:
         raise SDTaskError(f"scheduler={scheduler!r}; choose one of {SCHEDULERS}")
     for key, default in (("guidance_scale", 7.5), ("eta", 0.0)):
@@ -229,6 +236,12 @@ def _policy_record(path: str) -> tuple[float, float | None, str] | None:
         return None
 
 
+def vae_factor(pipe: Any) -> int:
+    """The VAE's downsampling factor of a diffusers pipeline (DiTPipeline has no vae_scale_factor attribute)."""
+    f = getattr(pipe, "vae_scale_factor", None)
+    return int(f) if f else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def _repeat_rows(cond: Any, batch: int) -> Any:
     """A one-row condition repeated to `batch` rows: a tensor, or each tensor field of a dataclass (PixArt's
     TextCondition)."""
@@ -257,7 +270,10 @@ class _Prompts:
     def _encode(self, prompt: str) -> Any:
         if prompt not in self.cache:
             with torch.no_grad():
-                if hasattr(self.pipe, "_encode"):  # the SD pipelines' family hook
+                if hasattr(self.pipe, "class_ids"):  # DiT: a class id, the null class for guidance
+                    embeds = torch.tensor(self.pipe.class_ids([prompt]), device=self.device)
+                    negative = torch.tensor([self.pipe.num_classes], device=self.device) if self.do_cfg else None
+                elif hasattr(self.pipe, "_encode"):  # the SD pipelines' family hook
                     encoded = self.pipe._encode(
                         prompt, self.device, 1, self.do_cfg, None, prompt_embeds=None, negative_prompt_embeds=None,
                         lora_scale=None, clip_skip=None, height=self.height, width=self.width, family_kwargs={},
@@ -332,10 +348,12 @@ def sd_bundle(**options: Any) -> Any:
 
     device_name = local_device(o["device"])  # "cuda" under torchrun / accelerate launch: this process's own GPU
     cls_name = json.loads((Path(o["base"]) / "model_index.json").read_text()).get("_class_name")
-    if cls_name.startswith("PixArt"):
+    if cls_name.startswith("PixArt") or cls_name == "DiTPipeline":
+        from msdda.pipelines.dit import MSDDADiTPipeline
         from msdda.pipelines.pixart import MSDDAPixArtPipeline
 
-        pipe = MSDDAPixArtPipeline.from_pretrained(
+        family = MSDDADiTPipeline if cls_name == "DiTPipeline" else MSDDAPixArtPipeline
+        pipe = family.from_pretrained(
             o["base"], o["objectives"], scheduler=o["scheduler"], dtype=dtype, device=device_name
         )
     else:
@@ -348,8 +366,9 @@ def sd_bundle(**options: Any) -> Any:
     vae = base.vae
     do_cfg = o["guidance_scale"] > 1.0
     network = pipe._base_model  # the UNet, or PixArt's transformer
-    height = o.get("height") or network.config.sample_size * base.vae_scale_factor
-    width = o.get("width") or network.config.sample_size * base.vae_scale_factor
+    factor = vae_factor(base)  # DiTPipeline has no vae_scale_factor attribute
+    height = o.get("height") or network.config.sample_size * factor
+    width = o.get("width") or network.config.sample_size * factor
     prompts = _Prompts(pipe, device, do_cfg, height, width)
 
     last: list[Any] = [None, None, None]  # (latents, their version, images) of the last no-grad decode
@@ -379,7 +398,10 @@ def sd_bundle(**options: Any) -> Any:
         return store.soup(weights, average=average)
 
     channels = network.config.in_channels
-    prompts.make_cond(o["prompts"][0] if o["prompts"] else "", 1)  # the null condition: the empty prompt's
+    if hasattr(pipe, "class_ids"):  # DiT: the null class is the unconditional condition
+        prompts.null = torch.tensor([pipe.num_classes], device=device) if do_cfg else None
+    else:
+        prompts.make_cond(o["prompts"][0] if o["prompts"] else "", 1)  # the null condition: the empty prompt's
     if do_cfg and prompts.null is None:
         raise SDTaskError("encode_prompt returned no negative embeddings for classifier-free guidance")
     bundle = TaskBundle(
@@ -390,7 +412,7 @@ def sd_bundle(**options: Any) -> Any:
         scheduler=base.scheduler,
         rewards=rewards,
         prompts=list(o["prompts"]),
-        sample_shape=(channels, height // base.vae_scale_factor, width // base.vae_scale_factor),
+        sample_shape=(channels, height // factor, width // factor),
         make_cond=prompts.make_cond,
         betas={n: o["betas"].get(n, 1.0) for n in o["objectives"]},
         guidance_scale=o["guidance_scale"] if do_cfg else None,
