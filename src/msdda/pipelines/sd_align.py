@@ -801,109 +801,6 @@ def align_sd(
                        resume=resume, progress=progress, throttle=throttle)  # fmt: skip
 
 
-def align_sdxl(
-    base: str | Path,
-    reward: str | Sequence[str],
-    prompts: Sequence[str],
-    out: str | Path,
-    config: StepTrainerConfig,
-    *,
-    reward_weights: Sequence[float] | None = None,
-    options: SDAlignOptions | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    throttle: float = 0.0,
-) -> SDAlignResult:
-    """`align_sd` for an SDXL folder: the UNet also gets the pooled embeddings and size / crop time ids of the
-    training resolution (original = target = (height, width), crop (0, 0)); the file is diffusers' SDXL LoRA
-    layout, loadable by `StableDiffusionXLPipeline.load_lora_weights` and `MSDDAXLPipeline`."""
-    return _align_lora(SDXL_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
-                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
-
-
-def align_sd3(
-    base: str | Path,
-    reward: str | Sequence[str],
-    prompts: Sequence[str],
-    out: str | Path,
-    config: StepTrainerConfig,
-    *,
-    reward_weights: Sequence[float] | None = None,
-    options: SDAlignOptions | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    throttle: float = 0.0,
-) -> SDAlignResult:
-    """`align_sd` for an SD3 / SD3.5 folder: a LoRA on the transformer, trained on flow matching's SDE kernels
-    at noise level `options.eta` (> 0); the file is diffusers' SD3 LoRA layout (`load_lora_weights`,
-    `MSDDASD3Pipeline`)."""
-    return _align_lora(SD3_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
-                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
-
-
-def align_flux(
-    base: str | Path,
-    reward: str | Sequence[str],
-    prompts: Sequence[str],
-    out: str | Path,
-    config: StepTrainerConfig,
-    *,
-    reward_weights: Sequence[float] | None = None,
-    options: SDAlignOptions | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    throttle: float = 0.0,
-) -> SDAlignResult:
-    """`align_sd` for a FLUX.1 folder: a LoRA on the transformer, trained on flow matching's SDE kernels at
-    noise level `options.eta` (> 0) on packed latents; `config.guidance_scale` is FLUX.1-dev's embedded guidance
-    (no classifier-free guidance); the file is diffusers' FLUX LoRA layout (`load_lora_weights`,
-    `MSDDAFluxPipeline`)."""
-    return _align_lora(FLUX_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
-                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
-
-
-def align_dit(
-    base: str | Path,
-    reward: str | Sequence[str],
-    prompts: Sequence[str],
-    out: str | Path,
-    config: StepTrainerConfig,
-    *,
-    reward_weights: Sequence[float] | None = None,
-    options: SDAlignOptions | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    throttle: float = 0.0,
-) -> SDAlignResult:
-    """`align_pixart` for a DiT folder: `prompts` are class names (the folder's id2label); the LoRA trains on
-    DDPM kernels with the transformer's learned variance and loads in `MSDDADiTPipeline`."""
-    return _align_lora(DIT_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
-                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
-
-
-ALIGNERS: dict[str, Any] = {}  # task -> align function, filled below
-
-
-def align_pixart(
-    base: str | Path,
-    reward: str | Sequence[str],
-    prompts: Sequence[str],
-    out: str | Path,
-    config: StepTrainerConfig,
-    *,
-    reward_weights: Sequence[float] | None = None,
-    options: SDAlignOptions | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    throttle: float = 0.0,
-) -> SDAlignResult:
-    """`align_sd` for a PixArt-alpha / Sigma folder: a LoRA on its transformer, trained on DDPM kernels with the
-    transformer's own learned variance (learned_range), so the policy's variance adapts with its mean; the
-    file loads in `MSDDAPixArtPipeline` (docs/learned_variance.md)."""
-    return _align_lora(PIXART_FAMILY, base, reward, prompts, out, config, reward_weights=reward_weights,
-                       options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
-
-
 def _align_lora(
     family: LoRAFamily,
     base: str | Path,
@@ -1086,6 +983,66 @@ __all__ = [
 ]
 
 
-ALIGNERS.update(
-    {"sd": align_sd, "sdxl": align_sdxl, "sd3": align_sd3, "flux": align_flux, "pixart": align_pixart, "dit": align_dit}
+def _aligner(family: LoRAFamily, doc: str) -> Callable[..., SDAlignResult]:
+    """`align_sd`'s signature and behaviour for another family (its name and docstring set)."""
+
+    def align(
+        base: str | Path,
+        reward: str | Sequence[str],
+        prompts: Sequence[str],
+        out: str | Path,
+        config: StepTrainerConfig,
+        *,
+        reward_weights: Sequence[float] | None = None,
+        options: SDAlignOptions | None = None,
+        resume: bool = True,
+        progress: bool = True,
+        throttle: float = 0.0,
+    ) -> SDAlignResult:
+        return _align_lora(family, base, reward, prompts, out, config, reward_weights=reward_weights,
+                           options=options, resume=resume, progress=progress, throttle=throttle)  # fmt: skip
+
+    align.__name__ = align.__qualname__ = f"align_{family.task}"
+    align.__doc__ = doc
+    return align
+
+
+align_sdxl = _aligner(
+    SDXL_FAMILY,
+    """`align_sd` for an SDXL folder: the UNet also gets the pooled embeddings and size / crop time ids of the
+    training resolution (original = target = (height, width), crop (0, 0)); the file is diffusers' SDXL LoRA
+    layout, loadable by `StableDiffusionXLPipeline.load_lora_weights` and `MSDDAXLPipeline`.""",
 )
+align_sd3 = _aligner(
+    SD3_FAMILY,
+    """`align_sd` for an SD3 / SD3.5 folder: a LoRA on the transformer, trained on flow matching's SDE kernels
+    at noise level `options.eta` (> 0); the file is diffusers' SD3 LoRA layout (`load_lora_weights`,
+    `MSDDASD3Pipeline`).""",
+)
+align_flux = _aligner(
+    FLUX_FAMILY,
+    """`align_sd` for a FLUX.1 folder: a LoRA on the transformer, trained on flow matching's SDE kernels at
+    noise level `options.eta` (> 0) on packed latents; `config.guidance_scale` is FLUX.1-dev's embedded guidance
+    (no classifier-free guidance); the file is diffusers' FLUX LoRA layout (`load_lora_weights`,
+    `MSDDAFluxPipeline`).""",
+)
+align_pixart = _aligner(
+    PIXART_FAMILY,
+    """`align_sd` for a PixArt-alpha / Sigma folder: a LoRA on its transformer, trained on DDPM kernels with the
+    transformer's own learned variance (learned_range), so the policy's variance adapts with its mean; the
+    file loads in `MSDDAPixArtPipeline` (docs/learned_variance.md).""",
+)
+align_dit = _aligner(
+    DIT_FAMILY,
+    """`align_pixart` for a DiT folder: `prompts` are class names (the folder's id2label); the LoRA trains on
+    DDPM kernels with the transformer's learned variance and loads in `MSDDADiTPipeline`.""",
+)
+
+ALIGNERS: dict[str, Callable[..., SDAlignResult]] = {
+    "sd": align_sd,
+    "sdxl": align_sdxl,
+    "sd3": align_sd3,
+    "flux": align_flux,
+    "pixart": align_pixart,
+    "dit": align_dit,
+}
