@@ -51,6 +51,7 @@ from msdda.pipelines.objectives import (
     check_lora_shapes,
 )
 from msdda.pipelines.pixart import TransformerObjective, TransformerPipelineMixin, resolve_transformer_source
+from msdda.pipelines.pixart import _classify as _pixart_classify
 from msdda.pipelines.sd import SOUP_ADAPTER, DiffusersNoise, _ObjectiveStore
 from msdda.sampling import MSDDA, RGG, CoDe, Cost, make_generator, sample
 from msdda.sampling.methods import MethodPlan, plan_method
@@ -61,7 +62,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SDE_TYPES = ("sde", "cps")
 FLUX_PIPELINES = ("FluxPipeline",)
 _CALLBACK_TENSOR_INPUTS = ("latents",)
-_PEFT_CONFIG_FILE = "adapter_config.json"
 # keys of a FluxTransformer2DModel config that must agree for an objective to be a fine-tune of the base
 _ARCH_KEYS = (
     "patch_size",
@@ -175,26 +175,8 @@ class _TrueCFG:
 
 
 def _classify(path: Path) -> str:
-    """'peft', 'transformer', 'pipeline' or 'diffusers-lora' for a source path."""
-    if path.is_dir():
-        if (path / _PEFT_CONFIG_FILE).is_file():
-            return "peft"
-        if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
-            return "pipeline"
-        config = path / "config.json"
-        if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name", "")
-            except (OSError, json.JSONDecodeError):
-                cls = ""
-            if "Transformer" in cls:
-                return "transformer"
-            if cls:
-                raise AdapterError(
-                    f"{path} holds a {cls} (config.json), not a transformer; pass a FluxTransformer2DModel folder, a "
-                    "FluxPipeline folder or a LoRA"
-                )
-    return "diffusers-lora"
+    """PixArt's source classifier (msdda.pipelines.pixart._classify), with FLUX's names in its error."""
+    return _pixart_classify(path, "a FluxTransformer2DModel folder, a FluxPipeline folder")
 
 
 def _with_flux_hint(exc: AdapterError) -> AdapterError:

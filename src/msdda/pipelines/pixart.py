@@ -275,8 +275,9 @@ class TransformerObjective:
     transformer: nn.Module | None = None
 
 
-def _classify(path: Path) -> str:
-    """'peft', 'transformer', 'pipeline' or 'diffusers-lora' for a source path."""
+def _classify(path: Path, family: str = "a PixArt transformer folder, a PixArt pipeline folder") -> str:
+    """'peft', 'transformer', 'pipeline' or 'diffusers-lora' for a source path (any transformer family; `family`
+    names what to pass instead in the error)."""
     if path.is_dir():
         if (path / _PEFT_CONFIG_FILE).is_file():
             return "peft"
@@ -291,10 +292,7 @@ def _classify(path: Path) -> str:
             if "Transformer" in cls:
                 return "transformer"
             if cls:
-                raise AdapterError(
-                    f"{path} holds a {cls} (config.json), not a transformer; pass a PixArt transformer folder, a "
-                    "pipeline folder or a LoRA"
-                )
+                raise AdapterError(f"{path} holds a {cls} (config.json), not a transformer; pass {family} or a LoRA")
     return "diffusers-lora"
 
 
