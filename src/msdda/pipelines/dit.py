@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from msdda.errors import MSDDAError
 from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError
-from msdda.pipelines.objectives import AdapterSwitch, UNetRestorePoint, check_objective_name
+from msdda.pipelines.objectives import AdapterSwitch, check_objective_name
 from msdda.pipelines.pixart import (
     OUTPUT_TYPES,
     MSDDAPixArtPipeline,
@@ -190,20 +190,7 @@ class MSDDADiTPipeline(TransformerPipelineMixin):
         self.base.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
         self._check_scheduler(0.0)
         self.host = PeftHost(self.transformer)
-        self._restore_point = UNetRestorePoint(self.transformer)
-        self._added_adapters: list[str] = []
-        self._released = False
-        self.transformer.eval()
-        self.objectives: dict[str, TransformerObjective] = {}
-        self.switch = AdapterSwitch(self.host)
-        try:
-            for name, source in objectives.items():
-                self.add_objective(name, source)
-        except BaseException:
-            self.release()
-            raise
-        self.switch.refresh()
-        self.switch.disable()
+        self._load_objectives(self.host, objectives)
 
     @classmethod
     def from_pretrained(

@@ -44,7 +44,6 @@ from msdda.pipelines._deps import dtype_kwargs, require
 from msdda.pipelines.errors import AdapterError, ObjectiveError, PipelineError
 from msdda.pipelines.objectives import (
     AdapterSwitch,
-    UNetRestorePoint,
     _cleanup_adapter,
     _find_lora_file,
     _load_peft_lora,
@@ -349,21 +348,8 @@ class MSDDAFluxPipeline(TransformerPipelineMixin):
         self.base = type(base)(**{**base.components, "scheduler": own})
         self.base.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
         self._check_scheduler(0.0, "sde")  # an unusable scheduler fails here, not at the first call
-        self._restore_point = UNetRestorePoint(self.transformer)
-        self._added_adapters: list[str] = []
-        self._released = False
         self._latent_hw: tuple[int, int] | None = None  # (height, width) of the current call, for decoding
-        self.transformer.eval()
-        self.objectives: dict[str, TransformerObjective] = {}
-        self.switch = AdapterSwitch(self.transformer)
-        try:
-            for name, source in objectives.items():
-                self.add_objective(name, source)
-        except BaseException:
-            self.release()
-            raise
-        self.switch.refresh()
-        self.switch.disable()
+        self._load_objectives(self.transformer, objectives)
 
     @classmethod
     def from_pretrained(

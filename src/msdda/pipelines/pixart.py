@@ -582,6 +582,24 @@ class TransformerPipelineMixin:
     _denoiser_class: type
     _full_kind = "transformer"  # Objective.kind of a full-model objective
 
+    def _load_objectives(self, host: Any, objectives: Mapping[str, Any]) -> None:
+        """Record the transformer's state (release() restores it), then add every objective, adapters left
+        disabled; a failure releases what was added and re-raises."""
+        self._restore_point = UNetRestorePoint(self.transformer)  # type: ignore[attr-defined]
+        self._added_adapters: list[str] = []
+        self._released = False
+        self.transformer.eval()  # type: ignore[attr-defined]
+        self.objectives: dict[str, TransformerObjective] = {}
+        self.switch = AdapterSwitch(host)
+        try:
+            for name, source in objectives.items():
+                self.add_objective(name, source)  # type: ignore[attr-defined]
+        except BaseException:
+            self.release()  # type: ignore[attr-defined]
+            raise
+        self.switch.refresh()
+        self.switch.disable()
+
     def __enter__(self) -> Any:
         return self
 
@@ -716,20 +734,7 @@ class MSDDAPixArtPipeline(TransformerPipelineMixin):
         self.base.set_progress_bar_config(**dict(getattr(base, "_progress_bar_config", {})))
         self._check_scheduler(0.0)  # an unusable scheduler fails here, not at the first call
         self.host = PeftHost(self.transformer)
-        self._restore_point = UNetRestorePoint(self.transformer)
-        self._added_adapters: list[str] = []
-        self._released = False
-        self.transformer.eval()
-        self.objectives: dict[str, TransformerObjective] = {}
-        self.switch = AdapterSwitch(self.host)
-        try:
-            for name, source in objectives.items():
-                self.add_objective(name, source)
-        except BaseException:
-            self.release()
-            raise
-        self.switch.refresh()
-        self.switch.disable()
+        self._load_objectives(self.host, objectives)
 
     @classmethod
     def from_pretrained(
